@@ -1,0 +1,72 @@
+"""The `dropwise` command line: one Typer app, each subcommand in its own module.
+
+Subcommands are registered from small modules (`surgery.commands.*`, `service.cli`) so that each part owns
+its command. Errors a user can cause (bad path, bad name, failed parity) exit non-zero with one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="dropwise",
+    help="Model surgery around the dropout family, ONNX export, and an MC-dropout prediction service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# module path -> each module defines `register(app: typer.Typer) -> None`
+COMMAND_MODULES = (
+    "surgery.commands.train",
+    "surgery.commands.inspect",
+    "surgery.commands.rewrite",
+    "surgery.commands.convert",
+    "service.cli",
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a part not built yet must not break the others
+            if exc.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_all()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"dropwise: error: {exc}", file=sys.stderr)
+        return 2
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        return int(code or 0)
+    except typer.Abort:
+        print("dropwise: aborted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

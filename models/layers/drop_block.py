@@ -1,0 +1,151 @@
+"""DropBlock for convolutional feature maps, Ghiasi et al. 2018.
+
+Ghiasi, Lin, Le, "DropBlock: A regularization method for convolutional networks", NeurIPS 2018.
+
+Train, for ``x: [B, C, H, W]`` at drop probability ``p`` and block size ``bs``:
+
+1. the effective block is ``bh = min(bs, H)`` by ``bw = min(bs, W)`` (a map smaller than the block is
+   dropped whole or not at all);
+2. seeds are drawn only in the VALID region (where a whole block fits), ``(H - bh + 1) x (W - bw + 1)``,
+   independently per sample AND per channel, each with probability
+   ``gamma = p / (bh * bw) * (H * W) / ((H - bh + 1) * (W - bw + 1))`` (Ghiasi's eq. 1 for non-square maps)
+   so that the expected number of seeds covering a pixel, averaged over the map, is ``p``;
+3. each seed zeroes the ``bh x bw`` square it anchors (a max-pool of the zero-padded seed mask; any block
+   size, even or odd);
+4. the kept activations are scaled by ``count(M) / count_ones(M)`` over the whole tensor.
+
+Because blocks overlap, the zeroed fraction is slightly below ``p`` (exactly ``p`` when the block covers
+the map). Eval: ``x``. MC: as train at the current ``drop_prob``.
+
+``DropBlockSchedule`` ramps ``drop_prob`` linearly from 0 to the target ``p`` (the paper's linear
+keep-probability schedule from 1 to ``1 - p``).
+
+Unlike timm's ``DropBlock2d`` (one mask shared by all channels by default, seeds anywhere while gamma
+assumes the valid region: it zeroes ~92% of a 7x7 map at p=0.1, block 7), seeds and masks here follow the
+paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import bernoulli_mask, check_probability
+
+__all__ = ["DropBlock2d", "DropBlockSchedule", "drop_block2d", "drop_block_gamma", "drop_block_mask"]
+
+
+def _check_block_size(block_size: int) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    return block_size
+
+
+def drop_block_gamma(p: float, block_size: int, height: int, width: int) -> float:
+    """Seed probability for drop probability ``p``, block ``block_size`` on an ``height x width`` map."""
+    p = check_probability(p)
+    bh, bw = min(_check_block_size(block_size), height), min(block_size, width)
+    valid = (height - bh + 1) * (width - bw + 1)
+    return p / (bh * bw) * (height * width) / valid
+
+
+def drop_block_mask(
+    shape: tuple[int, int, int, int],
+    p: float,
+    block_size: int,
+    like: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A {0, 1} keep-mask of ``shape`` = ``[B, C, H, W]`` with valid-region seeds per sample and channel."""
+    b, c, h, w = shape
+    bh, bw = min(block_size, h), min(block_size, w)
+    gamma = drop_block_gamma(p, block_size, h, w)
+    seeds = bernoulli_mask((b, c, h - bh + 1, w - bw + 1), gamma, like, generator)
+    if bh == 1 and bw == 1:
+        return 1.0 - seeds
+    # A seed at (i, j) anchors the block rows i..i+bh-1, cols j..j+bw-1; pixel (r, s) is dropped when some
+    # seed lies in rows r-bh+1..r, cols s-bw+1..s: a stride-1 max-pool over the seeds padded by (bh-1, bw-1).
+    padded = F.pad(seeds, (bw - 1, bw - 1, bh - 1, bh - 1))
+    return 1.0 - F.max_pool2d(padded, kernel_size=(bh, bw), stride=1)
+
+
+def drop_block2d(
+    x: Tensor,
+    p: float = 0.1,
+    block_size: int = 7,
+    *,
+    training: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DropBlock on ``x: [B, C, H, W]`` (see module docstring); identity when not ``training``."""
+    p = check_probability(p)
+    _check_block_size(block_size)
+    if x.dim() != 4:
+        raise ValueError(f"drop_block2d expects [batch, channels, height, width], got shape {tuple(x.shape)}")
+    if not training or p == 0.0 or x.numel() == 0:
+        return x
+    mask = drop_block_mask(tuple(x.shape), p, block_size, x, generator)
+    scale = mask.numel() / mask.sum().clamp_min(1.0)
+    return x * (mask * scale)
+
+
+class DropBlock2d(nn.Module):
+    """DropBlock (Ghiasi 2018): zero contiguous ``block_size`` squares, per sample and channel; eval ``x``.
+
+    Args:
+        p: TARGET drop probability; ``self.drop_prob`` is the probability used now (starts at ``p``;
+            ``DropBlockSchedule`` ramps it from 0 to ``p``).
+        block_size: side of the dropped square (clamped to the map size).
+        generator: optional ``torch.Generator`` used for every draw.
+    """
+
+    def __init__(
+        self, p: float = 0.1, block_size: int = 7, *, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.p = check_probability(p)
+        self.block_size = _check_block_size(block_size)
+        self.drop_prob = self.p
+        self.generator = generator
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_block2d(
+            x, self.drop_prob, self.block_size, training=self.training, generator=self.generator
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, block_size={self.block_size}, drop_prob={self.drop_prob}"
+
+
+class DropBlockSchedule:
+    """Linear schedule of every ``DropBlock2d`` in ``model``: ``drop_prob = p * min(step / total_steps, 1)``.
+
+    Construction sets step 0 (``drop_prob = 0``); call ``step()`` after each optimiser step. A model without
+    DropBlock2d layers is accepted (the schedule then does nothing; ``blocks`` is empty).
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.blocks: list[DropBlock2d] = [m for m in model.modules() if isinstance(m, DropBlock2d)]
+        self.total_steps = total_steps
+        self.current_step = 0
+        self.set_step(0)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the ramp completed, in [0, 1]."""
+        return min(self.current_step / self.total_steps, 1.0)
+
+    def set_step(self, step: int) -> None:
+        """Jump to ``step`` (e.g. when resuming) and update every block's ``drop_prob``."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        self.current_step = step
+        for block in self.blocks:
+            block.drop_prob = block.p * self.fraction
+
+    def step(self) -> None:
+        """Advance one step."""
+        self.set_step(self.current_step + 1)

@@ -1,0 +1,254 @@
+"""Dynamic batching per model version, as in Triton: max batch size, max queue delay, bounded queue.
+
+One asyncio worker per model version takes requests off a bounded queue, waits up to the max queue delay
+to fill a batch of at most `max_batch_size` rows, and runs the batch in a dedicated thread so the event
+loop stays free. Deterministic requests of a batch share one forward pass; MC requests of a batch share
+one trunk pass whatever their T (the runtime's `predict_mc`). A full queue answers 429 with Retry-After;
+a request past its deadline answers 504, whether it is still queued or already computing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from service.metrics import ServiceMetrics
+from service.runtimes.base import MCGroup, Outputs, Runtime
+from service.settings import Settings
+
+log = logging.getLogger("dropwise.batcher")
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work: validated inputs, its mode, MC group and absolute deadline (monotonic clock)."""
+
+    x: np.ndarray
+    mode: str
+    group: MCGroup | None
+    deadline: float
+    future: asyncio.Future[Outputs] | None = field(default=None, repr=False)
+    enqueued: float = 0.0
+    abandoned: bool = False
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_rows: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Number of examples this job carries."""
+        return int(self.x.shape[0])
+
+
+class ModelBatcher:
+    """The queue and worker of one model version."""
+
+    def __init__(
+        self, runtime: Runtime, settings: Settings, metrics: ServiceMetrics, *, name: str, version: int
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.name = name
+        self.version = version
+        self._queue: asyncio.Queue[Job] | None = None
+        self._carry: collections.deque[Job] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (queued or carried over to the next batch)."""
+        return (self._queue.qsize() if self._queue else 0) + len(self._carry)
+
+    def start(self) -> None:
+        """Create the queue, the compute thread and the worker task (call from the running event loop)."""
+        self._queue = asyncio.Queue(maxsize=self.settings.queue_capacity)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dropwise-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Cancel the worker and answer every waiting request with 503."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        pending = list(self._carry)
+        self._carry.clear()
+        while self._queue is not None and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for job in pending:
+            self._fail(job, ModelNotReady(f"model {self.name!r} is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def submit(self, job: Job) -> Outputs:
+        """Queue `job` and wait for its outputs; raises `QueueFull` (429) or `DeadlineExceeded` (504)."""
+        if self._queue is None or self._task is None:
+            raise ModelNotReady(f"model {self.name!r} is not running")
+        loop = asyncio.get_running_loop()
+        job.future = loop.create_future()
+        job.enqueued = time.monotonic()
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull(
+                f"model {self.name!r} has {self.settings.queue_capacity} requests waiting; retry later",
+                retry_after=self.settings.retry_after_s,
+            ) from None
+        self._set_depth()
+        remaining = job.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0.0))
+        except TimeoutError:
+            job.abandoned = True
+            raise DeadlineExceeded(
+                f"request to {self.name!r} was not answered within its deadline", field="timeout"
+            ) from None
+        except asyncio.CancelledError:  # the client went away
+            job.abandoned = True
+            raise
+
+    # ------------------------------------------------------------------ worker
+    async def _next(self, timeout: float | None) -> Job | None:
+        if self._carry:
+            return self._carry.popleft()
+        assert self._queue is not None
+        if timeout is None:
+            return await self._queue.get()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout=timeout)
+        except TimeoutError:
+            return None
+
+    async def _collect(self) -> list[Job]:
+        first = await self._next(None)
+        assert first is not None
+        batch, rows = [first], first.rows
+        fill_until = time.monotonic() + self.settings.max_queue_delay_ms / 1000.0
+        while rows < self.settings.max_batch_size:
+            job = await self._next(fill_until - time.monotonic())
+            if job is None:
+                break
+            if rows + job.rows > self.settings.max_batch_size:
+                self._carry.appendleft(job)
+                break
+            batch.append(job)
+            rows += job.rows
+        self._set_depth()
+        return batch
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            now = time.monotonic()
+            live: list[Job] = []
+            for job in batch:
+                job.queue_s = now - job.enqueued
+                self.metrics.queue_time.labels(model=self.name).observe(job.queue_s)
+                if job.abandoned or (job.future is not None and job.future.done()):
+                    continue
+                if now >= job.deadline:
+                    self._fail(job, DeadlineExceeded("deadline passed while queued", field="timeout"))
+                    continue
+                live.append(job)
+            if not live:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._run_batch, live)
+            except Exception as exc:  # the executor itself failed (e.g. shut down)
+                for job in live:
+                    self._fail(job, exc)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Run one batch in the compute thread and resolve each job's future on the event loop."""
+        deterministic = [job for job in jobs if job.mode != "mc"]
+        mc = [job for job in jobs if job.mode == "mc"]
+        for part, runner in ((deterministic, self._run_deterministic), (mc, self._run_mc)):
+            if not part:
+                continue
+            try:
+                self._timed(part, runner)
+            except Exception:
+                if len(part) == 1:
+                    self._fail_threadsafe(part[0])
+                    continue
+                # isolate the failing request: run each alone so one bad job cannot fail its neighbours
+                for job in part:
+                    try:
+                        self._timed([job], runner)
+                    except Exception:
+                        self._fail_threadsafe(job)
+
+    def _timed(self, jobs: list[Job], runner: Callable[[list[Job]], list[Outputs]]) -> None:
+        start = time.perf_counter()
+        outputs = runner(jobs)
+        elapsed = time.perf_counter() - start
+        rows = sum(job.rows for job in jobs)
+        self.metrics.batch_size.labels(model=self.name, mode=jobs[0].mode).observe(rows)
+        for job, out in zip(jobs, outputs, strict=True):
+            job.compute_s = elapsed
+            job.batch_rows = rows
+            self._resolve_threadsafe(job, out)
+
+    def _run_deterministic(self, jobs: list[Job]) -> list[Outputs]:
+        x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs], axis=0)
+        out = self.runtime.predict_deterministic(x)
+        results: list[Outputs] = []
+        start = 0
+        for job in jobs:
+            stop = start + job.rows
+            results.append({key: value[start:stop] for key, value in out.items()})
+            start = stop
+        return results
+
+    def _run_mc(self, jobs: list[Job]) -> list[Outputs]:
+        x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs], axis=0)
+        groups = [job.group for job in jobs]
+        assert all(group is not None for group in groups)
+        for job in jobs:
+            assert job.group is not None
+            self.metrics.mc_samples.labels(model=self.name).observe(job.group.samples)
+        return self.runtime.predict_mc(x, groups)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ futures
+    def _resolve_threadsafe(self, job: Job, outputs: Outputs) -> None:
+        assert job.future is not None
+        job.future.get_loop().call_soon_threadsafe(self._resolve, job, outputs)
+
+    def _fail_threadsafe(self, job: Job) -> None:
+        log.exception("inference failed for model %s", self.name)
+        assert job.future is not None
+        exc = RuntimeError(f"inference failed for model {self.name!r}")
+        job.future.get_loop().call_soon_threadsafe(self._fail, job, exc)
+
+    @staticmethod
+    def _resolve(job: Job, outputs: Outputs) -> None:
+        if job.future is not None and not job.future.done():
+            job.future.set_result(outputs)
+
+    @staticmethod
+    def _fail(job: Job, exc: BaseException) -> None:
+        if job.future is not None and not job.future.done() and not job.abandoned:
+            job.future.set_exception(exc)
+
+    def _set_depth(self) -> None:
+        self.metrics.queue_depth.labels(model=self.name).set(self.depth)

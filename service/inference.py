@@ -1,0 +1,367 @@
+"""`InferenceService`: the one object every route talks to (held on `app.state.inference`).
+
+It owns the loaded runtimes (one per model version) and their dynamic batchers, validates requests
+(shape, dtype, NaN/Inf, T limit) and turns them into batched work. Routes only translate HTTP to an
+`InferenceRequest` and an `InferenceResult` back to HTTP; the native and V2 APIs share everything here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from service.batcher import Job, ModelBatcher
+from service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
+from service.metrics import ServiceMetrics
+from service.repository import ModelRepository
+from service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec, Runtime
+from service.settings import Settings
+
+log = logging.getLogger("dropwise.service")
+
+Mode = Literal["deterministic", "mc"]
+MODES: tuple[str, ...] = ("deterministic", "mc")
+MAX_SEED = 2**63 - 1
+
+__all__ = ["InferenceRequest", "InferenceResult", "InferenceService", "ModelInfo"]
+
+
+@dataclass
+class InferenceRequest:
+    """One prediction request, already decoded from HTTP.
+
+    `samples` None means the configured default T; `seed` None draws a fresh seed (reported back);
+    `deadline_s` is a timeout in seconds counted from submission (None: the configured request timeout).
+    """
+
+    model: str
+    inputs: np.ndarray
+    version: int | None = None
+    mode: str = "deterministic"
+    samples: int | None = None
+    seed: int | None = None
+    return_samples: bool = False
+    deadline_s: float | None = None
+
+
+@dataclass
+class InferenceResult:
+    """Named numpy outputs of one request plus where and how it ran."""
+
+    model: str
+    version: int
+    mode: str
+    outputs: dict[str, np.ndarray]
+    backend: str
+    device: str
+    provider: str
+    samples: int | None = None
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Public description of one model version (what `GET /v1/models/{name}` and V2 metadata show)."""
+
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    task: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    preprocessing: str
+    labels: tuple[str, ...] | None
+    sites: tuple[dict[str, Any], ...]
+    backend: str
+    device: str
+    provider: str
+    ready: bool
+    mc_available: bool
+    max_samples: int
+    default_samples: int
+
+    def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
+        """Output tensor names for `mode` (the order the V2 API lists them in)."""
+        names = ["probabilities", "predictions"] if self.task == "classification" else ["mean"]
+        if mode == "mc":
+            names += list(MC_SUMMARIES)
+            if return_samples:
+                names.append("samples")
+        return names
+
+
+@dataclass
+class _Loaded:
+    spec: PackageSpec
+    runtime: Runtime | None
+    batcher: ModelBatcher | None
+    error: str | None = None
+
+
+class InferenceService:
+    """Loads every package of a repository, batches requests per model version and runs them."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self.repository = ModelRepository(settings.repository)
+        self._models: dict[str, dict[int, _Loaded]] = {}
+        self._started = False
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Scan the repository, load every version (in a thread) and start one batcher per version."""
+        specs = await asyncio.to_thread(self.repository.scan)
+        for name, versions in specs.items():
+            self._models[name] = {}
+            for version, spec in versions.items():
+                self._models[name][version] = _Loaded(spec=spec, runtime=None, batcher=None)
+        for name, versions in self._models.items():
+            for version, slot in versions.items():
+                try:
+                    runtime = await asyncio.to_thread(
+                        self.repository.load_runtime, slot.spec, self.settings.backend, self.settings.device
+                    )
+                except Exception as exc:  # a broken package must not take the others down
+                    log.exception("failed to load %s version %s", name, version)
+                    slot.error = f"{type(exc).__name__}: {exc}"
+                    continue
+                slot.runtime = runtime
+                slot.batcher = ModelBatcher(runtime, self.settings, self.metrics, name=name, version=version)
+                slot.batcher.start()
+                log.info(
+                    "loaded %s v%s: %s on %s (%s)",
+                    name,
+                    version,
+                    runtime.backend,
+                    runtime.device,
+                    runtime.provider,
+                )
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop every batcher (pending requests are answered with 503)."""
+        for versions in self._models.values():
+            for slot in versions.values():
+                if slot.batcher is not None:
+                    await slot.batcher.stop()
+        self._started = False
+
+    # ---------------------------------------------------------------- queries
+    def ready(self) -> bool:
+        """True when at least one model is served and every version found is loaded."""
+        slots = [slot for versions in self._models.values() for slot in versions.values()]
+        return (
+            self._started
+            and bool(slots)
+            and not self.repository.errors
+            and all(slot.batcher is not None for slot in slots)
+        )
+
+    def model_ready(self, name: str, version: int | None = None) -> bool:
+        """Whether a given model version is loaded (False for unknown models)."""
+        try:
+            return self._slot(name, version).batcher is not None
+        except ServiceError:
+            return False
+
+    def models(self) -> list[ModelInfo]:
+        """Every model at its latest version, sorted by name."""
+        return [self.info(name) for name in sorted(self._models)]
+
+    def info(self, name: str, version: int | None = None) -> ModelInfo:
+        """Describe one model version (latest when `version` is None); raises `ModelNotFound`."""
+        slot = self._slot(name, version)
+        spec = slot.spec
+        runtime = slot.runtime
+        return ModelInfo(
+            name=spec.name,
+            version=spec.version,
+            versions=tuple(sorted(self._models[name])),
+            task=spec.task,
+            input_name=spec.input_name,
+            input_shape=spec.input_shape,
+            input_dtype=spec.input_dtype,
+            preprocessing=spec.preprocessing,
+            labels=spec.labels,
+            sites=spec.sites,
+            backend=runtime.backend if runtime else self.settings.backend,
+            device=runtime.device if runtime else "unloaded",
+            provider=runtime.provider if runtime else (slot.error or "unloaded"),
+            ready=slot.batcher is not None,
+            mc_available=bool(runtime and runtime.supports_mc),
+            max_samples=self.settings.max_samples,
+            default_samples=min(self.settings.default_samples, self.settings.max_samples),
+        )
+
+    def _slot(self, name: str, version: int | None) -> _Loaded:
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"unknown model {name!r}", field="model")
+        if version is None:
+            return versions[max(versions)]
+        if isinstance(version, bool) or not isinstance(version, int) or version not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
+            )
+        return versions[version]
+
+    # ---------------------------------------------------------------- inference
+    async def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Validate, queue and run one request; raises a `ServiceError` subclass on any failure."""
+        started = time.perf_counter()
+        mode_label = request.mode if request.mode in MODES else "invalid"
+        status = "error"
+        try:
+            result = await self._infer(request, started)
+            status = "200"
+            return result
+        except ServiceError as exc:
+            status = str(exc.status)
+            raise
+        finally:
+            model_label = request.model if request.model in self._models else "_unknown"
+            self.metrics.observe_request(model_label, mode_label, status, time.perf_counter() - started)
+
+    async def _infer(self, request: InferenceRequest, started: float) -> InferenceResult:
+        slot = self._slot(request.model, request.version)
+        if slot.batcher is None or slot.runtime is None:
+            raise ModelNotReady(f"model {request.model!r} is not loaded: {slot.error or 'loading'}")
+        spec = slot.runtime.spec
+        if request.mode not in MODES:
+            raise InvalidInput(f"mode must be one of {list(MODES)}, got {request.mode!r}", field="mode")
+        x = validate_inputs(request.inputs, spec, max_rows=self.settings.max_rows_per_request)
+        group: MCGroup | None = None
+        samples: int | None = None
+        seed: int | None = None
+        if request.mode == "mc":
+            if not slot.runtime.supports_mc:
+                raise InvalidInput(
+                    f"model {spec.name!r} has no MC-dropout path on backend {slot.runtime.backend!r}",
+                    field="mode",
+                )
+            samples = self._check_samples(request.samples)
+            seed = self._check_seed(request.seed)
+            group = MCGroup(
+                rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples)
+            )
+        timeout = self.settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
+        if not timeout > 0:
+            raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
+        job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
+        outputs = await slot.batcher.submit(job)
+        total = time.perf_counter() - started
+        return InferenceResult(
+            model=spec.name,
+            version=spec.version,
+            mode=request.mode,
+            outputs=outputs,
+            backend=slot.runtime.backend,
+            device=slot.runtime.device,
+            provider=slot.runtime.provider,
+            samples=samples,
+            seed=seed,
+            timings={
+                "queue_ms": job.queue_s * 1000.0,
+                "compute_ms": job.compute_s * 1000.0,
+                "total_ms": total * 1000.0,
+                "batch_rows": float(job.batch_rows),
+            },
+        )
+
+    def _check_samples(self, samples: int | None) -> int:
+        if samples is None:
+            return min(self.settings.default_samples, self.settings.max_samples)
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
+            raise InvalidInput(f"samples must be an integer, got {samples!r}", field="samples")
+        if not 1 <= int(samples) <= self.settings.max_samples:
+            raise InvalidInput(
+                f"samples must be between 1 and {self.settings.max_samples}, got {samples}", field="samples"
+            )
+        return int(samples)
+
+    @staticmethod
+    def _check_seed(seed: int | None) -> int:
+        if seed is None:
+            return secrets.randbelow(2**31)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InvalidInput(f"seed must be an integer, got {seed!r}", field="seed")
+        if not 0 <= int(seed) <= MAX_SEED:
+            raise InvalidInput(f"seed must be between 0 and {MAX_SEED}, got {seed}", field="seed")
+        return int(seed)
+
+
+_FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+_INT_DTYPES = {"int64": np.int64, "int32": np.int32}
+
+
+def validate_inputs(
+    inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs"
+) -> np.ndarray:
+    """Check an input batch against the package's input spec and return it in the model's dtype.
+
+    Raises `InvalidInput` naming `field_name` for a wrong shape, dtype, NaN/Inf, or an index outside the
+    model's vocabulary (token models).
+    """
+    try:
+        x = np.asarray(inputs)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"inputs are not a rectangular numeric array: {exc}", field=field_name) from None
+    expected = spec.sample_shape
+    wanted = f"[batch, {', '.join(map(str, expected))}]"
+    if x.dtype == object or x.dtype.kind in "USV":
+        raise InvalidInput(
+            f"inputs must be numbers of dtype {spec.input_dtype} shaped {wanted}",
+            field=field_name,
+        )
+    if x.ndim != len(expected) + 1:
+        raise InvalidInput(f"inputs must have shape {wanted}, got {list(x.shape)}", field=field_name)
+    if x.shape[0] < 1:
+        raise InvalidInput("inputs must hold at least one example", field=field_name)
+    if x.shape[0] > max_rows:
+        raise InvalidInput(f"at most {max_rows} examples per request, got {x.shape[0]}", field=field_name)
+    for got, want in zip(x.shape[1:], expected, strict=True):
+        if want != -1 and got != want:
+            raise InvalidInput(
+                f"inputs must have shape {wanted}, got {list(x.shape)}",
+                field=field_name,
+            )
+    if spec.input_dtype in _INT_DTYPES:
+        integral = x.dtype.kind in "iu" or (
+            x.dtype.kind == "f" and bool(np.all(np.isfinite(x))) and bool(np.all(x == np.round(x)))
+        )
+        if not integral:
+            raise InvalidInput(
+                f"inputs must be integers (token ids, dtype {spec.input_dtype}), got {x.dtype}",
+                field=field_name,
+            )
+        x = x.astype(_INT_DTYPES[spec.input_dtype])
+        vocab = spec.input_range
+        if vocab is not None and (x.min() < vocab[0] or x.max() >= vocab[1]):
+            raise InvalidInput(
+                f"token ids must lie in [{vocab[0]}, {vocab[1]}), got values in [{x.min()}, {x.max()}]",
+                field=field_name,
+            )
+        return np.ascontiguousarray(x)
+    if x.dtype.kind not in "iuf":
+        raise InvalidInput(
+            f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name
+        )
+    x = x.astype(_FLOAT_DTYPES.get(spec.input_dtype, np.float32))
+    if not np.all(np.isfinite(x)):
+        raise InvalidInput("inputs contain NaN or Inf", field=field_name)
+    return np.ascontiguousarray(x)
+
+
+def stack_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate several requests' inputs along the batch dimension."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

@@ -1,0 +1,36 @@
+"""Service settings: command-line flags and `DROPWISE_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; each field is also read from `DROPWISE_<FIELD>`.
+
+    Example: `DROPWISE_MAX_BATCH_SIZE=128 DROPWISE_DEVICE=cpu dropwise serve`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DROPWISE_", extra="ignore", validate_default=True)
+
+    repository: Path = Field(DEFAULT_REPOSITORY, description="Model repository: <repo>/<model>/<version>/.")
+    host: str = Field("127.0.0.1", description="Address uvicorn binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port uvicorn binds (0 picks a free one).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is present.")
+    backend: Literal["torch", "onnxruntime"] = Field("torch", description="Runtime for every model.")
+    max_batch_size: int = Field(64, ge=1, le=65536, description="Most rows one batched forward pass holds.")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="Longest wait to fill a batch.")
+    queue_capacity: int = Field(256, ge=1, le=1_000_000, description="Requests waiting per model before 429.")
+    max_rows_per_request: int = Field(1024, ge=1, description="Most examples one request may carry.")
+    max_samples: int = Field(256, ge=1, le=100_000, description="Largest MC sample count T.")
+    default_samples: int = Field(32, ge=1, description="T used when an MC request names none.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request; past it answers 504.")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with 429 answers.")
+    log_level: str = Field("info", description="uvicorn and service log level.")

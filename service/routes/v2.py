@@ -1,0 +1,368 @@
+"""Open Inference Protocol routes (KServe V2 / Triton REST) with the binary tensor data extension.
+
+Health, server and model metadata, model readiness and inference. The official Triton HTTP client sends no
+Content-Type and by default puts tensors after the JSON header (``Inference-Header-Content-Length``), so the
+infer route reads the raw body and decodes it with :mod:`service.v2_codec` instead of a pydantic model.
+
+Per-request settings travel in the request's ``parameters``: ``mode`` ("deterministic" | "mc"),
+``samples`` (T), ``seed``, ``return_samples``, plus the protocol's own ``binary_data_output`` and
+``timeout`` (microseconds, as the Triton client sends it). Every failure answers ``{"error": "..."}`` with a
+4xx status for bad input; nothing a client sends gives a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServiceError
+from service.inference import MODES, InferenceRequest, InferenceService, ModelInfo
+from service.v2_codec import (
+    DecodedRequest,
+    V2CodecError,
+    datatype_of,
+    decode_body,
+    decompress_body,
+    encode_response,
+    parse_header_length,
+)
+
+__all__ = ["SERVER_EXTENSIONS", "router"]
+
+router = APIRouter(tags=["Open Inference Protocol (V2)"])
+
+SERVER_NAME = "dropwise"
+SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
+#: Request parameters this server understands; anything else is refused so a typo never goes unnoticed.
+_KNOWN_PARAMETERS = frozenset(
+    {"mode", "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
+    | {"sequence_id", "sequence_start", "sequence_end"}
+)
+_MC_ONLY_PARAMETERS = ("samples", "return_samples")
+#: Bodies above this size are decoded and encoded in a worker thread so the event loop stays free.
+_THREAD_THRESHOLD = 256 * 1024
+#: Responses smaller than this are never compressed, even when the client accepts it.
+_COMPRESS_MIN_BYTES = 1024
+
+
+def _error(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.to_v2(), status_code=exc.status, headers=exc.headers or None)
+
+
+def _service(request: Request) -> InferenceService:
+    return request.app.state.inference
+
+
+def _parse_version(version: str | None) -> int | None:
+    if version is None:
+        return None
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidInput(f"model version must be a positive integer, got {version[:40]!r}", field="version")
+    return int(version)
+
+
+def _datatype_for(dtype: str) -> str:
+    try:
+        return datatype_of(np.dtype(dtype))
+    except (TypeError, ValueError):
+        return "FP32"
+
+
+def _output_specs(info: ModelInfo) -> list[dict[str, Any]]:
+    """Every output a model can answer, with its datatype and shape (-1 = dynamic)."""
+    classes = len(info.labels) if info.labels else -1
+    per_class = [-1, classes] if info.task == "classification" else [-1, -1]
+    shapes: dict[str, tuple[str, list[int]]] = {
+        "probabilities": ("FP32", per_class),
+        "predictions": ("INT64", [-1]),
+        "mean": ("FP32", [-1, -1]),
+        "predictive_entropy": ("FP32", [-1]),
+        "expected_entropy": ("FP32", [-1]),
+        "mutual_information": ("FP32", [-1]),
+        "variation_ratio": ("FP32", [-1]),
+        "std": ("FP32", per_class),
+        "samples": ("FP32", [-1, *per_class]),
+    }
+    names = info.output_names(
+        "mc" if info.mc_available else "deterministic", return_samples=info.mc_available
+    )
+    return [{"name": n, "datatype": shapes[n][0], "shape": shapes[n][1]} for n in names if n in shapes]
+
+
+def _model_metadata(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "versions": [str(v) for v in info.versions],
+        "platform": f"dropwise_{info.backend}",
+        "inputs": [
+            {
+                "name": info.input_name,
+                "datatype": _datatype_for(info.input_dtype),
+                "shape": [-1, *info.input_shape[1:]],
+            }
+        ],
+        "outputs": _output_specs(info),
+        "parameters": {
+            "version": str(info.version),
+            "task": info.task,
+            "labels": list(info.labels) if info.labels else None,
+            "backend": info.backend,
+            "device": info.device,
+            "mc_available": info.mc_available,
+            "default_samples": info.default_samples,
+            "max_samples": info.max_samples,
+            "modes": list(MODES) if info.mc_available else ["deterministic"],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- health
+@router.get("/v2/health/live", summary="Server liveness")
+async def live() -> Response:
+    """200 while the process answers."""
+    return Response(status_code=200)
+
+
+@router.get("/v2/health/ready", summary="Server readiness")
+async def ready(request: Request) -> Response:
+    """200 once every model of the repository is loaded (never with zero models), else 503."""
+    if _service(request).ready():
+        return Response(status_code=200)
+    return _error(ModelNotReady("server is not ready: models are loading, failed, or none are served"))
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    """Server name, version and the protocol extensions it implements."""
+    try:
+        version = metadata.version("dropwise")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"name": SERVER_NAME, "version": version, "extensions": SERVER_EXTENSIONS}
+
+
+# ---------------------------------------------------------------------------------------------- models
+@router.get("/v2/models/{model}", summary="Model metadata (latest version)")
+@router.get("/v2/models/{model}/versions/{version}", summary="Model metadata")
+async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
+    """Name, versions, platform, input and output tensors (-1 marks a dynamic dimension)."""
+    try:
+        info = _service(request).info(model, _parse_version(version))
+    except ServiceError as exc:
+        return _error(exc)
+    return JSONResponse(_model_metadata(info))
+
+
+@router.get("/v2/models/{model}/ready", summary="Model readiness (latest version)")
+@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness")
+async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
+    """200 when the model version is loaded, 404 when unknown, 503 when it failed to load."""
+    service = _service(request)
+    try:
+        info = service.info(model, _parse_version(version))
+    except ServiceError as exc:
+        return _error(exc)
+    if info.ready:
+        return Response(status_code=200)
+    return _error(ModelNotReady(f"model {model!r} version {info.version} is not loaded"))
+
+
+# ---------------------------------------------------------------------------------------------- infer
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _strict_int(parameters: Mapping[str, Any], name: str) -> int | None:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"parameters.{name} must be an integer, got {value!r}", field=name)
+    return value
+
+
+def _strict_bool(parameters: Mapping[str, Any], name: str) -> bool | None:
+    value = parameters.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidInput(f"parameters.{name} must be true or false, got {value!r}", field=name)
+    return value
+
+
+class _Plan:
+    """What a decoded request asks for, checked against the model before any work is queued."""
+
+    def __init__(self, decoded: DecodedRequest, info: ModelInfo) -> None:
+        params = decoded.parameters
+        unknown = sorted(set(params) - _KNOWN_PARAMETERS)
+        if unknown:
+            raise InvalidInput(
+                f"unknown parameter(s) {unknown}; this server understands {sorted(_KNOWN_PARAMETERS)}",
+                field="parameters",
+            )
+        if _strict_int(params, "sequence_id") or _strict_bool(params, "sequence_start"):
+            raise InvalidInput(
+                "sequence batching is not supported: the models are stateless", field="sequence_id"
+            )
+        _strict_int(params, "priority")
+        mode = params.get("mode", "deterministic")
+        if mode not in MODES:
+            raise InvalidInput(f"parameters.mode must be one of {list(MODES)}, got {mode!r}", field="mode")
+        self.mode: str = mode
+        self.samples = _strict_int(params, "samples")
+        self.seed = _strict_int(params, "seed")
+        return_samples = bool(_strict_bool(params, "return_samples"))
+        if mode == "deterministic":
+            given = [name for name in _MC_ONLY_PARAMETERS if params.get(name) is not None]
+            if given:
+                raise InvalidInput(
+                    f"parameters {given} apply to MC dropout only: add parameters.mode = 'mc'", field=given[0]
+                )
+        timeout_us = _strict_int(params, "timeout")
+        if timeout_us is not None and timeout_us <= 0:
+            raise InvalidInput(
+                "parameters.timeout must be a positive number of microseconds", field="timeout"
+            )
+        self.deadline_s: float | None = None if timeout_us is None else timeout_us / 1e6
+        self.binary_default = bool(_strict_bool(params, "binary_data_output"))
+
+        requested = decoded.outputs
+        if requested is not None and any(o.name == "samples" for o in requested):
+            return_samples = True
+        self.return_samples = return_samples
+        available = info.output_names(mode, return_samples)
+        if requested:
+            names = [o.name for o in requested]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise InvalidInput(f"outputs {duplicates} requested twice", field="outputs")
+            missing = [n for n in names if n not in available]
+            if missing:
+                raise InvalidInput(
+                    f"unknown output(s) {missing} for mode {mode!r}; available: {available}", field="outputs"
+                )
+            self.outputs = [
+                (o.name, self.binary_default if o.binary is None else o.binary) for o in requested
+            ]
+        else:
+            self.outputs = [(n, self.binary_default) for n in available]
+
+        if len(decoded.inputs) != 1:
+            raise InvalidInput(
+                f"model {info.name!r} takes exactly one input {info.input_name!r}, got {len(decoded.inputs)}",
+                field="inputs",
+            )
+        tensor = decoded.inputs[0]
+        if tensor.name != info.input_name:
+            raise InvalidInput(
+                f"unknown input {tensor.name!r}; model {info.name!r} expects {info.input_name!r}",
+                field="inputs",
+            )
+        expected = _datatype_for(info.input_dtype)
+        if tensor.datatype != expected:
+            raise InvalidInput(
+                f"input {tensor.name!r} has datatype {tensor.datatype}; "
+                f"model {info.name!r} expects {expected}",
+                field="datatype",
+            )
+        self.inputs = tensor.data
+
+
+def _compression(request: Request, size: int) -> str | None:
+    if size < _COMPRESS_MIN_BYTES:
+        return None
+    accepted = [
+        part.split(";")[0].strip().lower() for part in request.headers.get("accept-encoding", "").split(",")
+    ]
+    for name in ("gzip", "deflate"):
+        if name in accepted:
+            return name
+    return None
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    service = _service(request)
+    info = service.info(model, _parse_version(version))
+    limit = service.settings.max_body_bytes
+    raw = await _read_body(request, limit)
+    body = decompress_body(raw, request.headers.get("content-encoding"), limit)
+    header_length = parse_header_length(request.headers.get("inference-header-content-length"), len(body))
+    if len(body) > _THREAD_THRESHOLD:
+        decoded = await asyncio.to_thread(decode_body, body, header_length)
+    else:
+        decoded = decode_body(body, header_length)
+    plan = _Plan(decoded, info)
+    result = await service.infer(
+        InferenceRequest(
+            model=info.name,
+            version=info.version,
+            inputs=plan.inputs,
+            mode=plan.mode,
+            samples=plan.samples,
+            seed=plan.seed,
+            return_samples=plan.return_samples,
+            deadline_s=plan.deadline_s,
+        )
+    )
+    missing = [name for name, _ in plan.outputs if name not in result.outputs]
+    if missing:
+        raise ServiceError(f"the runtime produced no output {missing}", status=500)
+    outputs = [(name, np.asarray(result.outputs[name]), binary) for name, binary in plan.outputs]
+    parameters: dict[str, Any] = {"mode": result.mode, "backend": result.backend, "device": result.device}
+    if result.mode == "mc":
+        parameters.update(samples=result.samples, seed=result.seed)
+    size = sum(array.nbytes for _, array, _ in outputs)
+    encoding = _compression(request, size)
+    args = (result.model, str(result.version), outputs)
+    options = {"request_id": decoded.id, "parameters": parameters, "compression": encoding}
+    if size > _THREAD_THRESHOLD:
+        encoded = await asyncio.to_thread(encode_response, *args, **options)
+    else:
+        encoded = encode_response(*args, **options)
+    headers = encoded.headers
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    return Response(encoded.body, headers=headers)
+
+
+@router.post(
+    "/v2/models/{model}/infer",
+    summary="Inference (latest version)",
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
+)
+@router.post(
+    "/v2/models/{model}/versions/{version}/infer",
+    summary="Inference",
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
+)
+async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    """Run a deterministic or MC-dropout prediction.
+
+    Body: a V2 inference request, JSON alone or JSON followed by binary tensors (set
+    ``Inference-Header-Content-Length``). ``parameters``: ``mode``, ``samples``, ``seed``,
+    ``return_samples``, ``binary_data_output``, ``timeout`` (µs). Outputs: ``probabilities``,
+    ``predictions`` (or ``mean``), and for MC ``predictive_entropy``, ``expected_entropy``,
+    ``mutual_information``, ``variation_ratio``, ``std``, ``samples``.
+    """
+    try:
+        return await _infer(request, model, version)
+    except V2CodecError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    except ServiceError as exc:
+        return _error(exc)

@@ -1,15 +1,16 @@
 """The torch runtime: a package's network on CPU or CUDA, deterministic and MC-dropout.
 
 Deterministic predictions run the network in eval mode. MC predictions switch only the dropout-family
-layers (those with a `generator`, see docs/CONTRACTS.md "Layers") to their stochastic form and give every
-request its own `torch.Generator` seeded from the request's seed, so a request's masks never depend on
-what else shares its batch.
+layers (those with a `generator`, see docs/CONTRACTS.md "Layers") to their stochastic form, and apply
+seeded inverted dropout to PyTorch's own `nn.Dropout` layers through a forward hook (they stay in eval
+mode, so BatchNorm and the like are untouched). Every request gets its own `torch.Generator` seeded from
+the request's seed, so a request's masks never depend on what else shares its batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -31,7 +32,23 @@ def resolve_torch_device(device: str) -> torch.device:
 
 def stochastic_modules(model: nn.Module) -> list[nn.Module]:
     """The dropout-family layers of `model`: modules with a drop probability `p` and a `generator`."""
-    return [m for m in model.modules() if hasattr(m, "generator") and hasattr(m, "p")]
+    return [m for m in model.modules() if hasattr(m, "generator") and float(getattr(m, "p", 0.0)) > 0]
+
+
+def torch_dropouts(model: nn.Module) -> list[nn.Dropout]:
+    """PyTorch's own (inverted) `nn.Dropout` layers, which draw from the global RNG when training."""
+    return [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
+
+
+def _seeded_inverted_dropout(generator: torch.Generator) -> Callable[..., torch.Tensor]:
+    """A forward hook that applies inverted dropout to an eval-mode `nn.Dropout`, drawing from `generator`."""
+
+    def hook(module: nn.Dropout, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        keep = 1.0 - module.p
+        mask = torch.empty_like(output).bernoulli_(keep, generator=generator)
+        return output * mask / keep
+
+    return hook
 
 
 class TorchRuntime:
@@ -48,11 +65,12 @@ class TorchRuntime:
         )
         self.model: nn.Module | None = None
         self._stochastic: list[nn.Module] = []
+        self._dropouts: list[nn.Dropout] = []
 
     @property
     def supports_mc(self) -> bool:
         """MC mode needs at least one dropout-family layer."""
-        return bool(self._stochastic)
+        return bool(self._stochastic or self._dropouts)
 
     def load(self) -> None:
         """Verify and rebuild the network from safetensors, move it to the device and warm it up."""
@@ -62,6 +80,7 @@ class TorchRuntime:
         model.eval().to(self._device)
         self.model = model
         self._stochastic = stochastic_modules(model)
+        self._dropouts = torch_dropouts(model)
         embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         if self.spec.input_dtype == "int64" and embeddings:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
@@ -83,12 +102,15 @@ class TorchRuntime:
         generator = torch.Generator(device=self._device)
         generator.manual_seed(seed)
         saved = [(m, m.training, m.generator) for m in self._stochastic]
+        handles = [m.register_forward_hook(_seeded_inverted_dropout(generator)) for m in self._dropouts]
         try:
             for m in self._stochastic:
                 m.train(True)
                 m.generator = generator
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             for m, training, gen in saved:
                 m.train(training)
                 m.generator = gen

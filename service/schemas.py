@@ -1,0 +1,220 @@
+"""Pydantic models of the native API (`/v1/...`), with the examples shown in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+_DIGIT = [0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0] * 8  # one 8x8 digit, flattened (64 values, 0..16)
+
+PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
+    "deterministic": {
+        "summary": "Deterministic prediction (dropout off)",
+        "value": {"inputs": [_DIGIT], "mode": "deterministic"},
+    },
+    "mc": {
+        "summary": "MC-dropout prediction with uncertainty, T=32, fixed seed",
+        "value": {"inputs": [_DIGIT], "mode": "mc", "samples": 32, "seed": 7},
+    },
+    "mc_with_samples": {
+        "summary": "MC-dropout returning every per-sample probability vector",
+        "value": {"inputs": [_DIGIT], "mode": "mc", "samples": 8, "seed": 7, "return_samples": True},
+    },
+}
+
+
+class PredictRequest(BaseModel):
+    """A batch of examples and how to predict them."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [PREDICT_EXAMPLES["mc"]["value"]]}
+    )
+
+    inputs: list[Any] = Field(
+        ...,
+        description="Batch of examples: nested lists shaped like the input of GET /v1/models/{name}.",
+        min_length=1,
+    )
+    mode: Literal["deterministic", "mc"] = Field(
+        "deterministic", description="`deterministic`: dropout off; `mc`: Monte-Carlo dropout with T samples."
+    )
+    samples: StrictInt | None = Field(
+        None, description="MC sample count T (default: the server's default T)."
+    )
+    seed: StrictInt | None = Field(
+        None, description="Seed of the dropout masks; the same request and seed give the same answer."
+    )
+    return_samples: StrictBool = Field(False, description="MC only: also return every per-sample output.")
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="Deadline in seconds (504 past it).")
+
+
+class Uncertainty(BaseModel):
+    """MC-dropout summaries (Gal & Ghahramani 2016; BALD mutual information, Houlsby et al. 2011)."""
+
+    predictive_entropy: list[float] | None = Field(None, description="Total uncertainty H[p_bar] (nats).")
+    expected_entropy: list[float] | None = Field(None, description="Aleatoric part mean_t H[p_t] (nats).")
+    mutual_information: list[float] | None = Field(None, description="Epistemic part H - E (>= 0).")
+    variation_ratio: list[float] | None = Field(None, description="1 - (votes of the modal class) / T.")
+    std: list[list[float]] = Field(..., description="Per-class (or per-output) standard deviation over T.")
+
+
+class PredictResponse(BaseModel):
+    """Predictions of one request."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "digits_mlp",
+                    "version": 1,
+                    "mode": "mc",
+                    "predictions": ["3"],
+                    "probabilities": [[0.01, 0.0, 0.02, 0.9, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
+                    "uncertainty": {
+                        "predictive_entropy": [0.45],
+                        "expected_entropy": [0.3],
+                        "mutual_information": [0.15],
+                        "variation_ratio": [0.06],
+                        "std": [[0.01, 0.0, 0.02, 0.08, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
+                    },
+                    "samples": 32,
+                    "seed": 7,
+                    "backend": "torch",
+                    "device": "cpu",
+                    "provider": "torch-cpu",
+                }
+            ]
+        }
+    )
+
+    model: str
+    version: int
+    mode: Literal["deterministic", "mc"]
+    predictions: list[str] | list[int] | None = Field(
+        None, description="Classification: the predicted label of each example."
+    )
+    probabilities: list[list[float]] | None = Field(
+        None, description="Classification: class probabilities (MC: mean over the T samples)."
+    )
+    mean: list[list[float]] | None = Field(None, description="Regression: predicted value (MC: mean over T).")
+    uncertainty: Uncertainty | None = Field(None, description="MC only.")
+    sample_outputs: list[list[list[float]]] | None = Field(
+        None, description="MC with return_samples: per-sample probabilities (or values), shape [T, batch, K]."
+    )
+    samples: int | None = Field(None, description="MC: the T used.")
+    seed: int | None = Field(None, description="MC: the seed used (drawn by the server when not given).")
+    backend: str
+    device: str
+    provider: str
+    timings: dict[str, float] = Field(default_factory=dict, description="queue_ms, compute_ms, total_ms.")
+
+
+class InputSpecOut(BaseModel):
+    """The input a model expects: shape with -1 for the batch dimension."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    preprocessing: str
+
+
+class ModelSummary(BaseModel):
+    """One entry of `GET /v1/models`."""
+
+    name: str
+    version: int
+    versions: list[int]
+    task: str
+    ready: bool
+    backend: str
+    device: str
+
+
+class ModelList(BaseModel):
+    """Every model the service holds."""
+
+    models: list[ModelSummary]
+
+
+class ModelDetail(BaseModel):
+    """`GET /v1/models/{name}`: everything a client needs to call the model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits_mlp",
+                    "version": 1,
+                    "versions": [1],
+                    "task": "classification",
+                    "input": {
+                        "name": "input",
+                        "shape": [-1, 64],
+                        "dtype": "float32",
+                        "preprocessing": "0..16",
+                    },
+                    "labels": [str(i) for i in range(10)],
+                    "sites": [{"path": "2", "kind": "dropout", "p": 0.5}],
+                    "backend": "torch",
+                    "device": "cpu",
+                    "provider": "torch-cpu",
+                    "ready": True,
+                    "mc_available": True,
+                    "max_samples": 256,
+                    "default_samples": 32,
+                }
+            ]
+        }
+    )
+
+    name: str
+    version: int
+    versions: list[int]
+    task: str
+    input: InputSpecOut
+    labels: list[str] | None
+    sites: list[dict[str, Any]]
+    backend: str
+    device: str
+    provider: str
+    ready: bool
+    mc_available: bool
+    max_samples: int
+    default_samples: int
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, and which request field caused it."""
+
+    message: str
+    field: str | None = None
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every native error answers this shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "message": "samples must be between 1 and 256, got 1000",
+                        "field": "samples",
+                        "type": "InvalidInput",
+                    }
+                }
+            ]
+        }
+    )
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    """`/healthz` and `/readyz` answer."""
+
+    status: Literal["ok", "ready", "not ready"]
+    models: dict[str, bool] = Field(default_factory=dict, description="Model name -> loaded (readyz only).")
+    errors: dict[str, str] = Field(default_factory=dict, description="Packages that failed to load.")

@@ -1,0 +1,317 @@
+"""Counter-based dropout masks: a keyed integer hash instead of a per-element Bernoulli draw.
+
+A counter-based generator (Salmon, Moraes, Dror & Shaw 2011, "Parallel random numbers: as easy as 1, 2, 3",
+the idea behind Philox) produces the random bits of position ``i`` as ``hash(key, i)``: no state, any
+element computable on its own, the same bits for the same key whatever else is computed beside it. Here the
+hash is Chris Wellons' ``lowbias32`` 32-bit integer finaliser (xorshift-multiply, the murmur3 ``fmix32``
+shape with constants 0x7feb352d / 0x846ca68b found by his hash prospector):
+
+    h ^= h >> 16;  h *= 0x7feb352d;  h ^= h >> 15;  h *= 0x846ca68b;  h ^= h >> 16      (mod 2**32)
+
+Key schedule (all values are unsigned 32-bit, carried in int64 tensors as ``[0, 2**32)``):
+
+* request seed ``s`` (0 <= s < 2**63) -> ``seed_key = mix(mix(lo32(s) ^ C0) ^ hi32(s))``
+* row ``r`` of the request (index WITHIN the request) -> ``row_key = mix(seed_key ^ mix(r ^ C1))``
+* MC sample ``t`` -> ``sample_key = mix(row_key ^ mix(t ^ C2))``
+* stochastic site ``j`` -> ``site_key = mix(sample_key ^ mix(j ^ C3))``
+* mask word ``w`` (position block) -> ``word = mix(site_key ^ mix(w ^ C4))``
+
+so a mask depends only on (seed, row within request, sample, site, position): a seeded request is
+reproducible whatever else shares its batch. Each 32-bit word gives TWO mask decisions from its two
+16-bit halves (low half = even position ``2w``, high half = odd position ``2w + 1``). A position is
+dropped when its 16-bit value ``u < thr``, with ``thr = round(p * 65536)``: ``p`` is quantised to a
+multiple of 2**-16 (error at most 7.6e-6; p = 0.5, 0.25, 0.1 -> 0.5, 0.25, 0.100006...). The effective
+drop probability `quantised_p` is what the rescaling ``1 / (1 - p_eff)`` uses, so inverted dropout
+stays exactly unbiased.
+
+Two code paths give bit-identical masks (tested):
+
+* the fast torch path works on int32 tensors holding the 32 bits (wrapping multiply, shift then
+  ``& 0xffff``) and reads the two halves by viewing the words as int16, so the per-element work is
+  about a dozen int32 passes over half as many words as mask elements;
+* the export path (``exportable=True``) uses int64 tensors with values kept in ``[0, 2**32)`` and only
+  Mul / BitwiseAnd / BitwiseXor / right shifts and comparisons, which ``torch.onnx.export`` (dynamo)
+  turns into ONNX ops that ONNX Runtime runs. Constants >= 2**31 are written as their negative
+  two's-complement twin (``c - 2**32``) so that no int64 product ever overflows; ``& 0xffffffff``
+  then yields the exact low 32 bits.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MASK_BITS",
+    "SITE_FORMS",
+    "HashMaskSite",
+    "MaskContext",
+    "TrainModeSite",
+    "keep_mask",
+    "mix32",
+    "quantised_p",
+    "row_keys",
+    "sample_keys",
+    "site_keys",
+    "threshold",
+]
+
+MASK_BITS = 16
+"""Bits per mask decision: each 32-bit hash word yields two decisions."""
+
+_LEVELS = 1 << MASK_BITS
+_M32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D  # < 2**31
+_MUL2 = 0x846CA68B - (1 << 32)  # >= 2**31, written as its negative twin (same low 32 bits)
+_C0, _C1, _C2, _C3, _C4 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def threshold(p: float) -> int:
+    """16-bit drop threshold for drop probability ``p``: a position drops when its value ``u < thr``."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop probability must be in [0, 1], got {p}")
+    return round(p * _LEVELS)
+
+
+def quantised_p(p: float) -> float:
+    """Drop probability actually realised by the 16-bit masks: ``round(p * 65536) / 65536``."""
+    return threshold(p) / _LEVELS
+
+
+def mix32(h: Tensor) -> Tensor:
+    """``lowbias32`` hash of unsigned 32-bit values carried in an int64 tensor (values in ``[0, 2**32)``).
+
+    Export-friendly: int64 Mul, BitwiseAnd, BitwiseXor and right shifts of non-negative values only.
+    """
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _M32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _M32
+    return h ^ (h >> 16)
+
+
+def _mix32_int32_(h: Tensor) -> Tensor:
+    """In-place ``lowbias32`` on an int32 tensor holding the 32 bits (wrapping multiply, logical shifts)."""
+    t = torch.bitwise_right_shift(h, 16)
+    h.bitwise_xor_(t.bitwise_and_(0xFFFF))
+    h.mul_(_MUL1)
+    torch.bitwise_right_shift(h, 15, out=t)
+    h.bitwise_xor_(t.bitwise_and_(0x1FFFF))
+    h.mul_(_MUL2)
+    torch.bitwise_right_shift(h, 16, out=t)
+    return h.bitwise_xor_(t.bitwise_and_(0xFFFF))
+
+
+def _to_int32_bits(h: Tensor) -> Tensor:
+    """Reinterpret int64 values in ``[0, 2**32)`` as int32 bit patterns."""
+    return torch.where(h >= (1 << 31), h - (1 << 32), h).to(torch.int32)
+
+
+def _mixed_constant(value: int, salt: int) -> int:
+    """``mix(value ^ salt)`` for a python integer (site and counter codes)."""
+    return int(mix32(torch.tensor([(value ^ salt) & _M32], dtype=torch.int64))[0])
+
+
+def seed_keys(seeds: Tensor) -> Tensor:
+    """32-bit keys of request seeds (int64, ``0 <= seed < 2**63``), mixing both 32-bit halves."""
+    lo = seeds & _M32
+    hi = (seeds >> 32) & _M32
+    return mix32(mix32(lo ^ _C0) ^ hi)
+
+
+def row_keys(seeds: Tensor, rows: Tensor) -> Tensor:
+    """Key of each batch row from its request seed and its row index within that request (both ``[B]``)."""
+    return mix32(seed_keys(seeds) ^ mix32((rows & _M32) ^ _C1))
+
+
+def sample_keys(keys: Tensor, samples: int | Tensor, start: int = 0) -> Tensor:
+    """Keys ``[S * B]`` of MC samples ``start .. start + S - 1`` of rows with keys ``[B]``, sample-major.
+
+    Row ``n = s * B + b`` of the result belongs to sample ``start + s`` of row ``b``: the layout of a batch
+    repeated S times along dimension 0. ``samples`` may be a 0-d int64 tensor (run-time T in export).
+    """
+    if isinstance(samples, Tensor):
+        t = (
+            torch.arange(samples.item(), dtype=torch.int64, device=keys.device)
+            if samples.dim() == 0
+            else samples
+        )
+    else:
+        t = torch.arange(start, start + samples, dtype=torch.int64, device=keys.device)
+    codes = mix32((t & _M32) ^ _C2)
+    return mix32(keys.unsqueeze(0) ^ codes.unsqueeze(1)).reshape(-1)
+
+
+def site_keys(keys: Tensor, site: int) -> Tensor:
+    """Keys of stochastic site number ``site`` for per-sample-row keys ``[N]``."""
+    return mix32(keys ^ _mixed_constant(site, _C3))
+
+
+_POSITION_CODES: dict[tuple[int, str], Tensor] = {}
+
+
+def _position_codes(n_words: int, device: torch.device, int32: bool) -> Tensor:
+    """``mix(w ^ C4)`` for words ``w < n_words`` (cached), int64 or as int32 bit patterns."""
+    key = (n_words, f"{device}:{int32}")
+    codes = _POSITION_CODES.get(key)
+    if codes is None:
+        codes = mix32(torch.arange(n_words, dtype=torch.int64, device=device) ^ _C4)
+        if int32:
+            codes = _to_int32_bits(codes)
+        _POSITION_CODES[key] = codes
+    return codes
+
+
+def _uniform16_exportable(site_k: Tensor, n_positions: int) -> Tensor:
+    """16-bit values ``[N, n_positions]`` (int64 in ``[0, 65536)``) through export-friendly int64 ops."""
+    n_words = (n_positions + 1) // 2
+    codes = mix32(torch.arange(n_words, dtype=torch.int64, device=site_k.device) ^ _C4)
+    words = mix32(site_k.unsqueeze(1) ^ codes.unsqueeze(0))
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(-1, 2 * n_words)
+    return halves[:, :n_positions]
+
+
+def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, exportable: bool = False) -> Tensor:
+    """Boolean keep-mask ``[N, *shape]`` for site ``site`` of N sample-rows with keys ``[N]``.
+
+    Position ``i`` (row-major over ``shape``) of row ``n`` is kept when the ``i``-th 16-bit hash value of
+    ``site_key(keys[n], site)`` is ``>= threshold(p)``, i.e. with probability ``1 - quantised_p(p)``,
+    independently across rows, samples, sites and positions (up to the hash's quality, tested in
+    ``tests/test_summaries.py`` / ``tests/test_engine.py``). ``exportable=True`` takes the int64 path that
+    exports to ONNX; both paths return identical masks.
+    """
+    n_positions = 1
+    for size in shape:
+        n_positions *= int(size)
+    thr = threshold(p)
+    site_k = site_keys(keys, site)
+    if exportable or not _LITTLE_ENDIAN:
+        u = _uniform16_exportable(site_k, n_positions)
+        return (u >= thr).reshape(-1, *shape)
+    n_words = (n_positions + 1) // 2
+    words = _to_int32_bits(site_k).unsqueeze(1) ^ _position_codes(n_words, keys.device, True).unsqueeze(0)
+    _mix32_int32_(words)
+    halves = words.view(torch.int16)  # [N, 2 * n_words]: low half first on little-endian machines
+    halves.bitwise_xor_(-(1 << 15))  # signed value = u - 32768, so a signed compare orders like u
+    keep = halves >= thr - (1 << 15)
+    if 2 * n_words != n_positions:
+        keep = keep[:, :n_positions]
+    return keep.reshape(-1, *shape)
+
+
+class MaskContext:
+    """Per-pass state shared by the hash-mask site modules of one MC tail.
+
+    ``keys`` is the int64 tensor ``[N]`` of sample-row keys (`sample_keys`) of the rows the tail is about
+    to process; the engine sets it before each tail pass (a plain attribute, so tracing for export sees
+    it as a graph value). ``exportable`` selects the int64 export path of `keep_mask`.
+    """
+
+    def __init__(self, exportable: bool = False) -> None:
+        self.keys: Tensor | None = None
+        self.exportable = exportable
+
+    def require_keys(self) -> Tensor:
+        """The current keys; raises when a site runs outside an engine pass."""
+        if self.keys is None:
+            raise RuntimeError("hash-mask site called without keys: run it through MCEngine")
+        return self.keys
+
+
+# torch's SELU-preserving alpha dropout constant (-lambda * alpha of SELU), see Klambauer et al. 2017.
+_ALPHA = 1.7580993408473766
+
+SITE_FORMS: tuple[str, ...] = (
+    "element",
+    "classic",
+    "channel",
+    "embedding",
+    "path",
+    "path_classic",
+    "alpha",
+    "feature_alpha",
+)
+"""Forms a `HashMaskSite` can take (see its docstring)."""
+
+
+class HashMaskSite(torch.nn.Module):
+    """A dropout-family site made stochastic with counter-based masks (MC dropout, Gal & Ghahramani 2016).
+
+    Always stochastic (it replaces a site inside an MC tail, whatever the ``training`` flag). With
+    ``q = 1 - quantised_p(p)``, input ``x: [N, ...]`` (N = sample-rows, keys from the shared context):
+
+    * ``element``: inverted dropout, ``x * m / q`` with one decision per element (``nn.Dropout``);
+    * ``classic``: ``x * m`` without rescaling (Srivastava 2014, `ClassicDropout`);
+    * ``channel``: ``x * m / q`` with one decision per (row, channel = dim 1), broadcast over the rest
+      (``nn.Dropout1d/2d/3d``, matching torch's treatment of every input rank >= 3);
+    * ``embedding``: ``[N, L, E]`` with one decision per (row, embedding dim) shared over L, ``/ q``;
+    * ``path`` / ``path_classic``: one gate per row on a residual branch, ``/ q`` (timm) or not (Huang 2016;
+      under MC each sample-row gets its own gate, the marginal of Huang's per-mini-batch gate);
+    * ``alpha`` / ``feature_alpha``: torch's alpha dropout affine form ``a * (x*m + alpha' * (1 - m)) + b``
+      (Klambauer et al. 2017) per element or per channel.
+    """
+
+    def __init__(self, context: MaskContext, site: int, p: float, form: str) -> None:
+        super().__init__()
+        if form not in SITE_FORMS:
+            raise ValueError(f"unknown site form {form!r}; one of {SITE_FORMS}")
+        self.context = context
+        self.site = int(site)
+        self.p = float(p)
+        self.form = form
+        self.q = 1.0 - quantised_p(self.p)
+
+    def _mask_shape(self, x: Tensor) -> tuple[int, ...]:
+        if self.form in ("element", "classic", "alpha"):
+            return tuple(x.shape[1:])
+        if self.form in ("channel", "feature_alpha"):
+            return (x.shape[1],) + (1,) * (x.dim() - 2)
+        if self.form == "embedding":
+            if x.dim() != 3:
+                raise ValueError(f"embedding dropout expects [N, L, E], got {tuple(x.shape)}")
+            return (1, x.shape[2])
+        return (1,) * (x.dim() - 1)  # path gates
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the site's masked form to ``x`` (see class docstring)."""
+        keys = self.context.require_keys()
+        keep = keep_mask(keys, self.site, self._mask_shape(x), self.p, exportable=self.context.exportable)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        if self.form in ("alpha", "feature_alpha"):
+            if self.q == 0.0:
+                return torch.zeros_like(x)
+            a = 1.0 / ((_ALPHA * _ALPHA * (1.0 - self.q) + 1.0) * self.q) ** 0.5
+            b = _ALPHA * a * (1.0 - self.q)
+            return torch.where(keep, x * a, zero - _ALPHA * a) + b
+        if self.q == 0.0:
+            return x * 0.0
+        if self.form in ("classic", "path_classic"):
+            return torch.where(keep, x, zero)
+        return torch.where(keep, x * (1.0 / self.q), zero)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site}, p={self.p}, form={self.form}"
+
+
+class TrainModeSite(torch.nn.Module):
+    """Wraps a site with no hash-mask form (DropBlock, DropConnect, FractalJoin, ...): train-mode forward.
+
+    The wrapped module draws from its own ``generator`` (or torch's global one). Rows stay independent
+    (these layers draw per example), but the draws are NOT keyed per row: a seeded request reproduces only
+    when the whole batch is identical (the engine seeds a fresh ``torch.Generator`` per call when the
+    module has a ``generator`` attribute).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        """Run the wrapped module in train mode (only its own flag and its children's are touched)."""
+        if not self.module.training:
+            self.module.train()
+        return self.module(*args, **kwargs)

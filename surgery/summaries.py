@@ -15,7 +15,8 @@ classification, from per-sample logits ``[T, B, K]``:
 regression, from per-sample outputs ``[T, B, D]``: ``mean`` and ``std`` ``[B, D]``.
 
 Everything is computed in log space (``log_softmax`` and ``logsumexp`` over samples), so a logit of any
-size gives finite values: ``0 * log 0`` never appears because entropies are written as
+size gives finite values (NaN logits count as 0, infinite ones as the largest finite value): ``0 * log 0``
+never appears because entropies are written as
 ``-sum p * log p`` with ``log p`` finite. Standard deviations are population standard deviations
 (divisor T, not T - 1), so T = 1 gives 0 rather than NaN. Only plain tensor operations are used, so the
 functions export to ONNX with ``torch.onnx.export`` (the MC graph of ``surgery.mc_export`` embeds them) and
@@ -86,7 +87,11 @@ def classification_summaries(logits: Tensor) -> ClassificationSummaries:
     if logits.dim() != 3:
         raise ValueError(f"expected per-sample logits [T, B, K], got shape {tuple(logits.shape)}")
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    logp = torch.log_softmax(z, dim=-1)  # [T, B, K]
+    # Non-finite logits are mapped to finite ones (NaN -> 0, +-inf -> +-max) and log-probabilities are
+    # floored at the dtype's lowest finite value, so p * log p is 0 * finite, never 0 * -inf.
+    lowest = torch.finfo(z.dtype).min
+    z = torch.nan_to_num(z)
+    logp = torch.log_softmax(z, dim=-1).clamp(min=lowest)  # [T, B, K]
     probs = logp.exp()
     # log T from the data itself (a [1, 1, 1] count), so a run-time T exports as a graph value.
     log_t = torch.ones_like(logp[:, :1, :1]).sum(dim=0).log()

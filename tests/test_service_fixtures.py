@@ -1,0 +1,106 @@
+"""Shared test helpers of the service tests: a small real model repository and a real uvicorn server.
+
+The repository holds three quickly trained reference networks (a float classifier, a token classifier,
+a regressor), copied from the session's `quick_repository` when that fixture exists and trained here
+otherwise, each with its deterministic ONNX graph added. Nothing here is a mock: packages are real,
+verified, and served by the real app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+SERVICE_MODELS = ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes")
+_BUILT: dict[str, Path] = {}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _add_onnx(package_dir: Path) -> None:
+    from surgery.export import export_deterministic
+    from surgery.package import add_file, load_package
+
+    loaded = load_package(package_dir)
+    if "model.onnx" in loaded.manifest.files:
+        return
+    shape = [2, *loaded.manifest.input.shape[1:]]
+    dtype = torch.int64 if loaded.manifest.input.dtype == "int64" else torch.float32
+    example = torch.zeros(shape, dtype=dtype)
+    out = package_dir.parent / f".{package_dir.name}.model.onnx"
+    export_deterministic(loaded.model, example, out, input_name=loaded.manifest.input.name)
+    add_file(package_dir, "model.onnx", out)
+    out.unlink()
+
+
+def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path:
+    """A repository with the three `SERVICE_MODELS` (one version each, with `model.onnx`), built once."""
+    if "repo" in _BUILT:
+        return _BUILT["repo"]
+    from surgery.package import list_versions
+
+    repo = root / "service_repository"
+    source: Path | None = None
+    with contextlib.suppress(pytest.FixtureLookupError):
+        source = Path(request.getfixturevalue("quick_repository"))
+    for name in SERVICE_MODELS:
+        if source is not None and (source / name).is_dir() and list_versions(source / name):
+            version = list_versions(source / name)[-1]
+            shutil.copytree(source / name / str(version), repo / name / str(version))
+        else:
+            from models.training import train_zoo
+
+            train_zoo([name], repo, quick=True, progress=False)
+        _add_onnx(repo / name / str(list_versions(repo / name)[-1]))
+    _BUILT["repo"] = repo
+    return repo
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(
+    repository: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 90.0
+) -> Iterator[str]:
+    """Run `dropwise serve` in a subprocess on a free port; yield its base URL once /readyz answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "surgery.cli", "serve", "--repository", str(repository), "--port", str(port)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = repository.parent / f"server-{port}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

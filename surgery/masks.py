@@ -188,6 +188,8 @@ def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, export
     for size in shape:
         n_positions *= int(size)
     thr = threshold(p)
+    if thr == 0 or thr == _LEVELS:  # p_eff = 0 keeps everything, p_eff = 1 drops everything: no hash needed
+        return torch.full((keys.shape[0], *shape), thr == 0, dtype=torch.bool, device=keys.device)
     site_k = site_keys(keys, site)
     if exportable or not _LITTLE_ENDIAN:
         u = _uniform16_exportable(site_k, n_positions)

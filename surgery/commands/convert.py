@@ -1,0 +1,122 @@
+"""``dropwise convert SOURCE``: fold, convert to MC, export both ONNX graphs and verify parity into a package.
+
+SOURCE is a package directory, a zoo name (with ``--weights``, or the latest package of that name in the
+repository), or a ``module:factory`` reference with ``--weights`` and ``--dataset``. Importing a module
+outside ``models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed,
+3 when it failed (the report is still written into the package), 2 for a usage error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+PARITY_FAILED_EXIT = 3
+
+
+def _parse_kwargs(text: str | None) -> dict[str, Any]:
+    from surgery.cli import UserError
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--kwargs is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(value, dict):
+        raise UserError("--kwargs must be a JSON object, e.g. '{\"hidden\": 128}'")
+    return value
+
+
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(help="Package directory, zoo name, or module:factory reference.", show_default=False),
+    ],
+    weights: Annotated[
+        Path | None, typer.Option("--weights", "-w", help="Safetensors weights for a zoo name or factory.")
+    ] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option("--repository", "-r", help="Repository for new packages [default: model_repository]."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Package name (default from SOURCE).")] = None,
+    fold: Annotated[
+        bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")
+    ] = True,
+    mc: Annotated[bool, typer.Option("--mc/--no-mc", help="Export and verify the MC graph.")] = True,
+    recalibrate_bn: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."
+        ),
+    ] = False,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Deterministic parity bound, relative to max(1, |output|).")
+    ] = 1e-5,
+    samples: Annotated[int, typer.Option("--samples", "-T", help="MC samples for the parity z-test.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="ONNX Runtime device: auto, cpu or cuda.")] = "cpu",
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset (models.data) for a factory SOURCE.")
+    ] = None,
+    kwargs: Annotated[
+        str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")
+    ] = None,
+    allow_module: Annotated[
+        list[str] | None,
+        typer.Option("--allow-module", help="Trust a factory module prefix outside models. (runs its code)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as JSON.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Convert a trained network into a model package with verified ONNX graphs."""
+    from surgery.cli import UserError
+    from surgery.convert import ConvertError, ConvertOptions, report_json, report_summary
+    from surgery.convert import convert as run_convert
+    from surgery.export import ExportError
+    from surgery.package import PackageError
+    from surgery.providers import ProviderError
+
+    try:
+        options = ConvertOptions(
+            fold=fold,
+            mc=mc,
+            recalibrate_bn=recalibrate_bn,
+            tolerance=tolerance,
+            samples=samples,
+            device=device,
+            progress=progress,
+        )
+        result = run_convert(
+            source,
+            weights=weights,
+            repository=repository,
+            name=name,
+            options=options,
+            allow_modules=list(allow_module or []),
+            factory_kwargs=_parse_kwargs(kwargs),
+            dataset=dataset,
+        )
+    except (ConvertError, PackageError, ExportError, ProviderError) as exc:
+        raise UserError(" ".join(str(exc).split())) from exc
+    report = result.report
+    if as_json:
+        typer.echo(json.dumps(report_json(report), indent=2))
+    else:
+        typer.echo(f"{report.name} v{report.version} -> {result.package_dir}")
+        for line in report_summary(report):
+            typer.echo(line)
+    if not report.passed:
+        typer.echo(
+            f"dropwise: error: parity failed for {report.name} v{report.version}: {report.failures()[0]}",
+            err=True,
+        )
+        raise typer.Exit(code=PARITY_FAILED_EXIT)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``convert`` command to the ``dropwise`` app."""
+    app.command("convert")(convert)

@@ -1,24 +1,43 @@
 """The torch runtime: a package's network on CPU or CUDA, deterministic and MC-dropout.
 
-Deterministic predictions run the network in eval mode. MC predictions switch only the dropout-family
-layers (those with a `generator`, see docs/CONTRACTS.md "Layers") to their stochastic form, and apply
-seeded inverted dropout to PyTorch's own `nn.Dropout` layers through a forward hook (they stay in eval
-mode, so BatchNorm and the like are untouched). Every request gets its own `torch.Generator` seeded from
-the request's seed, so a request's masks never depend on what else shares its batch.
+Deterministic predictions run the network in eval mode. MC predictions go through `surgery.engine.MCEngine`
+(trunk once, tail for every sample in one batched pass, per-row hash masks): the MC requests of a dynamic
+batch, whatever their T, share one trunk pass, and a seeded request gets the same masks whatever else
+shares its batch. Sites without a hash-mask form (DropBlock, DropConnect, FractalJoin) draw from a
+generator the engine seeds from the whole batch, so for models with such sites each request runs in its
+own engine call (still one trunk pass per request) to keep that guarantee.
+
+When the engine cannot handle a model (or is not installed), a plain fallback runs: it switches only the
+dropout-family layers (those with a `generator`, see docs/CONTRACTS.md "Layers") to their stochastic
+form, and applies seeded inverted dropout to PyTorch's own `nn.Dropout` layers through a forward hook
+(they stay in eval mode, so BatchNorm and the like are untouched). Every request gets its own
+`torch.Generator` seeded from the request's seed, so a request's masks never depend on what else shares
+its batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from service.runtimes.base import MCGroup, Outputs, PackageSpec, encode_deterministic, encode_mc
+from service.runtimes.base import (
+    MCGroup,
+    Outputs,
+    PackageSpec,
+    encode_deterministic,
+    encode_mc,
+    standardised_to_target,
+)
 from surgery.package import load_package
+
+log = logging.getLogger("dropwise.torch_runtime")
 
 
 def resolve_torch_device(device: str) -> torch.device:
@@ -66,11 +85,14 @@ class TorchRuntime:
         self.model: nn.Module | None = None
         self._stochastic: list[nn.Module] = []
         self._dropouts: list[nn.Dropout] = []
+        self.engine: Any = None
+        self.shares_trunk = False  #: MC requests of one batch share the trunk pass
+        self.mc_path = "none"
 
     @property
     def supports_mc(self) -> bool:
         """MC mode needs at least one dropout-family layer."""
-        return bool(self._stochastic or self._dropouts)
+        return self.engine is not None or bool(self._stochastic or self._dropouts)
 
     def load(self) -> None:
         """Verify and rebuild the network from safetensors, move it to the device and warm it up."""
@@ -84,8 +106,29 @@ class TorchRuntime:
         embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         if self.spec.input_dtype == "int64" and embeddings:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
-        example = np.zeros((1, *self.spec.sample_shape), dtype=self.spec.input_dtype)
-        self.predict_deterministic(example)
+        example = np.zeros((2, *self.spec.sample_shape), dtype=self.spec.input_dtype)
+        self._build_engine(self._tensor(example))
+        self.predict_deterministic(example[:1])
+
+    def _build_engine(self, example: torch.Tensor) -> None:
+        """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
+        assert self.model is not None
+        try:
+            from surgery.engine import MCEngine
+            from surgery.masks import TrainModeSite
+        except ImportError:
+            self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
+            return
+        try:
+            engine = MCEngine(self.model, example, task=self.spec.task)
+            engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split
+        except Exception as exc:  # a model the engine cannot split or rewrite: the fallback serves it
+            log.warning("%s: MC engine unavailable (%s); using the per-request fallback", self.spec.name, exc)
+            self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
+            return
+        self.engine = engine
+        self.shares_trunk = not any(isinstance(m, TrainModeSite) for m in engine.replaced)
+        self.mc_path = "engine" if self.shares_trunk else "engine-per-request"
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self._device)
@@ -117,6 +160,55 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+        """MC outputs of several requests stacked in `x` (see the module docstring)."""
+        if self.engine is None:
+            return self._predict_mc_fallback(x, groups)
+        tensor = self._tensor(x)
+        if self.shares_trunk:
+            results = self.engine.run_batch(
+                tensor,
+                [g.rows for g in groups],
+                [g.samples for g in groups],
+                [g.seed for g in groups],
+                return_samples=any(g.return_samples for g in groups),
+            )
+        else:
+            results, start = [], 0
+            for g in groups:
+                part = tensor[start : start + g.rows]
+                start += g.rows
+                results += self.engine.run_batch(part, [g.rows], [g.samples], [g.seed], g.return_samples)
+        return [self._encode_result(r, g.return_samples) for r, g in zip(results, groups, strict=True)]
+
+    def _encode_result(self, result: Any, return_samples: bool) -> Outputs:
+        """An engine `MCResult` as named numpy outputs (target units for regression)."""
+
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return t.detach().float().cpu().numpy()
+
+        if self.spec.task == "classification":
+            probs = arr(result.mean_probs)
+            out: Outputs = {
+                "probabilities": probs,
+                "predictions": probs.argmax(axis=-1).astype(np.int64),
+                "predictive_entropy": arr(result.predictive_entropy),
+                "expected_entropy": arr(result.expected_entropy),
+                "mutual_information": arr(result.mutual_information),
+                "variation_ratio": arr(result.variation_ratio),
+                "std": arr(result.std),
+            }
+            if return_samples and result.samples is not None:
+                out["samples"] = arr(torch.softmax(result.samples.float(), dim=-1))
+            return out
+        out = {
+            "mean": standardised_to_target(arr(result.mean), self.spec),
+            "std": standardised_to_target(arr(result.std), self.spec, scale_only=True),
+        }
+        if return_samples and result.samples is not None:
+            out["samples"] = standardised_to_target(arr(result.samples), self.spec)
+        return out
+
+    def _predict_mc_fallback(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
         assert self.model is not None
         results: list[Outputs] = []

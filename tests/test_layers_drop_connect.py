@@ -16,6 +16,7 @@ from models.layers import (
     drop_connect_linear,
     gaussian_nodes,
 )
+from models.layers._common import bernoulli_mask
 
 SIGMAS = 5.0
 
@@ -139,7 +140,7 @@ def test_conv_per_example_masks_match_a_per_sample_loop() -> None:
     x = torch.randn(5, 4, 8, 7, dtype=torch.float64)
     y = drop_connect_conv2d(x, weight, bias, 1, 1, 1, 2, 0.5, training=True, generator=_gen(15))
     # white-box: the layer draws one mask of shape [B, *weight.shape] from its generator
-    masks = torch.empty(5, *weight.shape, dtype=torch.float64).bernoulli_(0.5, generator=_gen(15))
+    masks = bernoulli_mask((5, *weight.shape), 0.5, weight, _gen(15))
     loop = torch.cat([F.conv2d(x[b : b + 1], masks[b] * weight, bias, 1, 1, 1, 2) for b in range(5)])
     assert torch.allclose(y, loop)
     same = drop_connect_conv2d(x[:1].expand(5, -1, -1, -1), weight, bias, 1, 1, 1, 2, 0.5, training=True)

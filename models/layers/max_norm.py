@@ -50,10 +50,8 @@ def max_norm_(module: nn.Module, max_norm: float = 3.0) -> nn.Module:
         raise TypeError(f"max_norm_ expects an nn.Module, got {type(module).__name__}")
     for sub in module.modules():
         if isinstance(sub, CONSTRAINED_TYPES):
-            weight = sub.weight
-            norms = weight.flatten(1).norm(dim=1)
-            factor = (radius / norms.clamp_min(radius)).view(-1, *([1] * (weight.dim() - 1)))
-            weight.mul_(factor.to(weight.dtype))
+            # renorm_ rescales each slice along dim 0 whose 2-norm exceeds the radius, leaves the others
+            sub.weight.renorm_(2, 0, radius)
     return module
 
 

@@ -37,7 +37,16 @@ from torch import Tensor, fx, nn
 from .sites import FrozenEval, Site, call_model, find_sites
 from .split import trace_with_sites
 
-__all__ = ["ActivatedConv2d", "ActivatedLinear", "FoldError", "FoldReport", "MeanJoin", "Scale", "fold"]
+__all__ = [
+    "ActivatedConv2d",
+    "ActivatedLinear",
+    "FoldError",
+    "FoldReport",
+    "MeanJoin",
+    "Removed",
+    "Scale",
+    "fold",
+]
 
 
 class FoldError(RuntimeError):
@@ -56,6 +65,24 @@ class Scale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}"
+
+
+class Removed(nn.Identity):
+    """The identity, standing where a deleted site was; keeps its plain attributes (``p``, ``drop_prob``...).
+
+    Some models read a dropout module's ``p`` to drive functional attention dropout
+    (transformers' ``dropout=self.dropout.p if self.training else 0.0``); those reads keep working.
+    """
+
+    def __init__(self, site: nn.Module) -> None:
+        super().__init__()
+        self.removed = type(site).__name__
+        for key, value in vars(site).items():
+            if not key.startswith("_") and key != "training" and isinstance(value, bool | int | float | str):
+                setattr(self, key, value)
+
+    def extra_repr(self) -> str:
+        return f"removed={self.removed}"
 
 
 class MeanJoin(nn.Module):
@@ -406,11 +433,11 @@ def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
         module = modules[site.name]
         rule = site.rule
         if rule == "delete":
-            replacements[site.name] = nn.Identity()
+            replacements[site.name] = Removed(module)
             report.add(site, "deleted", "identity in eval")
         elif rule == "scale":
             q = float(site.details["eval_scale"])
-            replacements[site.name] = _fold_scale(graph, trace_error, site, q, report)
+            replacements[site.name] = _fold_scale(graph, trace_error, site, q, report, module)
         elif rule == "mean_rule":
             replacements[site.name] = _mean_rule_layer(module)
             report.add(site, "replaced", f"plain {type(replacements[site.name]).__name__} with weight q*W")
@@ -434,11 +461,11 @@ def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
 
 
 def _fold_scale(
-    graph: _Graph | None, trace_error: str, site: Site, q: float, report: FoldReport
+    graph: _Graph | None, trace_error: str, site: Site, q: float, report: FoldReport, module: nn.Module
 ) -> nn.Module:
     if q == 1.0:
         report.add(site, "deleted", "eval scale is 1")
-        return nn.Identity()
+        return Removed(module)
     if graph is None:
         report.add(site, "scale kept", f"multiply by {q:g} kept: {trace_error}")
         return Scale(q)
@@ -457,6 +484,6 @@ def _fold_scale(
             reasons.append(str(exc))
             continue
         report.add(site, "folded", f"q={q:g} {detail}")
-        return nn.Identity()
+        return Removed(module)
     report.add(site, "scale kept", f"multiply by {q:g} kept: {'; '.join(reasons)}")
     return Scale(q)

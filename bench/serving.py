@@ -1,0 +1,491 @@
+"""Serving benchmark: throughput and latency of dropwise's HTTP service under 64 concurrent clients.
+
+Run from the repository root (loopback only, about two minutes):
+
+    .venv/bin/python bench/serving.py                 # every scenario, 10 s measured per run
+    .venv/bin/python bench/serving.py --duration 5 --scenarios mlp
+
+Scenarios (issue 6, goal "serving"):
+
+1. ``cnn-mc``: MC-dropout requests (T=32, one row each) on the zoo CNN (``cnn_mnist``), dynamic batching on
+   (max batch 64) against off (max batch 1);
+2. ``cnn-det``: deterministic requests on the same CNN, batching on against off;
+3. ``mlp``: MC requests (T=32, one row) on an MLP 64-256-256-10 with dropout p=0.5 after every hidden layer,
+   dropwise (native JSON API, and the Open Inference Protocol with binary tensors) against LitServe serving
+   the same network with its own batching (max batch 64). LitServe runs the usual vectorised MC dropout: the
+   batch repeated T times through the network in train mode, then the same summaries.
+
+Load generator: every client owns one HTTP/1.1 keep-alive connection (raw asyncio streams, requests encoded
+once up front, responses read by Content-Length and checked for status 200), so the client side costs little
+next to the servers. Every server runs in its own subprocess; the models are untrained (weights do not change
+the cost). The bench asserts nothing about time. On a shared machine the figures are noisy: compare rows of
+one run, not runs.
+
+``pip install litserve`` to run the LitServe row (it is not a dependency of dropwise); without it that row is
+skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLIENTS = 64
+SAMPLES = 32
+MAX_BATCH = 64
+MLP_NAME = "mlp_p05"
+CNN_NAME = "cnn_mnist"
+ROOT = Path(__file__).resolve().parents[1]
+
+try:  # LitServe is optional: only the comparison row needs it.
+    import litserve as ls
+except ImportError:  # pragma: no cover - depends on the environment
+    ls = None
+
+
+# ---------------------------------------------------------------------------------------------- LitServe
+if ls is not None:
+
+    class MCDropoutLitAPI(ls.LitAPI):
+        """LitServe serving MC dropout the way its users would: the batch repeated T times in train mode."""
+
+        def __init__(self, package: str, samples: int, max_batch_size: int) -> None:
+            super().__init__(max_batch_size=max_batch_size, batch_timeout=0.002)
+            self.package = package
+            self.samples = samples
+
+        def setup(self, device: str) -> None:
+            """Load the same package dropwise serves (weights verified by sha256)."""
+            import torch
+
+            from surgery.package import load_package
+
+            self.torch = torch
+            self.model = load_package(self.package).model.to(device).train()
+
+        def decode_request(self, request: dict) -> object:
+            """One request: ``{"inputs": [[64 floats]]}`` -> a [64] float tensor."""
+            return self.torch.tensor(request["inputs"][0], dtype=self.torch.float32)
+
+        def batch(self, inputs: list) -> object:
+            """Stack the decoded rows into one [B, 64] batch."""
+            return self.torch.stack(inputs)
+
+        def predict(self, x: object) -> dict[str, object]:
+            """T stochastic passes in one batched forward, then the MC summaries per row."""
+            torch = self.torch
+            with torch.inference_mode():
+                rows = x.shape[0]
+                logits = self.model(x.repeat(self.samples, 1)).view(self.samples, rows, -1)
+                log_p = torch.log_softmax(logits, dim=-1)
+                p = log_p.exp()
+                mean = p.mean(0)
+                predictive = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
+                expected = -(p * log_p).sum(-1).mean(0)
+                votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).sum(0)
+                return {
+                    "probabilities": mean,
+                    "predictions": mean.argmax(-1),
+                    "predictive_entropy": predictive,
+                    "expected_entropy": expected,
+                    "mutual_information": (predictive - expected).clamp_min(0),
+                    "variation_ratio": 1.0 - votes.max(-1).values / self.samples,
+                    "std": p.std(0),
+                }
+
+        def unbatch(self, output: dict[str, object]) -> list[dict[str, object]]:
+            """One dict of Python lists per request."""
+            columns = {name: value.tolist() for name, value in output.items()}
+            rows = len(columns["predictions"])
+            return [{name: values[i] for name, values in columns.items()} for i in range(rows)]
+
+        def encode_response(self, output: dict[str, object]) -> dict[str, object]:
+            """Already JSON-ready (annotated loosely: LitServe builds its response model from this)."""
+            return output
+
+
+def _run_litserve(package: str, port: int) -> None:
+    """Subprocess entry: LitServe on loopback, CPU, one inference worker, its own batching."""
+    if ls is None:
+        raise SystemExit("litserve is not installed")
+    api = MCDropoutLitAPI(package, SAMPLES, MAX_BATCH)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
+    server.run(host="127.0.0.1", port=port, generate_client_file=False, log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------- packages
+def build_repository(root: Path) -> Path:
+    """Untrained packages of the zoo CNN and the MLP 64-256-256-10 (p=0.5 after each hidden layer)."""
+    import torch
+
+    from models.zoo import ZOO, build
+    from surgery.package import save_package
+
+    torch.manual_seed(0)
+    cnn = ZOO[CNN_NAME]
+    save_package(
+        root,
+        CNN_NAME,
+        build(CNN_NAME).eval(),
+        task="classification",
+        input_shape=[1, 28, 28],
+        input_dtype="float32",
+        architecture={"factory": cnn.factory, "kwargs": cnn.kwargs},
+        labels=[str(i) for i in range(10)],
+        preprocessing="untrained weights: serving benchmark only",
+    )
+    from models.zoo.mlp import dropout_mlp
+
+    kwargs = {"in_features": 64, "hidden": [256, 256], "out_features": 10, "p_input": 0.0, "p_hidden": 0.5}
+    save_package(
+        root,
+        MLP_NAME,
+        dropout_mlp(**kwargs).eval(),
+        task="classification",
+        input_shape=[64],
+        input_dtype="float32",
+        architecture={"factory": "models.zoo.mlp:dropout_mlp", "kwargs": kwargs},
+        labels=[str(i) for i in range(10)],
+        preprocessing="untrained weights: serving benchmark only",
+    )
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- servers
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+@contextmanager
+def _process(command: Sequence[str], ready_url: str, env: dict[str, str]) -> Iterator[None]:
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        try:
+            try:
+                _wait_ready(ready_url, process)
+            except RuntimeError:
+                log.seek(0)
+                sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+                raise
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextmanager
+def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterator[None]:
+    """``dropwise serve`` on loopback with the given max batch size (1 = no dynamic batching)."""
+    env = {
+        **os.environ,
+        "DROPWISE_MAX_BATCH_SIZE": str(max_batch_size),
+        "DROPWISE_LOG_LEVEL": "warning",
+        "DROPWISE_QUEUE_CAPACITY": str(4 * CLIENTS),
+    }
+    command = [
+        sys.executable,
+        "-c",
+        "from surgery.cli import main; main()",
+        "serve",
+        "--repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    with _process(command, f"http://127.0.0.1:{port}/readyz", env):
+        yield
+
+
+@contextmanager
+def litserve_server(package: Path, port: int) -> Iterator[None]:
+    """LitServe serving the MLP package on loopback."""
+    command = [sys.executable, str(Path(__file__).resolve()), "_litserve", str(package), str(port)]
+    with _process(command, f"http://127.0.0.1:{port}/health", dict(os.environ)):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- load
+def http_post(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 keep-alive POST, encoded once and replayed by every client."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured."""
+
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: np.ndarray
+    first_error: str = ""
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+
+async def _client(
+    port: int, request: bytes, warmup_end: float, stop: float, cap: int, out: list[float], errors: list[str]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _exchange(reader, writer, request, warmup_end, stop, cap, out, errors)
+    except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        errors.append(f"connection: {exc!r}")
+    finally:
+        writer.close()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: bytes,
+    warmup_end: float,
+    stop: float,
+    cap: int,
+    out: list[float],
+    errors: list[str],
+) -> None:
+    """Send ``request`` and read its answer until ``stop``; record latencies after ``warmup_end``."""
+    while (now := time.perf_counter()) < stop and len(out) < cap:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length":
+                length = int(value)
+        payload = await reader.readexactly(length)
+        done = time.perf_counter()
+        if status != 200:
+            errors.append(f"{status}: {payload[:200].decode(errors='replace')}")
+        elif now >= warmup_end:
+            out.append((done - now) * 1000.0)
+
+
+async def _load(
+    port: int, request: bytes, clients: int, warmup: float, duration: float, cap: int
+) -> LoadResult:
+    start = time.perf_counter()
+    warmup_end = start + warmup
+    stop = warmup_end + duration
+    latencies: list[float] = []
+    errors: list[str] = []
+    await asyncio.gather(
+        *(_client(port, request, warmup_end, stop, cap, latencies, errors) for _ in range(clients))
+    )
+    measured = min(time.perf_counter(), stop) - warmup_end
+    return LoadResult(
+        len(latencies), len(errors), measured, np.asarray(latencies), errors[0] if errors else ""
+    )
+
+
+def run_load(port: int, request: bytes, args: argparse.Namespace) -> LoadResult:
+    """Drive ``args.clients`` connections for warm-up plus duration seconds (at most ``max_requests``)."""
+    load = _load(port, request, args.clients, args.warmup, args.duration, args.max_requests)
+    try:  # uvloop (installed with uvicorn[standard] or litserve) keeps the load generator cheaper
+        import uvloop
+    except ImportError:
+        return asyncio.run(load)
+    return uvloop.run(load)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+def native_request(model: str, row: np.ndarray, mode: str) -> bytes:
+    """Native API request of one row."""
+    body: dict[str, object] = {"inputs": [row.tolist()], "mode": mode}
+    if mode == "mc":
+        body["samples"] = SAMPLES
+    return http_post(
+        f"/v1/models/{model}/predict", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+
+
+def v2_binary_request(model: str, row: np.ndarray) -> bytes:
+    """Open Inference Protocol request of one row with binary tensor data, as the Triton client sends it."""
+    x = row.astype(np.float32)[None]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"mode": "mc", "samples": SAMPLES, "binary_data_output": True},
+        }
+    ).encode()
+    return http_post(
+        f"/v2/models/{model}/infer",
+        header + x.astype("<f4").tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+def litserve_request(row: np.ndarray) -> bytes:
+    """LitServe request of one row."""
+    body = json.dumps({"inputs": [row.tolist()]}).encode()
+    return http_post("/predict", body, {"Content-Type": "application/json"})
+
+
+# ---------------------------------------------------------------------------------------------- main
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    scenario: str
+    server: str
+    result: LoadResult
+
+
+def _measure(label: str, server: object, port: int, request: bytes, args: argparse.Namespace) -> LoadResult:
+    print(f"  {label} ...", file=sys.stderr, flush=True)
+    with server:  # type: ignore[attr-defined]
+        result = run_load(port, request, args)
+    if result.errors:
+        print(f"    {result.errors} errors, first: {result.first_error}", file=sys.stderr)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the chosen scenarios and print a markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", nargs="+", default=["cnn-mc", "cnn-det", "mlp"])
+    parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per run")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, 28, 28)).astype(np.float32)
+    vector = rng.standard_normal(64).astype(np.float32)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="dropwise-bench-") as tmp:
+        repository = build_repository(Path(tmp) / "repository")
+        port = _free_port()
+        for scenario in args.scenarios:
+            print(f"{scenario}:", file=sys.stderr)
+            if scenario in ("cnn-mc", "cnn-det"):
+                mode = "mc" if scenario == "cnn-mc" else "deterministic"
+                request = native_request(CNN_NAME, image, mode)
+                for batch, label in (
+                    (MAX_BATCH, "dropwise, batching (max 64)"),
+                    (1, "dropwise, no batching"),
+                ):
+                    server = dropwise_server(repository, port, batch)
+                    rows.append(Row(scenario, label, _measure(label, server, port, request, args)))
+            elif scenario == "mlp":
+                for label, request in (
+                    ("dropwise native JSON, batching", native_request(MLP_NAME, vector, "mc")),
+                    ("dropwise V2 binary, batching", v2_binary_request(MLP_NAME, vector)),
+                ):
+                    server = dropwise_server(repository, port, MAX_BATCH)
+                    rows.append(Row(scenario, label, _measure(label, server, port, request, args)))
+                if ls is None:
+                    print("  litserve not installed: LitServe row skipped", file=sys.stderr)
+                else:
+                    label = f"LitServe {ls.__version__}, batching (max 64)"
+                    server = litserve_server(repository / MLP_NAME / "1", port)
+                    rows.append(
+                        Row(scenario, label, _measure(label, server, port, litserve_request(vector), args))
+                    )
+            else:
+                parser.error(f"unknown scenario {scenario!r}")
+    print(report(rows, args))
+
+
+def report(rows: Sequence[Row], args: argparse.Namespace) -> str:
+    """The markdown table and the ratios the goals of issue 6 name."""
+    lines = [
+        f"Serving benchmark: {args.clients} clients (one keep-alive connection each), loopback, "
+        f"{args.duration:.0f} s measured after {args.warmup:.0f} s warm-up, MC T={SAMPLES}, "
+        f"one row per request; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}.",
+        "",
+        "| scenario | server | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        r = row.result
+        lines.append(
+            f"| {row.scenario} | {row.server} | {r.requests} | {r.errors} | {r.throughput:.0f} | "
+            f"{r.percentile(50):.1f} | {r.percentile(99):.1f} |"
+        )
+    lines.append("")
+    by_scenario: dict[str, list[Row]] = {}
+    for row in rows:
+        by_scenario.setdefault(row.scenario, []).append(row)
+    for scenario, group in by_scenario.items():
+        if len(group) < 2:
+            continue
+        first, second = group[0].result, group[-1].result
+        ratio = first.throughput / second.throughput if second.throughput else float("nan")
+        lines.append(
+            f"- {scenario}: {group[0].server} / {group[-1].server} throughput = {ratio:.2f}x; "
+            f"p99 {first.percentile(99):.1f} ms vs {second.percentile(99):.1f} ms"
+        )
+        if scenario == "mlp" and len(group) == 3:
+            v2 = group[1].result
+            lines.append(
+                f"- {scenario}: {group[1].server} / {group[-1].server} throughput = "
+                f"{v2.throughput / second.throughput if second.throughput else float('nan'):.2f}x; "
+                f"p99 {v2.percentile(99):.1f} ms vs {second.percentile(99):.1f} ms"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "_litserve":
+        _run_litserve(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()

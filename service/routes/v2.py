@@ -59,7 +59,9 @@ def _service(request: Request) -> InferenceService:
     return request.app.state.inference
 
 
-def _parse_version(version: str | None) -> int | None:
+def _path_version(request: Request) -> int | None:
+    """The ``{version}`` path segment as a positive integer (None on the unversioned routes)."""
+    version = request.path_params.get("version")
     if version is None:
         return None
     if not version.isdigit() or int(version) < 1:
@@ -170,10 +172,10 @@ async def server_metadata() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- models
 @router.get("/v2/models/{model}", summary="Model metadata (latest version)")
 @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata")
-async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
+async def model_metadata(request: Request, model: str) -> Response:
     """Name, versions, platform, input and output tensors (-1 marks a dynamic dimension)."""
     try:
-        info = _service(request).info(model, _parse_version(version))
+        info = _service(request).info(model, _path_version(request))
     except ServiceError as exc:
         return _error(exc)
     return JSONResponse(_model_metadata(info))
@@ -181,11 +183,11 @@ async def model_metadata(request: Request, model: str, version: str | None = Non
 
 @router.get("/v2/models/{model}/ready", summary="Model readiness (latest version)")
 @router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness")
-async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
+async def model_ready(request: Request, model: str) -> Response:
     """200 when the model version is loaded, 404 when unknown, 503 when it failed to load."""
     service = _service(request)
     try:
-        info = service.info(model, _parse_version(version))
+        info = service.info(model, _path_version(request))
     except ServiceError as exc:
         return _error(exc)
     if info.ready:
@@ -316,9 +318,9 @@ def _compression(request: Request, size: int) -> str | None:
     return None
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
+async def _infer(request: Request, model: str) -> Response:
     service = _service(request)
-    info = service.info(model, _parse_version(version))
+    info = service.info(model, _path_version(request))
     limit = service.settings.max_body_bytes
     raw = await _read_body(request, limit)
     body = decompress_body(raw, request.headers.get("content-encoding"), limit)
@@ -371,7 +373,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     summary="Inference",
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
 )
-async def infer(request: Request, model: str, version: str | None = None) -> Response:
+async def infer(request: Request, model: str) -> Response:
     """Run a deterministic or MC-dropout prediction.
 
     Body: a V2 inference request, JSON alone or JSON followed by binary tensors (set
@@ -381,7 +383,7 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
     ``mutual_information``, ``variation_ratio``, ``std``, ``samples``.
     """
     try:
-        return await _infer(request, model, version)
+        return await _infer(request, model)
     except V2CodecError as exc:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
     except ServiceError as exc:

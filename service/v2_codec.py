@@ -242,8 +242,11 @@ def _json_values(values: list[Any], datatype: str, dtype: np.dtype[Any] | None, 
         return np.asarray(values, dtype=dtype)
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         raise V2CodecError(f"{where}.data must hold only numbers for datatype {datatype}")
-    with np.errstate(over="ignore"):
-        return np.asarray(values, dtype=dtype)
+    try:
+        with np.errstate(over="ignore"):
+            return np.asarray(values, dtype=dtype)
+    except OverflowError:
+        raise V2CodecError(f"{where}.data holds a number too large for {datatype}") from None
 
 
 def _decode_inputs(header: Mapping[str, Any], binary: memoryview) -> list[TensorInput]:

@@ -19,6 +19,7 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from test_service_fixtures import build_service_repository, running_server
+from test_service_v2_codec import mutations
 from tritonclient.utils import InferenceServerException
 
 MAX_SAMPLES = 64
@@ -507,3 +508,20 @@ def test_response_compression(server: Server, client: httpclient.InferenceServer
         ),
         plain.as_numpy("samples"),
     )
+
+
+def test_corrupted_bodies_never_give_500(server: Server) -> None:
+    model = server.pick()
+    x = _inputs_for(model, rows=2, seed=10)
+    body, length = _binary_body(model, x)
+    rng = np.random.default_rng(12)
+    statuses: list[int] = []
+    with httpx.Client(timeout=60) as http:
+        for data, header_length in mutations(body, length, rng)[:60]:
+            headers = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
+            response = http.post(f"{server.url}/v2/models/{model.name}/infer", content=data, headers=headers)
+            statuses.append(response.status_code)
+            assert response.status_code < 500, response.text
+            if response.status_code != 200:
+                assert isinstance(response.json()["error"], str)
+    assert 400 in statuses

@@ -289,3 +289,55 @@ def test_datatype_of() -> None:
     assert datatype_of(np.dtype("<U3")) == "BYTES"
     with pytest.raises(ValueError):
         datatype_of(np.dtype(np.complex64))
+
+
+def mutations(body: bytes, header_length: int, rng: np.random.Generator) -> list[tuple[bytes, int | None]]:
+    """Seeded corruptions of a valid binary request: cuts, byte flips in the header and the tensor data,
+    spliced JSON values, wrong header lengths."""
+    cases: list[tuple[bytes, int | None]] = []
+    for _ in range(150):
+        kind = int(rng.integers(0, 5))
+        data = bytearray(body)
+        length: int | None = header_length
+        if kind == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        elif kind == 1:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(0, header_length))] = int(rng.integers(0, 256))
+        elif kind == 2:
+            data[int(rng.integers(header_length, len(data)))] ^= 0xFF
+        elif kind == 3:
+            start = int(rng.integers(0, header_length))
+            splice = [b"1e999", b'"x"', b"[[[[", b"-1", b"null", b"18446744073709551616", b"true", b"{}"]
+            data[start : start + int(rng.integers(1, 6))] = splice[int(rng.integers(0, len(splice)))]
+            length = None if rng.random() < 0.3 else min(len(data), header_length)
+        else:
+            length = int(rng.integers(1, len(data) + 1))
+        cases.append((bytes(data), length))
+    return cases
+
+
+def test_fuzzed_bodies_only_raise_codec_errors() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    tokens = rng.integers(0, 50, size=(2, 3)).astype(np.int64)
+    a = httpclient.InferInput("x", [2, 8], "FP32")
+    a.set_data_from_numpy(x)
+    b = httpclient.InferInput("t", [2, 3], "INT64")
+    b.set_data_from_numpy(tokens, binary_data=False)
+    c = httpclient.InferInput("w", [2], "BYTES")
+    c.set_data_from_numpy(np.array([b"ab", b"cde"], dtype=object))
+    body, header_length = _client_body(
+        [a, b, c], [httpclient.InferRequestedOutput("std")], parameters={"mode": "mc", "samples": 4}
+    )
+    assert header_length is not None
+    decoded = 0
+    for data, length in mutations(body, header_length, rng):
+        try:
+            checked = parse_header_length(None if length is None else str(length), len(data))
+            decode_body(data, checked)
+            decoded += 1
+        except V2CodecError as exc:
+            assert exc.status == 400
+            assert exc.message
+    assert decoded < 150  # the corruptions do reach the error paths

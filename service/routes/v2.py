@@ -45,6 +45,8 @@ _KNOWN_PARAMETERS = frozenset(
     | {"sequence_id", "sequence_start", "sequence_end"}
 )
 _MC_ONLY_PARAMETERS = ("samples", "return_samples")
+#: Longest request timeout accepted (one day, in microseconds as the Triton client sends it).
+_MAX_TIMEOUT_US = 86_400 * 1_000_000
 #: Bodies above this size are decoded and encoded in a worker thread so the event loop stays free.
 _THREAD_THRESHOLD = 256 * 1024
 #: Responses smaller than this are never compressed, even when the client accepts it.
@@ -257,9 +259,9 @@ class _Plan:
                     f"parameters {given} apply to MC dropout only: add parameters.mode = 'mc'", field=given[0]
                 )
         timeout_us = _strict_int(params, "timeout")
-        if timeout_us is not None and timeout_us <= 0:
+        if timeout_us is not None and not 0 < timeout_us <= _MAX_TIMEOUT_US:
             raise InvalidInput(
-                "parameters.timeout must be a positive number of microseconds", field="timeout"
+                f"parameters.timeout must be between 1 and {_MAX_TIMEOUT_US} microseconds", field="timeout"
             )
         self.deadline_s: float | None = None if timeout_us is None else timeout_us / 1e6
         self.binary_default = bool(_strict_bool(params, "binary_data_output"))

@@ -1,0 +1,155 @@
+"""Re-estimate BatchNorm statistics with dropout off: the variance-shift remedy.
+
+Li, Chen, Hu, Yang, "Understanding the Disharmony between Dropout and Batch Normalization by Variance Shift",
+CVPR 2019. During training an inverted-dropout site before a BatchNorm layer raises the variance of that
+layer's input (the mask's ``1/q`` scaling), so the running variance BatchNorm accumulates is the dropout-ON
+variance; at test time dropout is off and the input variance is smaller: the statistics no longer match.
+Their remedy: after training, run the training data once more with every stochastic site in eval form and
+recompute the BatchNorm statistics.
+
+``recalibrate_batchnorm`` does exactly that, in place: running statistics reset, ``momentum=None``
+(cumulative average over all batches), sites and every other module in eval, BatchNorm layers in train,
+no gradients, then the original momentum and training flags are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .sites import call_model
+
+__all__ = ["BatchNormChange", "BatchNormReport", "recalibrate_batchnorm"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class BatchNormChange:
+    """One BatchNorm layer: mean running variance before / after, and the mean relative change per channel."""
+
+    name: str
+    var_before: float
+    var_after: float
+    relative_change: float
+    mean_shift: float
+
+
+@dataclass
+class BatchNormReport:
+    """Per-layer changes of the running statistics, and how many batches / samples were used."""
+
+    layers: list[BatchNormChange] = field(default_factory=list)
+    batches: int = 0
+    samples: int = 0
+
+    def __str__(self) -> str:
+        head = f"{'layer':<32} {'var before':>11} {'var after':>11} {'rel change':>11} {'mean shift':>11}"
+        rows = [
+            f"{c.name:<32} {c.var_before:>11.4g} {c.var_after:>11.4g} {c.relative_change:>+11.3%} "
+            f"{c.mean_shift:>11.4g}"
+            for c in self.layers
+        ]
+        return "\n".join([head, *rows, f"{self.batches} batches, {self.samples} samples"])
+
+
+def _batches(data: Any, batch_size: int) -> Iterable[Any]:
+    if isinstance(data, Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError("data must be a non-empty batch of inputs")
+        return data.split(batch_size)
+    return data
+
+
+def _inputs(batch: Any) -> Any:
+    """A batch of a DataLoader is often ``(x, y)``: keep the inputs only."""
+    if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], Tensor):
+        return batch[0]
+    return batch
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    data: Tensor | Iterable[Any],
+    *,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> BatchNormReport:
+    """Recompute every BatchNorm layer's running statistics with dropout off (in place).
+
+    Args:
+        model: the model (changed in place: running statistics only).
+        data: a tensor of inputs (split into ``batch_size`` chunks) or an iterable of batches (a tensor,
+            ``(x, y)`` pairs from a DataLoader, a tuple of positional inputs or a dict of keyword inputs).
+        batch_size: chunk size when ``data`` is a tensor.
+        max_batches: stop after this many batches.
+        device: move tensor batches here first.
+
+    Returns:
+        a ``BatchNormReport`` with each layer's mean running variance before and after.
+
+    Raises:
+        ValueError: no BatchNorm layer with running statistics, or no data.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    before = {n: (m.running_var.clone(), m.running_mean.clone()) for n, m in layers.items()}
+    saved_state = {
+        n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for n, m in layers.items()
+    }
+    flags = {name: m.training for name, m in model.named_modules()}
+    momenta = {n: m.momentum for n, m in layers.items()}
+    report = BatchNormReport()
+    try:
+        model.eval()  # every stochastic site and every other layer in eval form
+        for m in layers.values():
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch weighs the same
+            m.train()
+        for batch in _batches(data, batch_size):
+            if max_batches is not None and report.batches >= max_batches:
+                break
+            x = _inputs(batch)
+            if device is not None:
+                x = x.to(device) if isinstance(x, Tensor) else x
+            call_model(model, x)
+            report.batches += 1
+            first = x if isinstance(x, Tensor) else next(iter(x.values() if isinstance(x, dict) else x))
+            report.samples += int(first.shape[0])
+        if report.batches == 0:
+            raise ValueError("no data: recalibration needs at least one batch")
+    except BaseException:
+        for n, m in layers.items():
+            mean, var, count = saved_state[n]
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for n, m in layers.items():
+            m.momentum = momenta[n]
+        for name, m in model.named_modules():
+            m.training = flags[name]
+    for n, m in layers.items():
+        var0, mean0 = before[n]
+        rel = ((m.running_var - var0) / var0.clamp_min(1e-12)).mean()
+        report.layers.append(
+            BatchNormChange(
+                name=n,
+                var_before=float(var0.mean()),
+                var_after=float(m.running_var.mean()),
+                relative_change=float(rel),
+                mean_shift=float((m.running_mean - mean0).abs().mean()),
+            )
+        )
+    return report

@@ -56,6 +56,7 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
 }
 """V2 datatype name -> little-endian numpy dtype (``BYTES`` is handled separately)."""
 
+_NUMPY_TO_DATATYPE: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DATATYPE_TO_NUMPY.items()}
 _BYTES = "BYTES"
 _MAX_RANK = 16
 
@@ -120,10 +121,10 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
     """The V2 datatype name of a numpy dtype (strings and objects map to ``BYTES``)."""
     if dtype.kind in "USO":
         return _BYTES
-    for name, candidate in DATATYPE_TO_NUMPY.items():
-        if candidate == dtype:
-            return name
-    raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+    name = _NUMPY_TO_DATATYPE.get(dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype)
+    if name is None:
+        raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+    return name
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:

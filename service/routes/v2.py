@@ -147,13 +147,11 @@ def _model_metadata(info: ModelInfo) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- health
-@router.get("/v2/health/live", summary="Server liveness")
 async def live() -> Response:
     """200 while the process answers."""
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready", summary="Server readiness")
 async def ready(request: Request) -> Response:
     """200 once every model of the repository is loaded (never with zero models), else 503."""
     if _service(request).ready():
@@ -161,7 +159,6 @@ async def ready(request: Request) -> Response:
     return _error(ModelNotReady("server is not ready: models are loading, failed, or none are served"))
 
 
-@router.get("/v2", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
     """Server name, version and the protocol extensions it implements."""
     try:
@@ -172,8 +169,6 @@ async def server_metadata() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- models
-@router.get("/v2/models/{model}", summary="Model metadata (latest version)")
-@router.get("/v2/models/{model}/versions/{version}", summary="Model metadata")
 async def model_metadata(request: Request, model: str) -> Response:
     """Name, versions, platform, input and output tensors (-1 marks a dynamic dimension)."""
     try:
@@ -183,8 +178,6 @@ async def model_metadata(request: Request, model: str) -> Response:
     return JSONResponse(_model_metadata(info))
 
 
-@router.get("/v2/models/{model}/ready", summary="Model readiness (latest version)")
-@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model readiness")
 async def model_ready(request: Request, model: str) -> Response:
     """200 when the model version is loaded, 404 when unknown, 503 when it failed to load."""
     service = _service(request)
@@ -365,16 +358,6 @@ async def _infer(request: Request, model: str) -> Response:
     return Response(encoded.body, headers=headers)
 
 
-@router.post(
-    "/v2/models/{model}/infer",
-    summary="Inference (latest version)",
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
-)
-@router.post(
-    "/v2/models/{model}/versions/{version}/infer",
-    summary="Inference",
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
-)
 async def infer(request: Request, model: str) -> Response:
     """Run a deterministic or MC-dropout prediction.
 
@@ -390,3 +373,36 @@ async def infer(request: Request, model: str) -> Response:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
     except ServiceError as exc:
         return _error(exc)
+
+
+# Inference first: the busiest route is matched before the others.
+_BODY_DOC = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
+router.add_api_route(
+    "/v2/models/{model}/infer",
+    infer,
+    methods=["POST"],
+    summary="Inference (latest version)",
+    openapi_extra=_BODY_DOC,
+)
+router.add_api_route(
+    "/v2/models/{model}/versions/{version}/infer",
+    infer,
+    methods=["POST"],
+    summary="Inference",
+    openapi_extra=_BODY_DOC,
+)
+router.add_api_route("/v2/health/live", live, methods=["GET"], summary="Server liveness")
+router.add_api_route("/v2/health/ready", ready, methods=["GET"], summary="Server readiness")
+router.add_api_route("/v2", server_metadata, methods=["GET"], summary="Server metadata")
+router.add_api_route(
+    "/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)"
+)
+router.add_api_route(
+    "/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata"
+)
+router.add_api_route(
+    "/v2/models/{model}/ready", model_ready, methods=["GET"], summary="Model readiness (latest version)"
+)
+router.add_api_route(
+    "/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"], summary="Model readiness"
+)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,6 +53,7 @@ __all__ = [
     "TrainModeSite",
     "keep_mask",
     "mix32",
+    "onnx_translation_table",
     "quantised_p",
     "row_keys",
     "sample_keys",
@@ -85,8 +87,16 @@ def quantised_p(p: float) -> float:
 def mix32(h: Tensor) -> Tensor:
     """``lowbias32`` hash of unsigned 32-bit values carried in an int64 tensor (values in ``[0, 2**32)``).
 
-    Export-friendly: int64 Mul, BitwiseAnd, BitwiseXor and right shifts of non-negative values only.
+    Eager: int64 Mul, BitwiseAnd, BitwiseXor and right shifts of non-negative values. While
+    ``torch.onnx.export`` traces, it is the custom op ``dropwise::mix32`` that `onnx_translation_table`
+    turns into native uint32 ONNX ops (the exporter's int64 shift emulation costs five ops per shift).
     """
+    if torch.compiler.is_exporting():
+        return torch.ops.dropwise.mix32(h)
+    return _mix32_int64(h)
+
+
+def _mix32_int64(h: Tensor) -> Tensor:
     h = h ^ (h >> 16)
     h = (h * _MUL1) & _M32
     h = h ^ (h >> 15)
@@ -191,18 +201,99 @@ def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, export
     if thr == 0 or thr == _LEVELS:  # p_eff = 0 keeps everything, p_eff = 1 drops everything: no hash needed
         return torch.full((keys.shape[0], *shape), thr == 0, dtype=torch.bool, device=keys.device)
     site_k = site_keys(keys, site)
+    if torch.compiler.is_exporting():
+        return torch.ops.dropwise.hash_keep(site_k, n_positions, thr).reshape(-1, *shape)
+    return _hash_keep(site_k, n_positions, thr, exportable).reshape(-1, *shape)
+
+
+def _hash_keep(site_k: Tensor, n_positions: int, thr: int, exportable: bool) -> Tensor:
+    """Keep decisions ``[N, n_positions]`` (``u >= thr``) from site keys ``[N]``; see `keep_mask`."""
     if exportable or not _LITTLE_ENDIAN:
-        u = _uniform16_exportable(site_k, n_positions)
-        return (u >= thr).reshape(-1, *shape)
+        return _uniform16_exportable(site_k, n_positions) >= thr
     n_words = (n_positions + 1) // 2
-    words = _to_int32_bits(site_k).unsqueeze(1) ^ _position_codes(n_words, keys.device, True).unsqueeze(0)
+    words = _to_int32_bits(site_k).unsqueeze(1) ^ _position_codes(n_words, site_k.device, True).unsqueeze(0)
     _mix32_int32_(words)
     halves = words.view(torch.int16)  # [N, 2 * n_words]: low half first on little-endian machines
     halves.bitwise_xor_(-(1 << 15))  # signed value = u - 32768, so a signed compare orders like u
     keep = halves >= thr - (1 << 15)
     if 2 * n_words != n_positions:
         keep = keep[:, :n_positions]
-    return keep.reshape(-1, *shape)
+    return keep
+
+
+# ----------------------------------------------------------------- export: custom ops -> uint32 ONNX ops
+
+
+@torch.library.custom_op("dropwise::mix32", mutates_args=())
+def _mix32_op(h: Tensor) -> Tensor:
+    """Custom-op form of `mix32` (what the exporter sees)."""
+    return _mix32_int64(h)
+
+
+@_mix32_op.register_fake
+def _(h: Tensor) -> Tensor:
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("dropwise::hash_keep", mutates_args=())
+def _hash_keep_op(site_k: Tensor, n_positions: int, thr: int) -> Tensor:
+    """Custom-op form of the per-position keep decisions (what the exporter sees)."""
+    return _hash_keep(site_k, n_positions, thr, exportable=False)
+
+
+@_hash_keep_op.register_fake
+def _(site_k: Tensor, n_positions: int, thr: int) -> Tensor:
+    return site_k.new_empty((site_k.shape[0], n_positions), dtype=torch.bool)
+
+
+def onnx_translation_table() -> dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export``: the hash as native uint32 ONNX ops.
+
+    ONNX Runtime's CPU kernels take uint32 for Mul (wrapping), BitShift, BitwiseXor/And and comparisons, so
+    the hash runs as six uint32 ops per word, bit-identical to the torch paths (tested).
+    """
+    from onnx import TensorProto, helper
+    from onnxscript import opset20 as op
+
+    def const_u32(values: Sequence[int] | int, name: str) -> Any:
+        if isinstance(values, int):
+            return op.Constant(value=helper.make_tensor(name, TensorProto.UINT32, [], [values]))
+        return op.Constant(value=helper.make_tensor(name, TensorProto.UINT32, [len(values)], list(values)))
+
+    def mix_u32(x: Any) -> Any:
+        c16, c15 = const_u32(16, "s16"), const_u32(15, "s15")
+        x = op.BitwiseXor(x, op.BitShift(x, c16, direction="RIGHT"))
+        x = op.Mul(x, const_u32(_MUL1, "m1"))
+        x = op.BitwiseXor(x, op.BitShift(x, c15, direction="RIGHT"))
+        x = op.Mul(x, const_u32(_MUL2 & _M32, "m2"))
+        return op.BitwiseXor(x, op.BitShift(x, c16, direction="RIGHT"))
+
+    def mix32_onnx(h: Any) -> Any:
+        return op.Cast(mix_u32(op.Cast(h, to=TensorProto.UINT32)), to=TensorProto.INT64)
+
+    def hash_keep_onnx(site_k: Any, n_positions: int, thr: int) -> Any:
+        n_words = (n_positions + 1) // 2
+        codes = [int(c) for c in _position_codes(n_words, torch.device("cpu"), False).tolist()]
+        keys = op.Unsqueeze(op.Cast(site_k, to=TensorProto.UINT32), op.Constant(value_ints=[1]))
+        words = mix_u32(op.BitwiseXor(keys, const_u32(codes, "codes")))
+        lo = op.Unsqueeze(op.BitwiseAnd(words, const_u32(0xFFFF, "lo")), op.Constant(value_ints=[2]))
+        hi = op.Unsqueeze(
+            op.BitShift(words, const_u32(16, "s16h"), direction="RIGHT"), op.Constant(value_ints=[2])
+        )
+        halves = op.Reshape(op.Concat(lo, hi, axis=2), op.Constant(value_ints=[-1, 2 * n_words]))
+        if 2 * n_words != n_positions:
+            halves = op.Slice(
+                halves,
+                op.Constant(value_ints=[0]),
+                op.Constant(value_ints=[n_positions]),
+                op.Constant(value_ints=[1]),
+            )
+        return op.GreaterOrEqual(halves, const_u32(thr, "thr"))
+
+    return {
+        torch.ops.dropwise.mix32.default: mix32_onnx,
+        torch.ops.dropwise.hash_keep.default: hash_keep_onnx,
+    }
 
 
 class MaskContext:

@@ -1,0 +1,209 @@
+"""The MC-dropout ONNX graph: trunk once, T hash-masked tail samples and the summaries, all in-graph.
+
+MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes them one ONNX Runtime call:
+
+* inputs: the model input (``input_name``, dynamic batch), ``samples`` (int64 scalar T, read at run
+  time) and ``seed`` (int64 scalar, OPTIONAL: it has an initializer -1, so callers may leave it out);
+* the trunk (``surgery.split``) runs once on the B rows; its live tensors are expanded to T * B rows
+  (sample-major, ``n = t * B + b``) and the rewritten tail of `surgery.engine.MCEngine` runs once;
+* masks come from the same counter-based hash as the torch engine (`surgery.masks`, int64 path):
+  a run with ``seed >= 0`` reproduces ``MCEngine(model, x)(x, samples=T, seed=seed)`` exactly (same masks,
+  outputs equal up to float rounding);
+* ``seed < 0`` or absent: a fresh 62-bit seed is drawn IN THE GRAPH from the mask output of an ONNX
+  ``Dropout`` node in training mode applied to a constant. ONNX Runtime's ``EliminateDropout`` rewrite
+  removes a Dropout only when its mask output is unused, so this node survives the DEFAULT session
+  options, and an unseeded Dropout draws from ONNX Runtime's process-wide Philox generator whose state
+  advances with every use: every run and every session gets a different seed (verified in
+  ``tests/test_mc_onnx.py``). No ``Bernoulli`` node (inverted in ONNX Runtime) and no unseeded
+  ``RandomUniformLike`` (identical streams in two sessions of one process) is used;
+* outputs: the summaries of ``surgery.summaries`` by name (classification: ``mean_probs``,
+  ``predictive_entropy``, ``expected_entropy``, ``mutual_information``, ``variation_ratio``, ``std``;
+  regression: ``mean``, ``std``), then ``sample_outputs`` ``[T, B, K]`` when ``return_samples``, then
+  ``seed_used`` (int64 scalar: feed it back as ``seed`` to reproduce the run).
+
+The data-dependent T is exported by ``torch.onnx.export`` (dynamo) as an unbacked size taken from the
+``samples`` tensor. The tail runs on all T * B rows at once (no chunking inside the graph).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, nn
+
+from .engine import MCEngine
+from .masks import onnx_translation_table, row_keys, sample_keys
+from .sites import Site
+from .summaries import CLASSIFICATION_OUTPUTS, REGRESSION_OUTPUTS, SummaryHead
+
+__all__ = ["MCGraph", "export_mc_onnx", "output_names"]
+
+_SEED_BITS = 62  # two groups of 31 bits: each sums exactly even where a reduction goes through float64
+
+
+def output_names(task: str, return_samples: bool) -> list[str]:
+    """Output names of the MC graph, in order."""
+    names = list(CLASSIFICATION_OUTPUTS if task == "classification" else REGRESSION_OUTPUTS)
+    if return_samples:
+        names.append("sample_outputs")
+    names.append("seed_used")
+    return names
+
+
+class MCGraph(nn.Module):
+    """``forward(x, samples, seed)``: the traced body of the MC graph (an `MCEngine` with int64 masks)."""
+
+    def __init__(self, engine: MCEngine, return_samples: bool) -> None:
+        super().__init__()
+        if not engine.context.exportable:
+            raise ValueError("MCGraph needs an engine built with exportable=True")
+        self.engine = engine
+        self.trunk = engine.trunk
+        self.tail = engine.tail
+        self.head = SummaryHead(engine.task)
+        self.return_samples = return_samples
+
+    def forward(self, x: Tensor, samples: Tensor, seed: Tensor) -> tuple[Tensor, ...]:
+        """Summaries (+ per-sample outputs) of T = ``samples`` passes with masks keyed by ``seed``."""
+        n_samples = samples.item()
+        torch._check(n_samples >= 1)
+        batch = x.shape[0]
+        live = self.trunk(x)
+        rows = torch.arange(batch, dtype=torch.int64, device=x.device)
+        keys = sample_keys(row_keys(seed.reshape(1).expand(batch), rows), samples)
+        expanded = []
+        for tensor, batched in zip(live, self.engine._batched, strict=True):
+            if batched:
+                tensor = tensor.unsqueeze(0).expand(n_samples, *tensor.shape).reshape(-1, *tensor.shape[1:])
+            expanded.append(tensor)
+        self.engine.context.keys = keys
+        try:
+            out = self.tail(*expanded)
+        finally:
+            self.engine.context.keys = None
+        per_sample = out.reshape(n_samples, batch, -1)
+        results = tuple(self.head(per_sample))
+        if self.return_samples:
+            results = (*results, per_sample)
+        return (*results, seed.reshape(()))
+
+
+def _seed_source(prefix: str) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes drawing a fresh 62-bit seed from a training-mode Dropout's mask (see the module docstring)."""
+    c = f"{prefix}_"
+    weights = [1 << i for i in range(_SEED_BITS // 2)]
+    nodes = [
+        helper.make_node(
+            "Constant",
+            [],
+            [c + "ones"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [2, 31], [1.0] * 62),
+        ),
+        helper.make_node(
+            "Constant", [], [c + "ratio"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])
+        ),
+        helper.make_node(
+            "Constant", [], [c + "train"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])
+        ),
+        helper.make_node("Dropout", [c + "ones", c + "ratio", c + "train"], [c + "kept", c + "mask"]),
+        helper.make_node("Cast", [c + "mask"], [c + "bits"], to=TensorProto.INT64),
+        helper.make_node(
+            "Constant", [], [c + "weights"], value=helper.make_tensor("w", TensorProto.INT64, [31], weights)
+        ),
+        helper.make_node("Mul", [c + "bits", c + "weights"], [c + "weighted"]),
+        helper.make_node(
+            "Constant", [], [c + "axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])
+        ),
+        helper.make_node("ReduceSum", [c + "weighted", c + "axis"], [c + "halves"], keepdims=0),
+        helper.make_node(
+            "Constant", [], [c + "scale"], value=helper.make_tensor("s", TensorProto.INT64, [2], [1, 1 << 31])
+        ),
+        helper.make_node("Mul", [c + "halves", c + "scale"], [c + "parts"]),
+        helper.make_node("ReduceSum", [c + "parts"], [c + "drawn"], keepdims=0),
+    ]
+    return nodes, c + "drawn"
+
+
+def _add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
+    """Make ``seed`` optional (initializer -1) and route a fresh in-graph seed where it is negative."""
+    graph = model.graph
+    effective = f"{seed_name}_effective"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == seed_name:
+                node.input[i] = effective
+    for output in graph.output:
+        if output.name == seed_name:  # never: seed_used is produced by a node
+            raise RuntimeError("the seed input is a graph output")
+    source, drawn = _seed_source("dropwise_seed")
+    zero = helper.make_node(
+        "Constant", [], ["dropwise_seed_zero"], value=helper.make_tensor("z", TensorProto.INT64, [], [0])
+    )
+    given = helper.make_node("GreaterOrEqual", [seed_name, "dropwise_seed_zero"], ["dropwise_seed_given"])
+    choose = helper.make_node("Where", ["dropwise_seed_given", seed_name, drawn], [effective])
+    new_nodes = [*source, zero, given, choose]
+    for node in reversed(new_nodes):
+        graph.node.insert(0, node)
+    graph.initializer.append(numpy_helper.from_array(torch.tensor(-1, dtype=torch.int64).numpy(), seed_name))
+    return model
+
+
+def _check_exportable(engine: MCEngine) -> None:
+    if not engine.captured:
+        warnings.warn(
+            f"MC export: the model could not be split ({engine.split.reason}); the whole model runs T times",
+            stacklevel=3,
+        )
+
+
+def export_mc_onnx(
+    model: nn.Module,
+    example_input: Tensor,
+    path: str | Path,
+    *,
+    sites: str | Sequence[str | Site] | None = None,
+    return_samples: bool = True,
+    task: str = "classification",
+    input_name: str = "input",
+    opset: int | None = None,
+) -> Path:
+    """Export the MC-dropout graph of ``model`` (see the module docstring) to ``path``; returns the path.
+
+    ``sites`` chooses the stochastic sites as in `MCEngine` (others act as in eval mode); ``task`` picks
+    the summaries. The example input fixes every dimension but the batch (dynamic). The model's own
+    train/eval flags and weights are left untouched (the engine works on a copy).
+    """
+    path = Path(path)
+    engine = MCEngine(model, example_input, sites, task=task, exportable=True)
+    _check_exportable(engine)
+    graph = MCGraph(engine, return_samples).eval()
+    example = (example_input, torch.tensor(2, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
+    batch = torch.export.Dim("batch", min=1)
+    kwargs: dict[str, Any] = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            example,
+            input_names=[input_name, "samples", "seed"],
+            output_names=output_names(task, return_samples),
+            dynamic_shapes={"x": {0: batch}, "samples": None, "seed": None},
+            dynamo=True,
+            verbose=False,
+            custom_translation_table=onnx_translation_table(),
+            **kwargs,
+        )
+    proto = program.model_proto
+    proto = _add_optional_seed(proto)
+    onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path

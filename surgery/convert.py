@@ -59,7 +59,7 @@ from surgery.parity import (
     compare,
     z_test,
 )
-from surgery.providers import create_session
+from surgery.providers import create_session, resolve_providers
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
@@ -252,10 +252,11 @@ def _mc_mean_std(session: Any, feeds: dict[str, np.ndarray], task: str) -> tuple
     return mean.astype(np.float64), std.astype(np.float64)
 
 
-def _export_mc(model: nn.Module, example: torch.Tensor, path: Path, input_name: str) -> None:
+def _export_mc(model: nn.Module, example: torch.Tensor, path: Path, input_name: str, task: str) -> None:
+    """`surgery.mc_export.export_mc_onnx` with the per-sample outputs included; checks the graph's names."""
     from surgery.mc_export import export_mc_onnx
 
-    export_mc_onnx(model, example, path, input_name=input_name)
+    export_mc_onnx(model, example, path, input_name=input_name, task=task, return_samples=True)
 
 
 def _mc_parity(
@@ -306,16 +307,26 @@ def _mc_parity(
 # --------------------------------------------------------------------------------------------- pipeline
 
 
-def _fold(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    from surgery.fold import fold
-
-    return fold(model, example)
+FoldFunction = Callable[[nn.Module, torch.Tensor], nn.Module]
 
 
-def _to_mc(model: nn.Module) -> nn.Module:
-    from surgery.mc import to_mc
+def default_fold(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """`surgery.fold.fold`, with its self-check against the eval output, as a `ConvertError` on failure."""
+    from surgery.fold import FoldError, fold
 
-    return to_mc(model)
+    try:
+        return fold(model, example)
+    except FoldError as exc:
+        raise ConvertError(f"folding failed: {_one_line(exc)}") from exc
+
+
+def _to_mc(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    from surgery.mc import NoStochasticSiteError, to_mc
+
+    try:
+        return to_mc(model, example_input=example)
+    except NoStochasticSiteError as exc:
+        raise ConvertError(f"cannot build the MC graph: {_one_line(exc)} (convert with --no-mc)") from exc
 
 
 def convert_package(
@@ -323,11 +334,14 @@ def convert_package(
     options: ConvertOptions | None = None,
     *,
     allow_modules: Sequence[str] | None = None,
+    fold_fn: FoldFunction = default_fold,
 ) -> ParityReport:
     """Export both ONNX flavours of a package, verify parity and add the graphs and ``parity.json`` to it.
 
     The package is converted in place (existing ONNX files and report are replaced) and its weights are not
     changed; ``options.recalibrate_bn`` is refused here because it changes the weights (use :func:`convert`).
+    `fold_fn` replaces `surgery.fold.fold` for networks that need their own folding; whatever it returns is
+    checked against the unfolded network's eval output like the default.
 
     Returns:
         The parity report, also written as ``parity.json``; check ``report.passed``.
@@ -338,7 +352,8 @@ def convert_package(
     options = options or ConvertOptions()
     if options.recalibrate_bn:
         raise ConvertError("convert_package never changes weights: recalibrate with convert(), a new version")
-    loaded = load_package(package_dir, allow_modules=allow_modules)
+    resolve_providers(options.device)
+    loaded = load_package(package_dir, allow_modules=["models.", *(allow_modules or [])])
     manifest, model, path = loaded.manifest, loaded.model, loaded.path
     assert model is not None
     input_name = manifest.input.name
@@ -358,7 +373,7 @@ def convert_package(
         example = inputs[:2]
         with tempfile.TemporaryDirectory(prefix="dropwise-convert-") as tmp:
             with steps.step("fold"):
-                folded = _fold(model, example) if options.fold else copy.deepcopy(model).eval()
+                folded = fold_fn(model, example) if options.fold else copy.deepcopy(model).eval()
             with steps.step("export model.onnx"):
                 det_path = export_deterministic(
                     folded, example, Path(tmp) / DETERMINISTIC_FILE, input_name=input_name
@@ -372,9 +387,9 @@ def convert_package(
             mc_path = None
             if options.mc:
                 with steps.step("export model.mc.onnx"):
-                    mc_model = _to_mc(model)
+                    mc_model = _to_mc(model, example)
                     mc_path = Path(tmp) / MC_FILE
-                    _export_mc(model, example, mc_path, input_name)
+                    _export_mc(model, example, mc_path, input_name, manifest.task)
                 with steps.step("MC parity"):
                     report.mc = _mc_parity(
                         mc_model, mc_path, inputs[: options.mc_batch], manifest.task, input_name, options
@@ -574,6 +589,8 @@ def convert(
         ConvertError, PackageError, surgery.export.ExportError, surgery.providers.ProviderError.
     """
     options = options or ConvertOptions()
+    resolve_providers(options.device)  # a bad or unusable device fails before any work
+    allow_modules = ["models.", *(allow_modules or [])]
     if name is not None:
         validate_name(name)
     repo = Path(repository) if repository is not None else None
@@ -588,7 +605,7 @@ def convert(
     elif _FACTORY_REFERENCE.match(source):
         if weights_path is None:
             raise ConvertError(f"a factory SOURCE needs --weights FILE.safetensors: {source}")
-        factory = resolve_factory(source, ["models.", *(allow_modules or [])])
+        factory = resolve_factory(source, allow_modules)
         kwargs = dict(factory_kwargs or {})
         try:
             model = factory(**kwargs)

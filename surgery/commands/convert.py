@@ -2,8 +2,9 @@
 
 SOURCE is a package directory, a zoo name (with ``--weights``, or the latest package of that name in the
 repository), or a ``module:factory`` reference with ``--weights`` and ``--dataset``. Importing a module
-outside ``models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed,
-3 when it failed (the report is still written into the package), 2 for a usage error (one line on stderr).
+outside ``models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
+2 with one line on stderr for a usage error or a failed parity check (the report is still written into the
+package, with ``passed: false``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-PARITY_FAILED_EXIT = 3
 
 
 def _parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -110,11 +109,10 @@ def convert(
         for line in report_summary(report):
             typer.echo(line)
     if not report.passed:
-        typer.echo(
-            f"dropwise: error: parity failed for {report.name} v{report.version}: {report.failures()[0]}",
-            err=True,
+        raise UserError(
+            f"parity failed for {report.name} v{report.version}: {report.failures()[0]} "
+            f"(report: {result.package_dir / 'parity.json'})"
         )
-        raise typer.Exit(code=PARITY_FAILED_EXIT)
 
 
 def register(app: typer.Typer) -> None:

@@ -228,5 +228,7 @@ def test_bad_arguments() -> None:
         DropConnectLinear(3, 3, gaussian_samples=0)
     with pytest.raises(ValueError, match="activation"):
         DropConnectLinear(3, 3, activation="swishy")
+    with pytest.raises(ValueError, match="last dimension must be 3"):
+        DropConnectLinear(3, 3).train()(torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         DropConnectConv2d(1, 1, 1).train()(torch.ones(2, 2))

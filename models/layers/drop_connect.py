@@ -119,6 +119,8 @@ def drop_connect_linear(
     """
     p = check_probability(p)
     _check_inference(inference, gaussian_samples)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension must be {weight.shape[1]}, got shape {tuple(x.shape)}")
     q = 1.0 - p
     if training:
         if p == 0.0:

@@ -12,7 +12,8 @@ else is in eval form:
 - ClassicDropout and classic stochastic depth run in their train form (``m*x``, one gate per batch).
 
 ``train()`` / ``eval()`` on the returned model re-apply this state instead of undoing it (an MC model is an
-inference model; fine-tune the original instead). ``result.mc_sites`` lists the switched sites.
+inference model; fine-tune the original instead). ``result.mc_sites`` lists the switched sites and
+``result.head_dropout_added`` names the Linear that got dropout inserted before it (None when none was).
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ def to_mc(
                 stacklevel=2,
             )
     live = [s for s in sites if s.p > 0.0 and s.switch in (SWITCH_MODULE, SWITCH_FUNCTIONAL)]
+    mc.head_dropout_added = None
     if not live and add_dropout_before_head is not None:
         head = _add_head_dropout(mc, float(add_dropout_before_head))
+        mc.head_dropout_added = head
         sites = find_sites(mc, example_input)
         live = [s for s in sites if s.name == f"{head}.dropout"]
     if not live:
@@ -132,7 +135,8 @@ def to_mc(
         hint = "" if example_input is not None else "; pass example_input to find functional dropout"
         raise NoStochasticSiteError(
             f"{type(model).__name__} has no stochastic site with p > 0{extra}{hint}; "
-            "use add_dropout_before_head=p to insert one before the last Linear"
+            "use add_dropout_before_head=p (CLI: --add-dropout-before-head P) to insert one "
+            "before the last Linear"
         )
     mc.mc_sites = live
     apply_mc_state(mc, live)

@@ -1,0 +1,77 @@
+"""``dropwise inspect MODEL``: list a model's stochastic sites as a table (``--json`` for machines).
+
+MODEL: a package directory (or repository with ``--name``), a zoo name, or ``module:factory`` (see
+``surgery.loading``). Functional and attention dropout inside ``forward`` are found by running one example
+batch (shape from the package manifest or ``--input-shape``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from .rewrite import ModelOptions, resolve
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    columns = ["key", "kind", "p", "switch", "foldable", "fold_rule", "module_class"]
+    cells = [
+        [
+            str(r["key"]),
+            str(r["kind"]),
+            f"{r['p']:.4g}",
+            str(r["switch"]),
+            "yes" if r["foldable"] else "no",
+            str(r["fold_rule"]).split(":")[0],
+            str(r["module_class"]),
+        ]
+        for r in rows
+    ]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def inspect_command(
+    model: Annotated[
+        str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)
+    ],
+    weights: ModelOptions.weights = None,
+    name: ModelOptions.name = None,
+    version: ModelOptions.version = None,
+    kwargs: ModelOptions.kwargs = None,
+    input_shape: ModelOptions.input_shape = None,
+    input_dtype: ModelOptions.input_dtype = None,
+    allow_module: ModelOptions.allow_module = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sites as JSON.")] = False,
+) -> None:
+    """List the stochastic sites of MODEL (kind, p, how each is switched on, how it folds)."""
+    from surgery.sites import find_sites
+
+    resolved, example = resolve(
+        model, weights, name, version, kwargs, input_shape, input_dtype, allow_module, require_weights=False
+    )
+    rows = [s.to_dict() for s in find_sites(resolved.model, example)]
+    if as_json:
+        typer.echo(
+            json.dumps({"model": resolved.source, "surgery": resolved.surgery, "sites": rows}, indent=2)
+        )
+        return
+    typer.echo(
+        f"{resolved.source}: {len(rows)} site(s)"
+        + (f", surgery {resolved.surgery}" if resolved.surgery else "")
+    )
+    if example is None:
+        typer.echo("(no input shape: functional dropout inside forward not searched; pass --input-shape)")
+    if rows:
+        typer.echo(_table(rows))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``inspect`` command to the ``dropwise`` app."""
+    app.command("inspect")(inspect_command)

@@ -42,18 +42,21 @@ def ensure_default_repository(repository: Path, *, quick: bool = False, progress
 
 
 def _export_onnx(repository: Path) -> None:
-    """Add ONNX graphs to freshly trained packages when the exporter offers a package-level entry point."""
+    """Add both ONNX graphs (and the parity report) to freshly trained packages, as `dropwise train` does."""
     try:
-        from surgery.export import export_package  # type: ignore[attr-defined]
-    except ImportError:
+        from surgery.convert import convert_package
+    except ImportError:  # the torch backend serves the packages without them
         return
     from surgery.package import list_models, package_path
 
     for name in list_models(repository):
         try:
-            export_package(package_path(repository, name))
+            report = convert_package(package_path(repository, name))
         except Exception as exc:  # the torch backend still serves the package
             print(f"dropwise: ONNX export of {name} failed ({exc}); torch backend only", file=sys.stderr)
+            continue
+        if not getattr(report, "passed", True):
+            print(f"dropwise: ONNX parity of {name} failed; see its parity.json", file=sys.stderr)
 
 
 def build_settings(**flags: Any) -> Settings:

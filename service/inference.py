@@ -249,6 +249,12 @@ class InferenceService:
                     f"model {spec.name!r} has no MC-dropout path on backend {slot.runtime.backend!r}",
                     field="mode",
                 )
+            if request.return_samples and not getattr(slot.runtime, "mc_returns_samples", True):
+                raise InvalidInput(
+                    f"model {spec.name!r} on {slot.runtime.backend} cannot return per-sample outputs "
+                    "(its MC graph was exported without them)",
+                    field="return_samples",
+                )
             samples = self._check_samples(request.samples)
             seed = self._check_seed(request.seed)
             group = MCGroup(

@@ -28,23 +28,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _add_onnx(package_dir: Path) -> None:
+    """Add `model.onnx` and, when the MC exporter is installed, `model.mc.onnx` to a package."""
     from surgery.export import export_deterministic
     from surgery.package import add_file, load_package
 
     loaded = load_package(package_dir)
-    if "model.onnx" in loaded.manifest.files:
-        return
-    shape = [2, *loaded.manifest.input.shape[1:]]
-    dtype = torch.int64 if loaded.manifest.input.dtype == "int64" else torch.float32
+    manifest = loaded.manifest
+    shape = [2, *manifest.input.shape[1:]]
+    dtype = torch.int64 if manifest.input.dtype == "int64" else torch.float32
     example = torch.zeros(shape, dtype=dtype)
-    out = package_dir.parent / f".{package_dir.name}.model.onnx"
-    export_deterministic(loaded.model, example, out, input_name=loaded.manifest.input.name)
-    add_file(package_dir, "model.onnx", out)
-    out.unlink()
+    scratch = package_dir.parent / f".{package_dir.name}.scratch"
+    scratch.mkdir(exist_ok=True)
+    if "model.onnx" not in manifest.files:
+        export_deterministic(loaded.model, example, scratch / "model.onnx", input_name=manifest.input.name)
+        add_file(package_dir, "model.onnx", scratch / "model.onnx")
+    if "model.mc.onnx" not in manifest.files:
+        try:
+            from surgery.mc_export import export_mc_onnx
+        except ImportError:
+            return
+        export_mc_onnx(
+            loaded.model,
+            example,
+            scratch / "model.mc.onnx",
+            task=manifest.task,
+            input_name=manifest.input.name,
+        )
+        add_file(package_dir, "model.mc.onnx", scratch / "model.mc.onnx")
+    shutil.rmtree(scratch)
 
 
 def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path:
-    """A repository with the three `SERVICE_MODELS` (one version each, with `model.onnx`), built once."""
+    """A repository with the three `SERVICE_MODELS` (one version each, torch weights), built once."""
     if "repo" in _BUILT:
         return _BUILT["repo"]
     from surgery.package import list_versions
@@ -61,8 +76,22 @@ def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path
             from models.training import train_zoo
 
             train_zoo([name], repo, quick=True, progress=False)
-        _add_onnx(repo / name / str(list_versions(repo / name)[-1]))
     _BUILT["repo"] = repo
+    return repo
+
+
+def build_onnx_repository(request: pytest.FixtureRequest, root: Path) -> Path:
+    """A copy of the service repository with both ONNX graphs in every package, built once."""
+    if "onnx" in _BUILT:
+        return _BUILT["onnx"]
+    from surgery.package import list_versions
+
+    source = build_service_repository(request, root)
+    repo = root / "service_onnx_repository"
+    shutil.copytree(source, repo)
+    for name in SERVICE_MODELS:
+        _add_onnx(repo / name / str(list_versions(repo / name)[-1]))
+    _BUILT["onnx"] = repo
     return repo
 
 

@@ -1,5 +1,10 @@
 """The ONNX Runtime runtime: deterministic predictions from `model.onnx`, MC from `model.mc.onnx`.
 
+The MC graph (`surgery.mc_export`) takes the input, `samples` (int64 scalar T) and `seed` (int64 scalar)
+and answers the summaries of `surgery.summaries` by name (`mean_probs`, ..., or regression `mean`, `std`),
+optionally `sample_outputs` [T, B, K]. Its masks hash (seed, row within the request, sample, site,
+position), so each request runs as its own call and its result does not depend on its batch company.
+
 Sessions are opened through `surgery.providers.create_session`, which detects ONNX Runtime's silent CPU
 fallback; the provider that really runs is what the service reports. The deterministic graph has one input
 (named as in the manifest) and one output `output` (logits, or the standardised regression value), see
@@ -14,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service.runtimes.base import MCGroup, Outputs, PackageSpec, encode_deterministic, encode_mc
+from service.runtimes.base import MCGroup, Outputs, PackageSpec, encode_deterministic, standardised_to_target
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
@@ -34,11 +39,17 @@ class OnnxRuntime:
         self._session: Any = None
         self._mc_session: Any = None
         self._mc_inputs: list[str] = []
+        self._mc_outputs: list[str] = []
 
     @property
     def supports_mc(self) -> bool:
         """MC needs the package's `model.mc.onnx`."""
         return self._mc_session is not None
+
+    @property
+    def mc_returns_samples(self) -> bool:
+        """Whether the MC graph exposes its per-sample outputs (`return_samples` can be honoured)."""
+        return "sample_outputs" in self._mc_outputs
 
     def load(self) -> None:
         """Verify the package, open the sessions and warm up; raises when `model.onnx` is missing."""
@@ -59,7 +70,14 @@ class OnnxRuntime:
         self._vocabulary_from_manifest(loaded.manifest.model_dump(mode="json"))
         if MC_FILE in loaded.manifest.files:
             self._mc_session, _ = create_session(path / MC_FILE, self.requested_device)
-            self._mc_inputs = [i.name for i in self._mc_session.get_inputs()]
+            # `seed` has a default (an initializer), so ONNX Runtime lists it as an overridable initializer
+            self._mc_inputs = [i.name for i in self._mc_session.get_inputs()] + [
+                i.name for i in self._mc_session.get_overridable_initializers() if i.name == "seed"
+            ]
+            self._mc_outputs = [o.name for o in self._mc_session.get_outputs()]
+            unknown = set(self._mc_inputs) - {self.spec.input_name, "samples", "seed"}
+            if unknown or "samples" not in self._mc_inputs or "seed" not in self._mc_inputs:
+                raise ValueError(f"{path / MC_FILE}: unexpected MC graph inputs {self._mc_inputs}")
         example = np.zeros((1, *self.spec.sample_shape), dtype=self.spec.input_dtype)
         self.predict_deterministic(example)
 
@@ -80,7 +98,7 @@ class OnnxRuntime:
         return encode_deterministic(np.asarray(raw), self.spec)
 
     def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC-dropout through `model.mc.onnx`: per-sample outputs for each request, summarised in torch."""
+        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed)."""
         if self._mc_session is None:
             raise RuntimeError(f"{self.spec.name}: no {MC_FILE} in the package")
         results: list[Outputs] = []
@@ -88,10 +106,37 @@ class OnnxRuntime:
         for group in groups:
             rows = x[start : start + group.rows]
             start += group.rows
-            feeds = self._mc_feeds(rows, group)
-            samples = self._mc_session.run(None, feeds)[0]
-            results.append(encode_mc(np.asarray(samples), self.spec, group.return_samples))
+            feeds = {self.spec.input_name: rows, "samples": np.array(group.samples, dtype=np.int64)}
+            if "seed" in self._mc_inputs:
+                feeds["seed"] = np.array(group.seed, dtype=np.int64)
+            values = dict(zip(self._mc_outputs, self._mc_session.run(self._mc_outputs, feeds), strict=True))
+            results.append(self._encode(values, group.return_samples))
         return results
 
-    def _mc_feeds(self, rows: np.ndarray, group: MCGroup) -> dict[str, np.ndarray]:
-        raise NotImplementedError("MC graph interface pending")
+    def _encode(self, values: dict[str, np.ndarray], return_samples: bool) -> Outputs:
+        """The MC graph's named outputs as the service's output names (target units for regression)."""
+        import torch
+
+        if self.spec.task == "classification":
+            probs = np.asarray(values["mean_probs"], dtype=np.float32)
+            out: Outputs = {
+                "probabilities": probs,
+                "predictions": probs.argmax(axis=-1).astype(np.int64),
+                **{
+                    name: np.asarray(values[name], dtype=np.float32)
+                    for name in ("predictive_entropy", "expected_entropy", "mutual_information")
+                },
+                "variation_ratio": np.asarray(values["variation_ratio"], dtype=np.float32),
+                "std": np.asarray(values["std"], dtype=np.float32),
+            }
+            if return_samples and "sample_outputs" in values:
+                logits = torch.from_numpy(np.asarray(values["sample_outputs"], dtype=np.float32))
+                out["samples"] = torch.softmax(logits, dim=-1).numpy()
+            return out
+        out = {
+            "mean": standardised_to_target(np.asarray(values["mean"]), self.spec),
+            "std": standardised_to_target(np.asarray(values["std"]), self.spec, scale_only=True),
+        }
+        if return_samples and "sample_outputs" in values:
+            out["samples"] = standardised_to_target(np.asarray(values["sample_outputs"]), self.spec)
+        return out

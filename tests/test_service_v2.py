@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
-from test_service_fixtures import build_service_repository, running_server
+from test_service_fixtures import build_onnx_repository, build_service_repository, running_server
 from test_service_v2_codec import mutations
 from tritonclient.utils import InferenceServerException
 
@@ -47,6 +47,7 @@ class Server:
 
     url: str
     host_port: str
+    repository: Path
     models: dict[str, ServedModel]
 
     def pick(self, task: str = "classification", dtype: str = "float32", mc: bool = True) -> ServedModel:
@@ -91,7 +92,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     }
     with running_server(repository, "--device", "cpu", env=env, timeout=180) as url:
         host_port = url.removeprefix("http://")
-        yield Server(url=url, host_port=host_port, models=_scan(repository))
+        yield Server(url=url, host_port=host_port, repository=repository, models=_scan(repository))
 
 
 @pytest.fixture(scope="module")
@@ -525,3 +526,41 @@ def test_corrupted_bodies_never_give_500(server: Server) -> None:
             if response.status_code != 200:
                 assert isinstance(response.json()["error"], str)
     assert 400 in statuses
+
+
+def test_onnxruntime_backend_answers_like_torch(
+    server: Server,
+    client: httpclient.InferenceServerClient,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    model = server.pick(mc=False)
+    x = _inputs_for(model, rows=4, seed=13)
+    torch_result = client.infer(model.name, [_infer_input(model, x)])
+    repository = build_onnx_repository(request, tmp_path_factory.mktemp("v2onnx"))
+    with (
+        running_server(repository, "--device", "cpu", "--backend", "onnxruntime", timeout=90) as url,
+        httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120.0) as ort,
+    ):
+        meta = ort.get_model_metadata(model.name)
+        assert meta["platform"] == "dropwise_onnxruntime"
+        assert meta["parameters"]["backend"] == "onnxruntime"
+        result = ort.infer(model.name, [_infer_input(model, x)])
+        assert result.get_response()["parameters"]["backend"] == "onnxruntime"
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"), torch_result.as_numpy("probabilities"), rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_array_equal(result.as_numpy("predictions"), torch_result.as_numpy("predictions"))
+        names = {output["name"] for output in meta["outputs"]}
+        if meta["parameters"]["mc_available"]:
+            assert set(MC_NAMES) <= names
+            mc = ort.infer(model.name, [_infer_input(model, x)], parameters={"mode": "mc", "samples": 4})
+            assert mc.as_numpy("mutual_information").shape == (4,)
+        else:
+            assert names == {"probabilities", "predictions"}
+            assert meta["parameters"]["modes"] == ["deterministic"]
+            _expect_error(
+                lambda: ort.infer(model.name, [_infer_input(model, x)], parameters={"mode": "mc"}),
+                "400",
+                "MC",
+            )

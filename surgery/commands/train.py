@@ -1,0 +1,65 @@
+"""``dropwise train [NAME ...]``: train reference networks and write them as model packages.
+
+Each network trains with its recipe from ``models.zoo.ZOO`` (seeded, early stopping, progress bar) and is
+written through ``surgery.package.save_package`` as ``<repository>/<name>/<version>/`` (safetensors weights
+and a manifest with architecture, hyper-parameters, split and metrics). A summary line per network follows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def _summary(path: Path) -> str:
+    from surgery.package import load_package
+
+    manifest = load_package(path, build=False).manifest
+    m = manifest.metrics
+    if manifest.task == "classification":
+        score = f"test accuracy {100 * m['test_accuracy']:.2f}%"
+    else:
+        score = (
+            f"test RMSE {m['test_rmse_original_units']:.2f} (standardised {m['test_rmse']:.3f}), "
+            f"NLL {m['test_nll']:.3f}"
+        )
+    run = f"{int(m['epochs'])} epochs, {m['seconds']:.1f} s"
+    return f"{manifest.name} v{manifest.version}: {score}, {run} -> {path}"
+
+
+def train(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Zoo networks to train (default: all).", show_default=False)
+    ] = None,
+    repository: Annotated[
+        Path, typer.Option("--repository", "-r", help="Model repository to write packages into.")
+    ] = DEFAULT_REPOSITORY,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One epoch of a few batches (for tests; metrics meaningless).")
+    ] = False,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Override every network's training seed.")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Train reference networks (all by default) and write them as model packages."""
+    from models.training import train_zoo
+    from models.zoo import ZOO
+    from surgery.cli import UserError
+
+    unknown = [n for n in names or [] if n not in ZOO]
+    if unknown:
+        raise UserError(f"unknown network {', '.join(unknown)}; choose from: {', '.join(ZOO)}")
+    if repository.exists() and not repository.is_dir():
+        raise UserError(f"repository {repository} exists and is not a directory")
+    for path in train_zoo(list(names or []) or None, repository, quick=quick, seed=seed, progress=progress):
+        typer.echo(_summary(path))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command to the ``dropwise`` app."""
+    app.command("train")(train)

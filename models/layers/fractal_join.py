@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_generator, check_probability
+from ._common import bernoulli_mask, check_probability
 
 __all__ = ["FractalJoin", "fractal_join"]
 
@@ -65,12 +65,12 @@ def fractal_join(
         raise ValueError("local drop-path needs a batch dimension")
     batch = shape[0]
     keep = bernoulli_mask((n, batch), 1.0 - p, stacked, generator)
+    # A sample that lost every input keeps one chosen uniformly. Drawn for every sample (no data-dependent
+    # branch: no host sync on GPUs, traceable for export); used only where needed.
     dead = keep.sum(0) == 0
-    if bool(dead.any()):
-        check_generator(generator, stacked.device)
-        pick = torch.randint(n, (batch,), generator=generator, device=stacked.device)
-        rescue = torch.nn.functional.one_hot(pick, n).T.to(keep.dtype)
-        keep = torch.where(dead.unsqueeze(0), rescue, keep)
+    pick = torch.randint(n, (batch,), generator=generator, device=stacked.device)
+    rescue = torch.nn.functional.one_hot(pick, n).T.to(keep.dtype)
+    keep = torch.where(dead.unsqueeze(0), rescue, keep)
     weights = keep / keep.sum(0, keepdim=True)  # [n, B], columns sum to 1
     weights = weights.view(n, batch, *([1] * (len(shape) - 1)))
     return (stacked * weights).sum(0)

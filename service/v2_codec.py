@@ -132,7 +132,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
         raise V2CodecError(
             f"Inference-Header-Content-Length must be a non-negative integer, got {value[:40]!r}"
         )
@@ -350,7 +350,7 @@ def decode_body(body: bytes, header_length: int | None) -> DecodedRequest:
     binary = view[len(header_bytes) :]
     try:
         header = json.loads(bytes(header_bytes))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
         hint = "" if header_length is not None else " (binary data needs Inference-Header-Content-Length)"
         raise V2CodecError(f"request header is not valid JSON: {exc}{hint}") from None
     if not isinstance(header, dict):

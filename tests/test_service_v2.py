@@ -186,6 +186,11 @@ def test_model_metadata_and_readiness(server: Server, client: httpclient.Inferen
     some = next(iter(server.models.values()))
     _expect_error(lambda: client.get_model_metadata(some.name, model_version="999"), "404", "999")
     _expect_error(lambda: client.get_model_metadata(some.name, model_version="abc"), "400", "version")
+    for odd in ("%C2%B2", "9" * 5000, "0"):
+        for suffix in ("", "/ready"):
+            response = httpx.get(f"{server.url}/v2/models/{some.name}/versions/{odd}{suffix}")
+            assert response.status_code == 400, response.text
+            assert "version" in response.json()["error"]
 
 
 # ------------------------------------------------------------------------------------------- inference

@@ -147,6 +147,9 @@ def _json_body(tensor: dict) -> bytes:
     ("body", "fragment"),
     [
         (b"{not json", "not valid JSON"),
+        (b'{"inputs": [], "x": ' + b"1" * 5000 + b"}", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
         (b"{}", "non-empty 'inputs'"),
         (_json_body({"name": "x", "datatype": "FP33", "shape": [1], "data": [1]}), "datatype"),
@@ -210,7 +213,7 @@ def test_binary_size_must_match_shape() -> None:
         decode_body(head + b"\0" * 4, len(head))
 
 
-@pytest.mark.parametrize("value", ["abc", "-3", "0", "1000000", " ", "1.5"])
+@pytest.mark.parametrize("value", ["abc", "-3", "0", "1000000", " ", "1.5", "\u00b2", "\u0663", "9" * 5000])
 def test_bad_header_length(value: str) -> None:
     with pytest.raises(V2CodecError, match="Inference-Header-Content-Length"):
         parse_header_length(value, 100)

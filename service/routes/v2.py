@@ -66,7 +66,7 @@ def _path_version(request: Request) -> int | None:
     version = request.path_params.get("version")
     if version is None:
         return None
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit() and len(version) <= 18) or int(version) < 1:
         raise InvalidInput(f"model version must be a positive integer, got {version[:40]!r}", field="version")
     return int(version)
 
@@ -194,8 +194,9 @@ async def model_ready(request: Request, model: str) -> Response:
 async def _read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    text = (declared or "").strip()
+    if text.isascii() and text.isdigit() and (len(text) > 18 or int(text) > limit):
+        raise PayloadTooLarge(f"request body of {text} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

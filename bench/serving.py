@@ -7,8 +7,8 @@ Run from the repository root (loopback only, about two minutes):
 
 Scenarios (issue 6, goal "serving"):
 
-1. ``cnn-mc``: MC-dropout requests (T=32, one row each) on the zoo CNN (``cnn_mnist``), dynamic batching on
-   (max batch 64) against off (max batch 1);
+1. ``cnn-mc``: MC-dropout requests (T=32, one row each) on a zoo CNN (``cnn_mnist``; ``--cnn`` picks another
+   zoo network), dynamic batching on (max batch 64) against off (max batch 1);
 2. ``cnn-det``: deterministic requests on the same CNN, batching on against off;
 3. ``mlp``: MC requests (T=32, one row) on an MLP 64-256-256-10 with dropout p=0.5 after every hidden layer,
    dropwise (native JSON API, and the Open Inference Protocol with binary tensors) against LitServe serving
@@ -130,24 +130,29 @@ def _run_litserve(package: str, port: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- packages
-def build_repository(root: Path) -> Path:
-    """Untrained packages of the zoo CNN and the MLP 64-256-256-10 (p=0.5 after each hidden layer)."""
+def build_repository(root: Path, cnn_name: str = CNN_NAME) -> tuple[Path, tuple[int, ...]]:
+    """Untrained packages of a zoo CNN and the MLP 64-256-256-10 (p=0.5 after each hidden layer).
+
+    Returns the repository and the CNN's input shape (without the batch dimension).
+    """
     import torch
 
+    from models.data import load_dataset
     from models.zoo import ZOO, build
     from surgery.package import save_package
 
     torch.manual_seed(0)
-    cnn = ZOO[CNN_NAME]
+    cnn = ZOO[cnn_name]
+    data = load_dataset(cnn.dataset)
     save_package(
         root,
-        CNN_NAME,
-        build(CNN_NAME).eval(),
-        task="classification",
-        input_shape=[1, 28, 28],
-        input_dtype="float32",
+        cnn_name,
+        build(cnn_name).eval(),
+        task=cnn.task,
+        input_shape=list(data.input_shape),
+        input_dtype=data.input_dtype,
         architecture={"factory": cnn.factory, "kwargs": cnn.kwargs},
-        labels=[str(i) for i in range(10)],
+        labels=data.labels,
         preprocessing="untrained weights: serving benchmark only",
     )
     from models.zoo.mlp import dropout_mlp
@@ -164,7 +169,7 @@ def build_repository(root: Path) -> Path:
         labels=[str(i) for i in range(10)],
         preprocessing="untrained weights: serving benchmark only",
     )
-    return root
+    return root, tuple(data.input_shape)
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -402,28 +407,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", nargs="+", default=["cnn-mc", "cnn-det", "mlp"])
     parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--cnn", default=CNN_NAME, help="zoo network of the cnn-* scenarios")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per run")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    image = rng.standard_normal((1, 28, 28)).astype(np.float32)
     vector = rng.standard_normal(64).astype(np.float32)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="dropwise-bench-") as tmp:
-        repository = build_repository(Path(tmp) / "repository")
+        repository, image_shape = build_repository(Path(tmp) / "repository", args.cnn)
+        image = rng.standard_normal(image_shape).astype(np.float32)
         port = _free_port()
         for scenario in args.scenarios:
             print(f"{scenario}:", file=sys.stderr)
             if scenario in ("cnn-mc", "cnn-det"):
                 mode = "mc" if scenario == "cnn-mc" else "deterministic"
-                request = native_request(CNN_NAME, image, mode)
+                request = native_request(args.cnn, image, mode)
                 for batch, label in (
                     (MAX_BATCH, "dropwise, batching (max 64)"),
                     (1, "dropwise, no batching"),
                 ):
                     server = dropwise_server(repository, port, batch)
-                    rows.append(Row(scenario, label, _measure(label, server, port, request, args)))
+                    rows.append(
+                        Row(f"{scenario} ({args.cnn})", label, _measure(label, server, port, request, args))
+                    )
             elif scenario == "mlp":
                 for label, request in (
                     ("dropwise native JSON, batching", native_request(MLP_NAME, vector, "mc")),

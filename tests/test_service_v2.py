@@ -380,6 +380,12 @@ def test_bad_requests_through_the_client(server: Server, client: httpclient.Infe
     as_double = httpclient.InferInput(model.input_name, list(x.shape), "FP64")
     as_double.set_data_from_numpy(x.astype(np.float64))
     _expect_error(lambda: client.infer(model.name, [as_double]), "400", "FP64")
+    as_half = httpclient.InferInput(model.input_name, list(x.shape), "FP16")
+    as_half.set_data_from_numpy(x.astype(np.float16))
+    _expect_error(lambda: client.infer(model.name, [as_half]), "400", "FP16")
+    as_bytes = httpclient.InferInput(model.input_name, [x.shape[0]], "BYTES")
+    as_bytes.set_data_from_numpy(np.array([b"a", b"b"][: x.shape[0]], dtype=object))
+    _expect_error(lambda: client.infer(model.name, [as_bytes]), "400", "BYTES")
     wrong_name = httpclient.InferInput("not_the_input", list(x.shape), "FP32")
     wrong_name.set_data_from_numpy(x)
     _expect_error(lambda: client.infer(model.name, [wrong_name]), "400", "not_the_input")
@@ -569,3 +575,40 @@ def test_onnxruntime_backend_answers_like_torch(
                 "400",
                 "MC",
             )
+
+
+def test_deadline_and_full_queue(server: Server, client: httpclient.InferenceServerClient) -> None:
+    model = server.pick()
+    x = _inputs_for(model, rows=1, seed=14)
+    # The Triton client's `timeout` (microseconds) becomes the request's deadline.
+    _expect_error(lambda: client.infer(model.name, [_infer_input(model, x)], timeout=1), "504", "deadline")
+    big = _inputs_for(model, rows=64, seed=15)
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": model.input_name,
+                    "datatype": "FP32",
+                    "shape": list(big.shape),
+                    "data": big.ravel().tolist(),
+                }
+            ],
+            "parameters": {"mode": "mc", "samples": MAX_SAMPLES},
+        }
+    )
+    env = {"DROPWISE_QUEUE_CAPACITY": "1", "DROPWISE_MAX_BATCH_SIZE": "1", "DROPWISE_LOG_LEVEL": "warning"}
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            calls = (http.post(f"{url}/v2/models/{model.name}/infer", content=body) for _ in range(12))
+            return await asyncio.gather(*calls)
+
+    with running_server(server.repository, "--device", "cpu", env=env, timeout=90) as url:
+        responses = asyncio.run(burst(url))
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses
+    assert 429 in statuses
+    assert set(statuses) <= {200, 429}
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert isinstance(refused.json()["error"], str)

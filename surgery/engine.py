@@ -11,9 +11,10 @@ passes. Only the layers from the first stochastic site on differ between passes,
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
    Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
-   forward) run their own train-mode forward (`surgery.masks.TrainModeSite`): their rows stay independent
-   draws, but a seeded result then reproduces only for an identical batch (the engine seeds each such
-   layer's ``generator`` from the batch's seeds);
+   forward) run their own train-mode forward (`surgery.masks.TrainModeSite`) with torch's random draws
+   routed to the same hash (`surgery.masks.KeyedRandom`): per-example draws stay keyed per row; a draw
+   shared by the whole batch (e.g. one DropConnect mask for all rows) reproduces only for an identical
+   batch;
 5. summarises the per-sample outputs ``[T, B, K]`` (``surgery.summaries``, DESIGN section 3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .masks import HashMaskSite, MaskContext, TrainModeSite, mix32, row_keys, sample_keys, seed_keys
+from .masks import HashMaskSite, MaskContext, TrainModeSite, row_keys, sample_keys
 from .sites import Site, call_model, find_sites
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
@@ -148,7 +149,7 @@ def _replacement(site: Site, module: nn.Module, index: int, context: MaskContext
     if site.kind == "drop_path" and site.function is None:
         form = "path" if getattr(module, "scale_by_keep", True) else "path_classic"
     if form is None:
-        return TrainModeSite(module)
+        return TrainModeSite(module, context, index)
     return HashMaskSite(context, index, float(site.p), form)
 
 
@@ -303,17 +304,6 @@ class MCEngine:
             return tensor.device
         return torch.device("cpu")
 
-    def _seed_train_mode_sites(self, seeds: Sequence[int]) -> None:
-        wrapped = [m.module for m in self.replaced if isinstance(m, TrainModeSite)]
-        if not wrapped:
-            return
-        combined = seed_keys(torch.tensor(list(seeds), dtype=torch.int64))
-        value = int(mix32(combined.sum(dim=0, keepdim=True) & 0xFFFFFFFF)[0])
-        for module in wrapped:
-            if hasattr(module, "generator"):
-                device = next((t.device for t in module.parameters()), torch.device("cpu"))
-                module.generator = torch.Generator(device=device).manual_seed(value)
-
     @torch.inference_mode()
     def tail_outputs(self, live: Sequence[Tensor], index: Tensor, keys: Tensor) -> Tensor:
         """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``."""
@@ -367,7 +357,6 @@ class MCEngine:
         self.tail.eval()
         live = self.trunk(*args)
         index, keys = self.layout(rows, samples, resolved)
-        self._seed_train_mode_sites(resolved)
         out = self.tail_outputs(live, index, keys)
         results = []
         offset = 0

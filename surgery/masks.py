@@ -44,11 +44,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "MASK_BITS",
     "SITE_FORMS",
     "HashMaskSite",
+    "KeyedRandom",
     "MaskContext",
     "TrainModeSite",
     "keep_mask",
@@ -68,7 +71,7 @@ _LEVELS = 1 << MASK_BITS
 _M32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D  # < 2**31
 _MUL2 = 0x846CA68B - (1 << 32)  # >= 2**31, written as its negative twin (same low 32 bits)
-_C0, _C1, _C2, _C3, _C4 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1
+_C0, _C1, _C2, _C3, _C4, _C5 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0xD3A2646C
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -122,8 +125,13 @@ def _to_int32_bits(h: Tensor) -> Tensor:
 
 
 def _mixed_constant(value: int, salt: int) -> int:
-    """``mix(value ^ salt)`` for a python integer (site and counter codes)."""
-    return int(mix32(torch.tensor([(value ^ salt) & _M32], dtype=torch.int64))[0])
+    """``mix(value ^ salt)`` for a python integer (site and counter codes), in plain python arithmetic."""
+    h = (value ^ salt) & _M32
+    h ^= h >> 16
+    h = (h * _MUL1) & _M32
+    h ^= h >> 15
+    h = (h * _MUL2) & _M32
+    return h ^ (h >> 16)
 
 
 def seed_keys(seeds: Tensor) -> Tensor:
@@ -390,21 +398,93 @@ class HashMaskSite(torch.nn.Module):
         return f"site={self.site}, p={self.p}, form={self.form}"
 
 
-class TrainModeSite(torch.nn.Module):
-    """Wraps a site with no hash-mask form (DropBlock, DropConnect, FractalJoin, ...): train-mode forward.
+class KeyedRandom(TorchFunctionMode):
+    """Routes torch's random draws inside one site to the counter-based hash (for `TrainModeSite`).
 
-    The wrapped module draws from its own ``generator`` (or torch's global one). Rows stay independent
-    (these layers draw per example), but the draws are NOT keyed per row: a seeded request reproduces only
-    when the whole batch is identical (the engine seeds a fresh ``torch.Generator`` per call when the
-    module has a ``generator`` attribute).
+    Intercepts ``Tensor.bernoulli_`` / ``torch.bernoulli`` (keep with probability p), ``torch.rand`` /
+    ``torch.rand_like`` (uniform on a 2**-24 grid) and ``torch.randint``. Draw number ``c`` of the site's
+    call gets key ``mix(site_key ^ mix(c ^ C5))``; a draw with a dimension equal to the number N of
+    sample-rows (the first such) is keyed PER ROW along it (row n uses sample-row n's key: per-example layers
+    such as DropConnect, DropBlock or FractalJoin's drop and survivor draws stay reproducible per row
+    whatever shares the batch); any other draw uses one key from all N keys (reproducible for an identical
+    batch). Each element gets its own 32-bit hash word; the uniform is its top 24 bits. ``generator``
+    arguments are ignored. Caveat: a layer whose per-example draws have some OTHER dimension of size N
+    (N = T * B rows) would be keyed along that one; the layers of ``models.layers`` do not.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, keys: Tensor, site: int) -> None:
+        super().__init__()
+        self.keys = keys
+        self.site_k = site_keys(keys, site)
+        self.calls = 0
+
+    def _uniform(self, shape: Sequence[int], device: torch.device) -> Tensor:
+        code = _mixed_constant(self.calls, _C5)
+        self.calls += 1
+        shape = tuple(shape)  # sizes may be symbolic while exporting: no int() on them
+        n_rows = self.keys.shape[0]
+        row_dim = next((d for d, size in enumerate(shape) if guard_or_false(size == n_rows)), None)
+        if row_dim is not None:
+            base = mix32(self.site_k ^ code)
+            inner = shape[:row_dim] + shape[row_dim + 1 :]
+        else:
+            base = mix32((self.site_k.sum(dim=0, keepdim=True) & _M32) ^ code)
+            inner = shape
+        n_positions = 1
+        for size in inner:
+            n_positions *= size
+        positions = mix32(torch.arange(n_positions, dtype=torch.int64, device=base.device) ^ _C4)
+        words = mix32(base.unsqueeze(1) ^ positions.unsqueeze(0))
+        u = (words >> 8).to(torch.float32) * (1.0 / (1 << 24))
+        if row_dim is None:
+            return u.reshape(shape).to(device)
+        return u.reshape(n_rows, *inner).movedim(0, row_dim).to(device)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is Tensor.bernoulli_:
+            target = args[0]
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            u = self._uniform(target.shape, target.device)
+            return (u < p).to(target.dtype)
+        if func is torch.bernoulli:
+            probs = args[0]
+            u = self._uniform(probs.shape, probs.device)
+            return (u < probs).to(probs.dtype)
+        if func is torch.rand_like:
+            like = args[0]
+            return self._uniform(like.shape, like.device).to(kwargs.get("dtype") or like.dtype)
+        if func is torch.rand:
+            size = args[0] if len(args) == 1 and isinstance(args[0], Sequence) else args
+            return self._uniform(size, kwargs.get("device") or self.keys.device)
+        if func is torch.randint:
+            low, high = (0, args[0]) if len(args) == 2 else (args[0], args[1])
+            size = args[-1]
+            u = self._uniform(size, kwargs.get("device") or self.keys.device)
+            return (u * (high - low)).floor().to(torch.int64) + low
+        return func(*args, **kwargs)
+
+
+class TrainModeSite(torch.nn.Module):
+    """Wraps a site with no hash-mask form (DropBlock, DropConnect, FractalJoin, functional dropout).
+
+    Runs the wrapped module's own forward with ITS OWN ``training`` flag set (children keep theirs, so a
+    BatchNorm inside stays in eval) and its random draws routed to the counter-based hash by
+    `KeyedRandom`: the layer's own sampling logic (DropBlock's valid-region seeds, DropConnect's
+    per-example weight masks, FractalJoin's survivor rule) with hash-based draws.
+    """
+
+    def __init__(self, module: torch.nn.Module, context: MaskContext, site: int) -> None:
         super().__init__()
         self.module = module
+        self.context = context
+        self.site = int(site)
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        """Run the wrapped module in train mode (only its own flag and its children's are touched)."""
-        if not self.module.training:
-            self.module.train()
-        return self.module(*args, **kwargs)
+        """Run the wrapped module stochastically with keyed draws."""
+        self.module.training = True
+        try:
+            with KeyedRandom(self.context.require_keys(), self.site):
+                return self.module(*args, **kwargs)
+        finally:
+            self.module.training = False

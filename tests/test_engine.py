@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import ClassicDropout, DropConnectLinear, DropPath, EmbeddingDropout
+from models.layers import ClassicDropout, DropConnectLinear, DropPath, EmbeddingDropout, FractalJoin
 from surgery.engine import MCEngine, mc_predict
 from surgery.masks import keep_mask, quantised_p, row_keys, sample_keys, threshold
 
@@ -244,6 +244,36 @@ def test_seeded_request_reproducible_whatever_its_batch_companions() -> None:
     assert torch.equal(again.samples, alone.samples)
     other_seed = engine(x, samples=8, seed=43, return_samples=True)
     assert not torch.allclose(other_seed.samples, alone.samples)
+
+
+class _Join(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.join = FractalJoin(2, p=0.5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.join([self.a(x), self.b(x)]))
+
+
+@pytest.mark.parametrize("name", ["drop_connect", "join"])
+def test_train_mode_sites_use_keyed_draws_reproducible_per_row(name: str) -> None:
+    if name == "join":
+        torch.manual_seed(0)
+        model, x = _Join(), torch.randn(4, 6)
+    else:
+        model, x = _models()[name]
+    engine = MCEngine(model, x)
+    assert any(type(m).__name__ == "TrainModeSite" for m in engine.replaced)
+    alone = engine(x, samples=16, seed=8, return_samples=True)
+    _, inside = engine.run_batch(
+        torch.cat([torch.randn(2, 6), x]), [2, 4], [3, 16], [1, 8], return_samples=True
+    )
+    torch.testing.assert_close(inside.samples, alone.samples)
+    assert alone.samples.std(0).min() > 0
+    assert not torch.allclose(engine(x, samples=16, seed=9, return_samples=True).samples, alone.samples)
 
 
 def test_unseeded_calls_differ_and_report_a_reproducing_seed() -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.layers import DropConnectLinear
 from surgery.engine import MCEngine
 from surgery.mc_export import export_mc_onnx, output_names
 from surgery.summaries import CLASSIFICATION_OUTPUTS
@@ -148,19 +149,28 @@ def test_statistics_match_plain_torch_mc(exported: tuple[nn.Module, Path]) -> No
     assert ((ratio - 1).abs() < Z * math.sqrt(1 / n_samples) * 2).all(), ratio
 
 
-def test_regression_graph_with_last_site_only(tmp_path: Path) -> None:
+def test_regression_graph_with_a_site_subset_and_a_drop_connect_site(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = nn.Sequential(
-        nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.4), nn.Linear(16, 16), nn.Dropout(0.2), nn.Linear(16, 2)
+        nn.Linear(3, 16),
+        nn.Tanh(),
+        nn.Dropout(0.4),  # not chosen: eval
+        DropConnectLinear(16, 16, p=0.3, activation="tanh"),  # no hash form: keyed train-mode draws
+        nn.Dropout(0.2),
+        nn.Linear(16, 2),
     )
     x = torch.randn(4, 3)
+    sites = ["3", "4"]
     path = export_mc_onnx(
-        model, x, tmp_path / "reg.onnx", sites="last", task="regression", return_samples=False
+        model, x, tmp_path / "reg.onnx", sites=sites, task="regression", return_samples=False
     )
+    assert not RANDOM_OPS & {n.op_type for n in onnx.load(str(path)).graph.node}
     session = _session(path)
     assert [o.name for o in session.get_outputs()] == ["mean", "std", "seed_used"]
     mean, std, seed = session.run(None, {"input": x.numpy(), "samples": np.array(12), "seed": np.array(77)})
-    want = MCEngine(model, x, sites="last", task="regression")(x, samples=12, seed=77)
+    want = MCEngine(model, x, sites=sites, task="regression")(x, samples=12, seed=77)
     np.testing.assert_allclose(mean, want.mean.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(std, want.std.numpy(), rtol=1e-4, atol=1e-5)
     assert int(seed) == 77 and std.min() > 0
+    unseeded = [session.run(["mean"], {"input": x.numpy(), "samples": np.array(12)})[0] for _ in range(2)]
+    assert not np.array_equal(*unseeded)

@@ -220,6 +220,7 @@ def train_model(
     """
     task = dataset.task
     start = time.perf_counter()
+    cpu_start = time.process_time()
     generator = seed_everything(config.seed)
     x_train, y_train = dataset.train
     val, test = dataset.val, dataset.test
@@ -292,6 +293,7 @@ def train_model(
         metrics = _regression_metrics(model, val, test, target_std)
     seconds = time.perf_counter() - start
     metrics["seconds"] = seconds
+    metrics["cpu_seconds"] = time.process_time() - cpu_start  # all threads of this process
     metrics["epochs"] = float(len(history))
     metrics["best_epoch"] = float(best_epoch)
     return TrainResult(

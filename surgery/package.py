@@ -82,7 +82,7 @@ class Architecture(BaseModel):
     @field_validator("factory")
     @classmethod
     def _check_factory(cls, factory: str) -> str:
-        if not _FACTORY_PATTERN.match(factory):
+        if not _FACTORY_PATTERN.fullmatch(factory):
             raise ValueError(f"factory must look like 'package.module:function', got {factory!r}")
         return factory
 
@@ -140,7 +140,7 @@ class Manifest(BaseModel):
     @classmethod
     def _check_files(cls, files: dict[str, str]) -> dict[str, str]:
         for filename, digest in files.items():
-            if not NAME_PATTERN.match(filename) or filename in {".", "..", MANIFEST}:
+            if not NAME_PATTERN.fullmatch(filename) or filename in {".", "..", MANIFEST}:
                 raise ValueError(f"invalid package file name {filename!r}")
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError(f"file {filename!r}: sha256 must be 64 lowercase hex digits")
@@ -161,7 +161,7 @@ class LoadedPackage:
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid model name, else raise :class:`PackageError`."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in {".", ".."}:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in {".", ".."}:
         raise PackageError(
             f"invalid model name {name!r}: use 1-64 characters of A-Z a-z 0-9 _ . - (not first)"
         )
@@ -183,7 +183,7 @@ def validate_version(version: int | str) -> int:
 
 def validate_filename(filename: str) -> str:
     """Return ``filename`` if it is a plain file name inside a package, else raise :class:`PackageError`."""
-    if not NAME_PATTERN.match(filename) or filename in {".", "..", MANIFEST}:
+    if not NAME_PATTERN.fullmatch(filename) or filename in {".", "..", MANIFEST}:
         raise PackageError(f"invalid package file name {filename!r}")
     return filename
 
@@ -233,7 +233,7 @@ def resolve_factory(factory: str, allow_modules: Sequence[str] | None = None) ->
     Raises:
         PackageError: malformed reference, module outside the allow-list, import failure, or not callable.
     """
-    if not isinstance(factory, str) or not _FACTORY_PATTERN.match(factory):
+    if not isinstance(factory, str) or not _FACTORY_PATTERN.fullmatch(factory):
         raise PackageError(f"invalid factory reference {factory!r}: expected 'package.module:function'")
     module_name, attr = factory.split(":")
     allowed = DEFAULT_ALLOWED_MODULES if allow_modules is None else tuple(allow_modules)
@@ -339,7 +339,7 @@ def list_models(repository: str | Path) -> list[str]:
     return sorted(
         e.name
         for e in repository.iterdir()
-        if e.is_dir() and not e.is_symlink() and NAME_PATTERN.match(e.name) and list_versions(e)
+        if e.is_dir() and not e.is_symlink() and NAME_PATTERN.fullmatch(e.name) and list_versions(e)
     )
 
 

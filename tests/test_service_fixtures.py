@@ -25,10 +25,12 @@ import torch
 SERVICE_MODELS = ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes")
 _BUILT: dict[str, Path] = {}
 ROOT = Path(__file__).resolve().parents[1]
+#: the installed console script (`python -m surgery.cli` would define a second `UserError` class)
+DROPWISE = str(Path(sys.executable).with_name("dropwise"))
 
 
-def _add_onnx(package_dir: Path) -> None:
-    """Add `model.onnx` and, when the MC exporter is installed, `model.mc.onnx` to a package."""
+def _add_onnx(package_dir: Path, mc: bool = True) -> None:
+    """Add `model.onnx` and, when asked and the MC exporter is installed, `model.mc.onnx` to a package."""
     from surgery.export import export_deterministic
     from surgery.package import add_file, load_package
 
@@ -42,7 +44,7 @@ def _add_onnx(package_dir: Path) -> None:
     if "model.onnx" not in manifest.files:
         export_deterministic(loaded.model, example, scratch / "model.onnx", input_name=manifest.input.name)
         add_file(package_dir, "model.onnx", scratch / "model.onnx")
-    if "model.mc.onnx" not in manifest.files:
+    if mc and "model.mc.onnx" not in manifest.files:
         try:
             from surgery.mc_export import export_mc_onnx
         except ImportError:
@@ -81,7 +83,11 @@ def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path
 
 
 def build_onnx_repository(request: pytest.FixtureRequest, root: Path) -> Path:
-    """A copy of the service repository with both ONNX graphs in every package, built once."""
+    """A copy of the service repository with `model.onnx` in every package, built once.
+
+    `model.mc.onnx` (slow to export) is added to the two float models only; the token model stays
+    deterministic-only on ONNX Runtime, which the tests also check.
+    """
     if "onnx" in _BUILT:
         return _BUILT["onnx"]
     from surgery.package import list_versions
@@ -90,7 +96,7 @@ def build_onnx_repository(request: pytest.FixtureRequest, root: Path) -> Path:
     repo = root / "service_onnx_repository"
     shutil.copytree(source, repo)
     for name in SERVICE_MODELS:
-        _add_onnx(repo / name / str(list_versions(repo / name)[-1]))
+        _add_onnx(repo / name / str(list_versions(repo / name)[-1]), mc=name != "embedding_digits_tokens")
     _BUILT["onnx"] = repo
     return repo
 
@@ -104,15 +110,24 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(
-    repository: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 90.0
+    repository: Path | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 120.0,
 ) -> Iterator[str]:
-    """Run `dropwise serve` in a subprocess on a free port; yield its base URL once /readyz answers 200."""
+    """Run `dropwise serve` in a subprocess on a free port; yield its base URL once /readyz answers 200.
+
+    `repository` None passes no `--repository` flag (the default `./model_repository` under `cwd`).
+    """
     port = free_port()
-    cmd = [sys.executable, "-m", "surgery.cli", "serve", "--repository", str(repository), "--port", str(port)]
+    cmd = [DROPWISE, "serve", "--port", str(port)]
+    if repository is not None:
+        cmd += ["--repository", str(repository)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    log = repository.parent / f"server-{port}.log"
+    log = cwd / f"server-{port}.log" if repository is None else repository.parent / f"server-{port}.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*cmd, *args], cwd=cwd, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout

@@ -11,13 +11,18 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from test_service_fixtures import ROOT, build_onnx_repository, build_service_repository, running_server
+from test_service_fixtures import (
+    DROPWISE,
+    ROOT,
+    build_onnx_repository,
+    build_service_repository,
+    running_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +39,13 @@ def _x(n: int, seed: int) -> list[list[float]]:
     return np.random.default_rng(seed).integers(0, 17, size=(n, 64)).astype(float).tolist()
 
 
-def test_serve_torch_over_tcp_with_env_settings(repo: Path) -> None:
+def test_serve_default_repository_over_tcp_with_env_settings(repo: Path, tmp_path: Path) -> None:
+    shutil.copytree(repo, tmp_path / "model_repository")
     env = {"DROPWISE_MAX_SAMPLES": "40", "DROPWISE_MAX_QUEUE_DELAY_MS": "20", "DROPWISE_DEVICE": "cpu"}
-    with running_server(repo, env=env) as base:
+    with running_server(None, env=env, cwd=tmp_path) as base:  # no --repository: ./model_repository
         ready = httpx.get(base + "/readyz").json()
         assert ready["status"] == "ready"
+        assert sorted(ready["models"]) == sorted(p.name for p in (tmp_path / "model_repository").iterdir())
         info = httpx.get(base + "/v1/models/mlp_digits").json()
         assert info["backend"] == "torch" and info["device"] == "cpu" and info["max_samples"] == 40
         det = httpx.post(base + "/v1/models/mlp_digits/predict", json={"inputs": _x(2, 0)})
@@ -94,6 +101,10 @@ def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:
             base + "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[10_000] * 64]}
         )
         assert tokens.status_code == 400 and tokens.json()["error"]["field"] == "inputs"
+        no_mc = httpx.post(
+            base + "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * 64], "mode": "mc"}
+        )
+        assert no_mc.status_code == 400 and no_mc.json()["error"]["field"] == "mode"
         if not info["mc_available"]:
             pytest.skip("surgery.mc_export is not available: packages carry no model.mc.onnx")
         onnx_mc = httpx.post(base + "/v1/models/mlp_digits/predict", json=mc).json()
@@ -107,39 +118,12 @@ def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:
         np.testing.assert_allclose(onnx_reg["uncertainty"]["std"], torch_reg["uncertainty"]["std"], rtol=1e-3)
 
 
-def test_default_repository_is_served_without_flag(repo: Path, tmp_path: Path) -> None:
-    shutil.copytree(repo, tmp_path / "model_repository")
-    port = __import__("test_service_fixtures").free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "surgery.cli", "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            __import__("time").sleep(0.2)
-        names = [m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]]
-        assert sorted(names) == sorted(p.name for p in (tmp_path / "model_repository").iterdir())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-
-
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
         (["--repository", "/nonexistent/repo"], {}, "no model packages"),
         (["--device", "tpu"], {}, "device"),
         ([], {"DROPWISE_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
-        ([], {"DROPWISE_BACKEND": "tensorflow"}, "backend"),
     ],
 )
 def test_serve_refuses_bad_options_in_one_line(
@@ -148,7 +132,7 @@ def test_serve_refuses_bad_options_in_one_line(
     if "--repository" not in args:
         args = ["--repository", str(repo), *args]
     done = subprocess.run(
-        [sys.executable, "-m", "surgery.cli", "serve", *args],
+        [DROPWISE, "serve", *args],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,

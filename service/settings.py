@@ -24,8 +24,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port uvicorn binds (0 picks a free one).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is present.")
     backend: Literal["torch", "onnxruntime"] = Field("torch", description="Runtime for every model.")
-    max_batch_size: int = Field(64, ge=1, le=65536, description="Most rows one batched forward pass holds.")
-    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="Longest wait to fill a batch.")
+    max_batch_size: int = Field(
+        64, ge=1, le=65536, description="Most rows a batch gathers (a larger request runs alone)."
+    )
+    max_queue_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="Longest wait to fill a batch (0, as in Triton: batch what queued during the last pass).",
+    )
     queue_capacity: int = Field(256, ge=1, le=1_000_000, description="Requests waiting per model before 429.")
     max_rows_per_request: int = Field(1024, ge=1, description="Most examples one request may carry.")
     max_samples: int = Field(256, ge=1, le=100_000, description="Largest MC sample count T.")

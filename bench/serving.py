@@ -1,9 +1,9 @@
 """Serving benchmark: throughput and latency of dropwise's HTTP service under 64 concurrent clients.
 
-Run from the repository root (loopback only, about two minutes):
+Run from the repository root (loopback only, about five minutes):
 
-    .venv/bin/python bench/serving.py                 # every scenario, 10 s measured per run
-    .venv/bin/python bench/serving.py --duration 5 --scenarios mlp
+    .venv/bin/python bench/serving.py                 # every scenario, 3 rounds of 5 s per configuration
+    .venv/bin/python bench/serving.py --repeats 1 --scenarios mlp
 
 Scenarios (issue 6, goal "serving"):
 
@@ -399,20 +399,91 @@ def litserve_request(row: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------------------------- main
 @dataclass
 class Row:
-    """One line of the result table."""
+    """One line of the result table: every repetition of one configuration."""
 
     scenario: str
     server: str
-    result: LoadResult
+    runs: list[LoadResult]
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.runs)
+
+    @property
+    def throughput(self) -> float:
+        """Measured requests over measured seconds, all repetitions pooled."""
+        seconds = sum(r.seconds for r in self.runs)
+        return self.requests / seconds if seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile over every measured request of every repetition."""
+        pooled = np.concatenate([r.latencies_ms for r in self.runs]) if self.runs else np.empty(0)
+        return float(np.percentile(pooled, q)) if len(pooled) else float("nan")
 
 
-def _measure(label: str, server: object, port: int, request: bytes, args: argparse.Namespace) -> LoadResult:
-    print(f"  {label} ...", file=sys.stderr, flush=True)
-    with server:  # type: ignore[attr-defined]
-        result = run_load(port, request, args)
-    if result.errors:
-        print(f"    {result.errors} errors, first: {result.first_error}", file=sys.stderr)
-    return result
+@dataclass
+class Config:
+    """One measured configuration: a server (shared by configurations with the same key) and a request."""
+
+    label: str
+    server_key: str
+    request: bytes
+
+
+def _scenario_configs(
+    scenario: str, args: argparse.Namespace, image: np.ndarray, vector: np.ndarray
+) -> list[Config]:
+    if scenario in ("cnn-mc", "cnn-det"):
+        request = native_request(args.cnn, image, "mc" if scenario == "cnn-mc" else "deterministic")
+        return [
+            Config(f"dropwise, batching (max {MAX_BATCH})", "batch", request),
+            Config("dropwise, no batching", "nobatch", request),
+        ]
+    if scenario == "mlp":
+        configs = [
+            Config("dropwise native JSON, batching", "batch", native_request(MLP_NAME, vector, "mc")),
+            Config("dropwise V2 binary, batching", "batch", v2_binary_request(MLP_NAME, vector)),
+        ]
+        if ls is None:
+            print("  litserve not installed: LitServe row skipped", file=sys.stderr)
+        else:
+            label = f"LitServe {ls.__version__}, batching (max {MAX_BATCH})"
+            configs.append(Config(label, "litserve", litserve_request(vector)))
+        return configs
+    raise ValueError(f"unknown scenario {scenario!r}; choose from cnn-mc, cnn-det, mlp")
+
+
+def _start(key: str, repository: Path, port: int) -> contextlib.AbstractContextManager[None]:
+    if key == "batch":
+        return dropwise_server(repository, port, MAX_BATCH)
+    if key == "nobatch":
+        return dropwise_server(repository, port, 1)
+    return litserve_server(repository / MLP_NAME / "1", port)
+
+
+def run_scenario(
+    scenario: str, configs: Sequence[Config], repository: Path, args: argparse.Namespace
+) -> list[Row]:
+    """Measure every configuration ``args.repeats`` times, one server up at a time (an idle LitServe still
+    polls its queues), the order of the servers reversed every other round so a drift in the machine's load
+    hits every configuration alike."""
+    rows = {c.label: Row(scenario, c.label, []) for c in configs}
+    keys = list(dict.fromkeys(c.server_key for c in configs))
+    for round_index in range(args.repeats):
+        for key in keys if round_index % 2 == 0 else list(reversed(keys)):
+            port = _free_port()
+            with _start(key, repository, port):
+                for config in (c for c in configs if c.server_key == key):
+                    print(f"  round {round_index + 1}: {config.label} ...", file=sys.stderr, flush=True)
+                    result = run_load(port, config.request, args)
+                    if result.errors:
+                        print(f"    {result.errors} errors, first: {result.first_error}", file=sys.stderr)
+                    rows[config.label].runs.append(result)
+    return list(rows.values())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -421,8 +492,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scenarios", nargs="+", default=["cnn-mc", "cnn-det", "mlp"])
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--cnn", default=CNN_NAME, help="zoo network of the cnn-* scenarios")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per scenario (order alternates)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per run")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -431,76 +503,46 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="dropwise-bench-") as tmp:
         repository, image_shape = build_repository(Path(tmp) / "repository", args.cnn)
         image = rng.standard_normal(image_shape).astype(np.float32)
-        port = _free_port()
         for scenario in args.scenarios:
             print(f"{scenario}:", file=sys.stderr)
-            if scenario in ("cnn-mc", "cnn-det"):
-                mode = "mc" if scenario == "cnn-mc" else "deterministic"
-                request = native_request(args.cnn, image, mode)
-                for batch, label in (
-                    (MAX_BATCH, "dropwise, batching (max 64)"),
-                    (1, "dropwise, no batching"),
-                ):
-                    server = dropwise_server(repository, port, batch)
-                    rows.append(
-                        Row(f"{scenario} ({args.cnn})", label, _measure(label, server, port, request, args))
-                    )
-            elif scenario == "mlp":
-                for label, request in (
-                    ("dropwise native JSON, batching", native_request(MLP_NAME, vector, "mc")),
-                    ("dropwise V2 binary, batching", v2_binary_request(MLP_NAME, vector)),
-                ):
-                    server = dropwise_server(repository, port, MAX_BATCH)
-                    rows.append(Row(scenario, label, _measure(label, server, port, request, args)))
-                if ls is None:
-                    print("  litserve not installed: LitServe row skipped", file=sys.stderr)
-                else:
-                    label = f"LitServe {ls.__version__}, batching (max 64)"
-                    server = litserve_server(repository / MLP_NAME / "1", port)
-                    rows.append(
-                        Row(scenario, label, _measure(label, server, port, litserve_request(vector), args))
-                    )
-            else:
-                parser.error(f"unknown scenario {scenario!r}")
+            try:
+                configs = _scenario_configs(scenario, args, image, vector)
+            except ValueError as exc:
+                parser.error(str(exc))
+            name = f"{scenario} ({args.cnn})" if scenario.startswith("cnn") else scenario
+            rows += run_scenario(name, configs, repository, args)
     print(report(rows, args))
 
 
 def report(rows: Sequence[Row], args: argparse.Namespace) -> str:
-    """The markdown table and the ratios the goals of issue 6 name."""
+    """The markdown table and, per scenario, each row's throughput and p99 against the scenario's last row."""
     lines = [
         f"Serving benchmark: {args.clients} clients (one keep-alive connection each), loopback, "
-        f"{args.duration:.0f} s measured after {args.warmup:.0f} s warm-up, MC T={SAMPLES}, "
-        f"one row per request; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.repeats} rounds of {args.duration:.0f} s measured (after {args.warmup:.0f} s warm-up) per "
+        f"configuration, MC T={SAMPLES}, one row per request; {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}.",
         "",
-        "| scenario | server | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| scenario | server | requests | errors | throughput (req/s) | per round (req/s) "
+        "| p50 (ms) | p99 (ms) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for row in rows:
-        r = row.result
+        rounds = ", ".join(f"{r.throughput:.0f}" for r in row.runs)
         lines.append(
-            f"| {row.scenario} | {row.server} | {r.requests} | {r.errors} | {r.throughput:.0f} | "
-            f"{r.percentile(50):.1f} | {r.percentile(99):.1f} |"
+            f"| {row.scenario} | {row.server} | {row.requests} | {row.errors} | {row.throughput:.0f} | "
+            f"{rounds} | {row.percentile(50):.1f} | {row.percentile(99):.1f} |"
         )
     lines.append("")
     by_scenario: dict[str, list[Row]] = {}
     for row in rows:
         by_scenario.setdefault(row.scenario, []).append(row)
     for scenario, group in by_scenario.items():
-        if len(group) < 2:
-            continue
-        first, second = group[0].result, group[-1].result
-        ratio = first.throughput / second.throughput if second.throughput else float("nan")
-        lines.append(
-            f"- {scenario}: {group[0].server} / {group[-1].server} throughput = {ratio:.2f}x; "
-            f"p99 {first.percentile(99):.1f} ms vs {second.percentile(99):.1f} ms"
-        )
-        if scenario == "mlp" and len(group) == 3:
-            v2 = group[1].result
+        baseline = group[-1]
+        for row in group[:-1]:
+            ratio = row.throughput / baseline.throughput if baseline.throughput else float("nan")
             lines.append(
-                f"- {scenario}: {group[1].server} / {group[-1].server} throughput = "
-                f"{v2.throughput / second.throughput if second.throughput else float('nan'):.2f}x; "
-                f"p99 {v2.percentile(99):.1f} ms vs {second.percentile(99):.1f} ms"
+                f"- {scenario}: {row.server} / {baseline.server}: throughput {ratio:.2f}x, "
+                f"p99 {row.percentile(99):.1f} ms vs {baseline.percentile(99):.1f} ms"
             )
     return "\n".join(lines)
 

@@ -46,7 +46,7 @@ class PredictRequest(BaseModel):
         None, description="Seed of the dropout masks; the same request and seed give the same answer."
     )
     return_samples: StrictBool = Field(False, description="MC only: also return every per-sample output.")
-    timeout_s: float | None = Field(None, gt=0, le=3600, description="Deadline in seconds (504 past it).")
+    timeout_s: float | None = Field(None, ge=0.001, le=3600, description="Deadline in seconds (504 past it).")
 
 
 class Uncertainty(BaseModel):

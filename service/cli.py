@@ -23,10 +23,21 @@ def _has_packages(repository: Path) -> bool:
     return bool(list_models(repository))
 
 
-def ensure_default_repository(repository: Path, *, quick: bool = False, progress: bool = True) -> None:
-    """Train the reference networks into `repository` when it holds no package (first start)."""
-    if _has_packages(repository):
-        return
+def ensure_default_repository(
+    repository: Path, *, backend: str = "torch", quick: bool = False, progress: bool = True
+) -> None:
+    """Train the reference networks into `repository` when it holds no package (first start).
+
+    For the ONNX Runtime backend, packages without `model.onnx` are converted (both ONNX graphs and the
+    parity report) first; the torch backend needs no conversion, so its first start skips that step.
+    """
+    if not _has_packages(repository):
+        _train_default(repository, quick=quick, progress=progress)
+    if backend == "onnxruntime":
+        _export_onnx(repository)
+
+
+def _train_default(repository: Path, *, quick: bool, progress: bool) -> None:
     from models.training import train_zoo
 
     print(
@@ -38,20 +49,23 @@ def ensure_default_repository(repository: Path, *, quick: bool = False, progress
     repository.mkdir(parents=True, exist_ok=True)
     for path in train_zoo(None, repository, quick=quick, progress=progress):
         print(f"dropwise: wrote {path}", file=sys.stderr, flush=True)
-    _export_onnx(repository)
 
 
 def _export_onnx(repository: Path) -> None:
-    """Add both ONNX graphs (and the parity report) to freshly trained packages, as `dropwise train` does."""
+    """Add both ONNX graphs (and the parity report) to the latest packages that lack `model.onnx`."""
     try:
         from surgery.convert import convert_package
     except ImportError:  # the torch backend serves the packages without them
         return
-    from surgery.package import list_models, package_path
+    from surgery.package import list_models, load_package, package_path
 
     for name in list_models(repository):
+        path = package_path(repository, name)
         try:
-            report = convert_package(package_path(repository, name))
+            if "model.onnx" in load_package(path, build=False).manifest.files:
+                continue
+            print(f"dropwise: exporting {name} to ONNX (first start with this backend)", file=sys.stderr)
+            report = convert_package(path)
         except Exception as exc:  # the torch backend still serves the package
             print(f"dropwise: ONNX export of {name} failed ({exc}); torch backend only", file=sys.stderr)
             continue
@@ -121,7 +135,7 @@ def serve(
     if repo.exists() and not repo.is_dir():
         raise UserError(f"repository {repo} is not a directory")
     if repository is None and repo == DEFAULT_REPOSITORY:
-        ensure_default_repository(repo, quick=quick_train)
+        ensure_default_repository(repo, backend=settings.backend, quick=quick_train)
     elif not _has_packages(repo):
         raise UserError(
             f"no model packages in {repo} (expected <repository>/<model>/<version>/manifest.json)"

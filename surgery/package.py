@@ -540,11 +540,15 @@ def add_file(package_dir: str | Path, filename: str, data_or_path: bytes | str |
     manifest = verify_package(package_dir)
     target = package_dir / filename
     tmp = package_dir / f".{filename}.tmp"
-    if isinstance(data_or_path, bytes):
-        tmp.write_bytes(data_or_path)
-    else:
-        shutil.copyfile(Path(data_or_path), tmp)
-    os.replace(tmp, target)
+    try:
+        if isinstance(data_or_path, bytes):
+            tmp.write_bytes(data_or_path)
+        else:
+            shutil.copyfile(Path(data_or_path), tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     digest = sha256_file(target)
     manifest.files = {**manifest.files, filename: digest}
     _write_manifest(package_dir, manifest)

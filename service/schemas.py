@@ -6,7 +6,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-_DIGIT = [0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0] * 8  # one 8x8 digit, flattened (64 values, 0..16)
+# one standardised 8x8 digit (a "1" of the digits test split), as GET /v1/models/mlp_digits describes
+_DIGIT = [
+    -0.81, -0.81, -0.81, 1.18, 1.35, 0.02, -0.81, -0.81, -0.81, -0.81, -0.81, 1.02, 1.85, 0.68, -0.81, -0.81,
+    -0.81, -0.81, -0.31, 1.68, 1.85, 0.19, -0.81, -0.81, -0.81, 0.35, 1.68, 1.85, 1.85, -0.48, -0.81, -0.81,
+    -0.81, -0.81, -0.65, 1.85, 1.85, -0.31, -0.81, -0.81, -0.81, -0.81, -0.65, 1.85, 1.85, 0.19, -0.81, -0.81,
+    -0.81, -0.81, -0.65, 1.85, 1.85, 0.19, -0.81, -0.81, -0.81, -0.81, -0.81, 1.02, 1.85, 0.85, -0.81, -0.81,
+]  # fmt: skip
 
 PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
     "deterministic": {
@@ -66,17 +72,17 @@ class PredictResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model": "digits_mlp",
+                    "model": "mlp_digits",
                     "version": 1,
                     "mode": "mc",
-                    "predictions": ["3"],
-                    "probabilities": [[0.01, 0.0, 0.02, 0.9, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
+                    "predictions": ["1"],
+                    "probabilities": [[0.01, 0.9, 0.02, 0.0, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
                     "uncertainty": {
                         "predictive_entropy": [0.45],
                         "expected_entropy": [0.3],
                         "mutual_information": [0.15],
                         "variation_ratio": [0.06],
-                        "std": [[0.01, 0.0, 0.02, 0.08, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
+                        "std": [[0.01, 0.08, 0.02, 0.0, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
                     },
                     "samples": 32,
                     "seed": 7,
@@ -144,7 +150,7 @@ class ModelDetail(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "name": "digits_mlp",
+                    "name": "mlp_digits",
                     "version": 1,
                     "versions": [1],
                     "task": "classification",
@@ -152,7 +158,7 @@ class ModelDetail(BaseModel):
                         "name": "input",
                         "shape": [-1, 64],
                         "dtype": "float32",
-                        "preprocessing": "0..16",
+                        "preprocessing": "standardised pixels",
                     },
                     "labels": [str(i) for i in range(10)],
                     "sites": [{"path": "2", "kind": "dropout", "p": 0.5}],

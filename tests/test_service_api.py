@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from test_service_fixtures import build_service_repository
 
 from service.app import create_app
+from service.schemas import PREDICT_EXAMPLES
 from service.settings import Settings
 from surgery.package import load_package
 
@@ -273,6 +274,13 @@ def test_tampered_package_keeps_readyz_false_and_others_serving(repo: Path, tmp_
         assert r.status_code == 503 and any("sha256" in e for e in r.json()["errors"].values())
         assert c.post("/v1/models/mlp_digits/predict", json={"inputs": _digits(1)}).status_code == 200
         assert c.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10]}).status_code == 404
+
+
+def test_documented_examples_are_answered(client: TestClient) -> None:
+    for name, example in PREDICT_EXAMPLES.items():
+        r = client.post("/v1/models/mlp_digits/predict", json=example["value"])
+        assert r.status_code == 200, (name, r.text)
+        assert r.json()["mode"] == example["value"]["mode"]
 
 
 def test_openapi_documents_native_routes_with_examples(client: TestClient) -> None:

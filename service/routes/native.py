@@ -32,7 +32,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 ModelName = Annotated[
-    str, Path(description="Model name as listed by GET /v1/models.", examples=["digits_mlp"])
+    str, Path(description="Model name as listed by GET /v1/models.", examples=["mlp_digits"])
 ]
 Version = Annotated[int, Path(description="Numeric package version.", examples=[1])]
 Predict = Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]

@@ -15,6 +15,16 @@ from surgery.cli import main
 from surgery.loading import apply_surgery, resolve_model
 from surgery.package import load_package, save_package
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 NET = "mlp_classic_digits"  # classic dropout: a fold that forgot q would change the outputs
 
 

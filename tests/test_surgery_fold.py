@@ -13,6 +13,15 @@ from surgery import find_sites, fold
 from surgery.fold import ActivatedLinear, MeanJoin, Removed, Scale
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise_bn(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(3)
     for m in model.modules():

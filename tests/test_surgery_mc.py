@@ -13,6 +13,15 @@ from surgery import NoStochasticSiteError, to_mc
 from surgery.mc import HeadDropoutLinear
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

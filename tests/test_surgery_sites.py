@@ -22,6 +22,15 @@ from surgery import find_sites, register_site_type
 from surgery.sites import _USER, SiteType
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _foreign(module: str, name: str, **attrs: object) -> nn.Module:
     """An instance of a class that looks like a third-party class (recognition is by name and module)."""
     cls = type(name, (nn.Module,), {"forward": lambda self, x: x, "__module__": module})

@@ -12,6 +12,15 @@ from models.layers import DropPath
 from surgery import split, to_mc
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Block(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()

@@ -14,6 +14,15 @@ transformers = pytest.importorskip("transformers")
 from surgery import find_sites, fold, split, to_mc  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _bert(impl: str, hidden: float = 0.1, attention: float = 0.1):
     cfg = transformers.BertConfig(
         vocab_size=50,

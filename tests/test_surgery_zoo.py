@@ -9,6 +9,16 @@ from torch import nn
 from models.zoo import ZOO, build
 from surgery import find_sites, fold, split, to_mc
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Input shapes of the zoo's datasets (batch of 4); int64 = token ids below `vocab`.
 _SHAPES = {
     "digits": ((64,), torch.float32),

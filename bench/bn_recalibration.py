@@ -79,7 +79,9 @@ def main() -> None:
     parser.add_argument(
         "--network", default="cnn_mnist", choices=[n for n in ZOO if "cnn" in n or "resnet" in n]
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     spec = ZOO[args.network]
     data = load_dataset(spec.dataset)
     seed_everything(spec.train.seed)

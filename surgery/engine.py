@@ -6,7 +6,7 @@ passes. Only the layers from the first stochastic site on differ between passes,
 1. splits the model (``surgery.split``) before its first CHOSEN site: a deterministic trunk and a tail;
 2. runs the trunk once per request (eval mode, no autograd);
 3. repeats the tail's inputs T times (sample-major rows ``n = t * B + b``) and runs the tail once for all
-   samples, in chunks of at most ``chunk_rows`` rows (a memory budget);
+   samples, in chunks of at most ``chunk_rows`` rows (cache-sized by default, within a memory budget);
 4. replaces every chosen site of the tail by its hash-mask form (`surgery.masks.HashMaskSite`): masks
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
@@ -227,7 +227,9 @@ class MCEngine:
         sites: ``None`` / ``"all"`` (every site), ``"last"`` (only the last site to run, TorchUncertainty's
             ``last_layer``), ``"first"``, or site names / keys / ``Site`` objects.
         task: ``"classification"`` (tail output ``[B, K]`` logits) or ``"regression"`` (``[B, ...]``).
-        chunk_rows: most sample-rows per tail pass; default from ``memory_budget`` (bytes).
+        chunk_rows: most sample-rows per tail pass. Default: rows whose largest activation fills about
+            ``chunk_bytes`` (1 MiB: cache-sized chunks measured faster on the CPU than one big pass), at
+            least 128 rows, and never more than ``memory_budget`` (bytes) allows.
         compile: run the tail through ``torch.compile`` (fuses mask generation into the tail's kernels).
         exportable: use the int64 mask path that ``torch.onnx.export`` accepts (``surgery.mc_export``).
     """
@@ -241,6 +243,7 @@ class MCEngine:
         task: str = "classification",
         chunk_rows: int | None = None,
         memory_budget: int = 256 << 20,
+        chunk_bytes: int = 1 << 20,
         compile: bool = False,
         exportable: bool = False,
     ) -> None:
@@ -263,7 +266,8 @@ class MCEngine:
         self.replaced = _rewrite_tail(self.tail, self.model, self.sites, self.chosen, self.context)
         self._batched = _batched_outputs(self.trunk, example)
         if chunk_rows is None:
-            chunk_rows = max(1, memory_budget // (4 * _bytes_per_row(self.model, example)))
+            per_row = _bytes_per_row(self.model, example)
+            chunk_rows = min(max(128, chunk_bytes // per_row), max(1, memory_budget // (4 * per_row)))
         self.chunk_rows = int(chunk_rows)
         self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
 

@@ -1,9 +1,9 @@
 """Shared test helpers of the service tests: a small real model repository and a real uvicorn server.
 
 The repository holds three quickly trained reference networks (a float classifier, a token classifier,
-a regressor), copied from the session's `quick_repository` when that fixture exists and trained here
-otherwise, each with its deterministic ONNX graph added. Nothing here is a mock: packages are real,
-verified, and served by the real app.
+a regressor), copied from the session's `quick_repository` when a collected test uses that fixture and
+trained here otherwise; a copy with ONNX graphs serves the ONNX Runtime tests. Nothing here is a mock:
+packages are real, verified, and served by the real app.
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path
 
     repo = root / "service_repository"
     source: Path | None = None
-    with contextlib.suppress(pytest.FixtureLookupError):
-        source = Path(request.getfixturevalue("quick_repository"))
+    # Reuse the session's `quick_repository` when some collected test needs it anyway (its cost is then
+    # shared); otherwise training only these three networks is much faster than the whole zoo.
+    wanted = any("quick_repository" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if wanted:
+        with contextlib.suppress(pytest.FixtureLookupError):
+            source = Path(request.getfixturevalue("quick_repository"))
     for name in SERVICE_MODELS:
         if source is not None and (source / name).is_dir() and list_versions(source / name):
             version = list_versions(source / name)[-1]

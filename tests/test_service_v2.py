@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
@@ -113,13 +114,17 @@ def _datatype(model: ServedModel) -> str:
     return {"float32": "FP32", "int64": "INT64"}[model.input_dtype]
 
 
-def _infer_input(model: ServedModel, x: np.ndarray, binary: bool = True, module=httpclient) -> object:
+def _infer_input(
+    model: ServedModel, x: np.ndarray, binary: bool = True, module: ModuleType = httpclient
+) -> httpclient.InferInput:
+    """The model's input tensor as the (sync or asyncio) Triton client builds it."""
     tensor = module.InferInput(model.input_name, list(x.shape), _datatype(model))
     tensor.set_data_from_numpy(x, binary_data=binary)
     return tensor
 
 
 def _native(server: Server, model: ServedModel, x: np.ndarray, **options: object) -> dict:
+    """The native API's answer for the same rows and options."""
     response = httpx.post(
         f"{server.url}/v1/models/{model.name}/predict", json={"inputs": x.tolist(), **options}, timeout=120
     )
@@ -127,7 +132,8 @@ def _native(server: Server, model: ServedModel, x: np.ndarray, **options: object
     return response.json()
 
 
-def _expect_error(call, status: str, fragment: str) -> None:
+def _expect_error(call: Callable[[], object], status: str, fragment: str) -> None:
+    """`call` raises the Triton client's exception with this HTTP status and a message holding `fragment`."""
     with pytest.raises(InferenceServerException) as info:
         call()
     assert info.value.status() == status, info.value

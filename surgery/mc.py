@@ -123,6 +123,14 @@ def to_mc(
                 stacklevel=2,
             )
     live = [s for s in sites if s.p > 0.0 and s.switch in (SWITCH_MODULE, SWITCH_FUNCTIONAL)]
+    stuck = [s.key for s in sites if s.p > 0.0 and s.switch not in (SWITCH_MODULE, SWITCH_FUNCTIONAL)]
+    if stuck:
+        warnings.warn(
+            f"site(s) {', '.join(stuck)} cannot be switched by a training flag (always random or gated "
+            "elsewhere); they are left as they are",
+            UserWarning,
+            stacklevel=2,
+        )
     mc.head_dropout_added = None
     if not live and add_dropout_before_head is not None:
         head = _add_head_dropout(mc, float(add_dropout_before_head))

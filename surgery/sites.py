@@ -515,12 +515,21 @@ def find_sites(model: nn.Module, example_input: Any = None) -> list[Site]:
     cuda = [d.index or 0 for d in devices if d.type == "cuda"]
     with torch.random.fork_rng(devices=cuda):
         work.train()
-        train_calls, ran = _trace_calls(work, example_input, site_names)
-        work.eval()
-        eval_calls, _ = _trace_calls(work, example_input, site_names)
-        gates = {c.module for k, c in train_calls.items() if k not in eval_calls}
-        _set_flags(work, dict.fromkeys(gates, True))
-        gated_calls, _ = _trace_calls(work, example_input, site_names)
+        for module in work.modules():  # batch statistics are not a site (and fail on a batch of one)
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                module.eval()
+        try:
+            train_calls, ran = _trace_calls(work, example_input, site_names)
+            work.eval()
+            eval_calls, _ = _trace_calls(work, example_input, site_names)
+            gates = {c.module for k, c in train_calls.items() if k not in eval_calls}
+            _set_flags(work, dict.fromkeys(gates, True))
+            gated_calls, _ = _trace_calls(work, example_input, site_names)
+        except Exception as exc:
+            raise ValueError(
+                f"find_sites: the example forward of {type(model).__name__} failed ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); check the example input"
+            ) from exc
     for site in sites:
         site.called = site.name in ran
     for key, call in train_calls.items():

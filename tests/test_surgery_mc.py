@@ -127,3 +127,15 @@ def test_no_site_fails_clearly_and_head_dropout_can_be_added() -> None:
         assert torch.allclose(mc(x), model(x))
     with pytest.raises(ValueError, match="add_dropout_before_head"):
         to_mc(model, add_dropout_before_head=1.5)
+
+
+class _AlwaysOn(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, 0.2)  # training=True by default: random in eval too
+
+
+def test_sites_that_no_flag_controls_are_reported() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _AlwaysOn(), nn.Dropout(0.1)).eval()
+    with pytest.warns(UserWarning, match=r"1:dropout#0 cannot be switched"):
+        mc = to_mc(model, example_input=torch.randn(2, 4))
+    assert [s.key for s in mc.mc_sites] == ["2"]

@@ -210,3 +210,11 @@ def test_register_site_type() -> None:
             register_site_type(int, kind="x")
     finally:
         _USER[:] = before
+
+
+def test_batch_of_one_and_bad_example() -> None:
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), _Gated()).eval()
+    sites = find_sites(model, torch.randn(1, 3))  # BatchNorm in train mode would refuse a batch of one
+    assert [s.key for s in sites] == ["2:dropout#0", "2:alpha_dropout#0"]
+    with pytest.raises(ValueError, match="example forward of Sequential failed"):
+        find_sites(model, torch.randn(2, 5))

@@ -81,6 +81,7 @@ class ParityReport:
     mc: MCParity | None = None
     providers: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:

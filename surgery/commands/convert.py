@@ -10,6 +10,7 @@ package, with ``passed: false``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,14 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError("--kwargs must be a JSON object, e.g. '{\"hidden\": 128}'")
     return value
+
+
+def _quiet_libraries() -> None:
+    """Silence library chatter that is not about the user's model (the report says what matters)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # errors only; provider fallback is detected and reported by us
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def convert(
@@ -70,8 +79,13 @@ def convert(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as JSON.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Keep the exporter's and ONNX Runtime's own warnings.")
+    ] = False,
 ) -> None:
     """Convert a trained network into a model package with verified ONNX graphs."""
+    if not verbose:
+        _quiet_libraries()
     from surgery.cli import UserError
     from surgery.convert import ConvertError, ConvertOptions, report_json, report_summary
     from surgery.convert import convert as run_convert

@@ -545,6 +545,7 @@ def test_corrupted_bodies_never_give_500(server: Server) -> None:
     assert 400 in statuses
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_answers_like_torch(
     server: Server,
     client: httpclient.InferenceServerClient,
@@ -583,6 +584,7 @@ def test_onnxruntime_backend_answers_like_torch(
             )
 
 
+@pytest.mark.slow
 def test_deadline_and_full_queue(server: Server, client: httpclient.InferenceServerClient) -> None:
     model = server.pick()
     x = _inputs_for(model, rows=1, seed=14)

@@ -26,7 +26,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -308,10 +308,12 @@ def train_zoo(
     *,
     seed: int | None = None,
     progress: bool = True,
+    on_package: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Train the named reference networks (all of ``models.zoo.ZOO`` when None) and write one package each.
 
-    Returns the package directories (``<repository>/<name>/<version>``), a new version per call.
+    Returns the package directories (``<repository>/<name>/<version>``), a new version per call;
+    ``on_package`` is called with each directory as soon as it is written.
 
     Raises:
         KeyError: for a name not in the zoo (message lists the known names).
@@ -339,20 +341,21 @@ def train_zoo(
             "quick": quick,
             "history": result.history,
         }
-        paths.append(
-            save_package(
-                repository,
-                name,
-                model,
-                task=spec.task,
-                input_shape=dataset.input_shape,
-                input_dtype=dataset.input_dtype,
-                preprocessing=dataset.preprocessing,
-                labels=dataset.labels,
-                architecture={"factory": spec.factory, "kwargs": spec.kwargs},
-                training=training,
-                metrics=result.metrics,
-                target=dataset.target,
-            )
+        path = save_package(
+            repository,
+            name,
+            model,
+            task=spec.task,
+            input_shape=dataset.input_shape,
+            input_dtype=dataset.input_dtype,
+            preprocessing=dataset.preprocessing,
+            labels=dataset.labels,
+            architecture={"factory": spec.factory, "kwargs": spec.kwargs},
+            training=training,
+            metrics=result.metrics,
+            target=dataset.target,
         )
+        paths.append(path)
+        if on_package is not None:
+            on_package(path)
     return paths

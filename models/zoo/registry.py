@@ -117,7 +117,7 @@ ZOO: dict[str, ZooSpec] = dict(
             factory="models.zoo.resnet:stochastic_depth_resnet",
             kwargs={
                 "in_channels": 1,
-                "widths": [16, 32],
+                "widths": [24, 48],
                 "blocks_per_stage": 2,
                 "out_features": 10,
                 "p_last": 0.2,
@@ -126,7 +126,7 @@ ZOO: dict[str, ZooSpec] = dict(
             },
             dataset="mnist",
             task="classification",
-            train=TrainConfig(epochs=12, lr=3e-3, batch_size=64, patience=4, seed=5),
+            train=TrainConfig(epochs=20, lr=3e-3, batch_size=64, patience=6, seed=5),
             description="ResNet, stochastic depth (timm DropPath, linear decay), dropout before the head",
             members=("DropPath", "linear_decay", "Dropout", "BatchNorm2d"),
         ),

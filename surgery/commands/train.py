@@ -56,8 +56,14 @@ def train(
         raise UserError(f"unknown network {', '.join(unknown)}; choose from: {', '.join(ZOO)}")
     if repository.exists() and not repository.is_dir():
         raise UserError(f"repository {repository} exists and is not a directory")
-    for path in train_zoo(list(names or []) or None, repository, quick=quick, seed=seed, progress=progress):
-        typer.echo(_summary(path))
+    train_zoo(
+        list(names or []) or None,
+        repository,
+        quick=quick,
+        seed=seed,
+        progress=progress,
+        on_package=lambda path: typer.echo(_summary(path)),
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "KeyedRandom",
     "MaskContext",
     "TrainModeSite",
+    "keep_factor",
     "keep_mask",
     "mix32",
     "onnx_translation_table",
@@ -212,6 +213,44 @@ def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, export
     if torch.compiler.is_exporting():
         return torch.ops.dropwise.hash_keep(site_k, n_positions, thr).reshape(-1, *shape)
     return _hash_keep(site_k, n_positions, thr, exportable).reshape(-1, *shape)
+
+
+def keep_factor(
+    keys: Tensor,
+    site: int,
+    shape: Sequence[int],
+    p: float,
+    scale: float,
+    dtype: torch.dtype = torch.float32,
+    *,
+    exportable: bool = False,
+) -> Tensor:
+    """``scale * keep_mask(...)`` as a ``dtype`` tensor ``[N, *shape]`` (values 0 or ``scale``).
+
+    Same decisions as `keep_mask`. The fast float32 path builds the factors with integer ops (the sign of
+    ``u - thr`` selects the bit pattern of ``scale`` or of 0.0) instead of a comparison followed by a
+    bool -> float conversion, which costs several times more on the CPU.
+    """
+    n_positions = 1
+    for size in shape:
+        n_positions *= int(size)
+    thr = threshold(p)
+    fast = not (exportable or torch.compiler.is_exporting() or thr in (0, _LEVELS))
+    if not fast or dtype != torch.float32 or not _LITTLE_ENDIAN:
+        return keep_mask(keys, site, shape, p, exportable=exportable).to(dtype) * scale
+    site_k = site_keys(keys, site)
+    n_words = (n_positions + 1) // 2
+    words = _to_int32_bits(site_k).unsqueeze(1) ^ _position_codes(n_words, site_k.device, True).unsqueeze(0)
+    _mix32_int32_(words)
+    u = words.view(torch.int16).to(torch.int32)  # [N, 2W] signed halves: u16 - 65536 * (u16 >= 32768)
+    u.bitwise_and_(0xFFFF).sub_(thr)  # u16 - thr: negative exactly when the position drops
+    u.bitwise_right_shift_(31)  # -1 (drop) or 0 (keep)
+    bits = int(torch.tensor(scale, dtype=torch.float32).view(torch.int32))
+    u.bitwise_not_().bitwise_and_(bits)  # keep -> bit pattern of scale, drop -> 0 (= 0.0)
+    factors = u.view(torch.float32)
+    if 2 * n_words != n_positions:
+        factors = factors[:, :n_positions]
+    return factors.reshape(-1, *shape)
 
 
 def _hash_keep(site_k: Tensor, n_positions: int, thr: int, exportable: bool) -> Tensor:
@@ -380,21 +419,22 @@ class HashMaskSite(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the site's masked form to ``x`` (see class docstring)."""
         keys = self.context.require_keys()
-        keep = keep_mask(keys, self.site, self._mask_shape(x), self.p, exportable=self.context.exportable)
-        # Products with the boolean mask, not torch.where: one fresh tensor, then in-place (several times
-        # cheaper on the CPU than where's broadcast path).
+        # One product with float factors (0 or the rescale): cheaper on the CPU than torch.where or a
+        # product with a boolean mask.
+        shape = self._mask_shape(x)
+        exportable = self.context.exportable
         if self.form in ("alpha", "feature_alpha"):
             if self.q == 0.0:
                 return torch.zeros_like(x)
             a = 1.0 / ((_ALPHA * _ALPHA * (1.0 - self.q) + 1.0) * self.q) ** 0.5
             b = _ALPHA * a * (1.0 - self.q)
             # a*(x*m + alpha'*(1-m)) + b with alpha' = -alpha  ==  m*(a*x + alpha*a) + (b - alpha*a)
-            return (x * a + _ALPHA * a).mul_(keep).add_(b - _ALPHA * a)
+            factors = keep_factor(keys, self.site, shape, self.p, 1.0, x.dtype, exportable=exportable)
+            return (x * a + _ALPHA * a).mul_(factors).add_(b - _ALPHA * a)
         if self.q == 0.0:
             return x * 0.0
-        if self.form in ("classic", "path_classic"):
-            return x * keep
-        return (x * (1.0 / self.q)).mul_(keep)
+        scale = 1.0 if self.form in ("classic", "path_classic") else 1.0 / self.q
+        return x * keep_factor(keys, self.site, shape, self.p, scale, x.dtype, exportable=exportable)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, p={self.p}, form={self.form}"

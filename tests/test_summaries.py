@@ -75,10 +75,12 @@ def test_extreme_logits_never_nan_and_mi_nonnegative() -> None:
 
 
 def test_identical_samples_give_zero_epistemic_terms() -> None:
-    logits = torch.randn(1, 4, 7).expand(9, 4, 7)
+    torch.manual_seed(0)
+    logits = (torch.randn(1, 40, 7) * 3).expand(9, 40, 7)
     s = classification_summaries(logits)
-    assert torch.equal(s.mutual_information, torch.zeros(4))  # clamped, never a tiny negative
-    assert torch.equal(s.variation_ratio, torch.zeros(4))
+    mi = s.mutual_information
+    assert (mi >= 0).all() and mi.max() < 1e-6  # clamped: never a tiny negative, only rounding above 0
+    assert torch.equal(s.variation_ratio, torch.zeros(40))
     assert s.std.abs().max() < 1e-6
     single = classification_summaries(torch.randn(1, 4, 7))
     assert torch.equal(single.std, torch.zeros(4, 7))

@@ -26,7 +26,8 @@ Peers are not dependencies of dropwise; install them into the environment withou
     pip install scipy scikit-learn 'structlog<23' tqdm torchmetrics einops
 
 Run: ``python -m bench.mc`` (options: ``--networks a,b,c``, ``--samples 32``, ``--batch 64``,
-``--repeats 11``, ``--compile``, ``--device cuda``).
+``--repeats 11``, ``--compile``, ``--threads 1``, ``--device cuda``). ONNX Runtime keeps its own default
+thread pool.
 """
 
 from __future__ import annotations
@@ -272,7 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     print(

@@ -6,7 +6,8 @@ for every BatchNorm layer prints the mean of:
 - ``running``: the running variance accumulated in training (dropout ON upstream);
 - ``on``: the variance of the layer's input over the training set, sites in train form (dropout ON);
 - ``off``: the same with every site in eval form (dropout OFF, what the model sees at test time);
-- ``recal``: the running variance after ``recalibrate_batchnorm``;
+- ``recal``: the running variance after ``recalibrate_batchnorm`` (method cumulative with the training
+  batch size and with 500, and method population);
 - ``off*``: the dropout-OFF input variance of the recalibrated model (upstream BatchNorm layers now use
   their new statistics, so this is what each layer sees at test time); ``recal`` should equal it;
 
@@ -98,13 +99,17 @@ def main() -> None:
     on = input_variance(model, x_train, sites_on=True)
     off = input_variance(model, x_train, sites_on=False)
     acc_before = accuracy(model, x_test, y_test)
-    for batch_size in (spec.train.batch_size, 500):
+    runs = [("cumulative", spec.train.batch_size), ("cumulative", 500), ("population", 500)]
+    for method, batch_size in runs:
         recalibrated = copy.deepcopy(model)
-        report = recalibrate_batchnorm(recalibrated, x_train, batch_size=batch_size)
+        report = recalibrate_batchnorm(recalibrated, x_train, batch_size=batch_size, method=method)
         recal = {c.name: c.var_after for c in report.layers}
         off_after = input_variance(recalibrated, x_train, sites_on=False)
         acc_after = accuracy(recalibrated, x_test, y_test)
-        print(f"\nrecalibration batch size {batch_size} ({report.batches} batches, {report.samples} images)")
+        print(
+            f"\nrecalibration method {method}, batch size {batch_size} "
+            f"({report.batches} batches, {report.samples} images)"
+        )
         print(
             f"{'BatchNorm':<10} {'running':>10} {'on':>10} {'off':>10} {'recal':>10} {'off*':>10} "
             f"{'|recal-off*|/off*':>18} {'|running-off*|/off*':>20}"

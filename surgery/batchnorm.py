@@ -7,6 +7,10 @@ variance; at test time dropout is off and the input variance is smaller: the sta
 Their remedy: after training, run the training data once more with every stochastic site in eval form and
 recompute the BatchNorm statistics.
 
+``method="population"`` is a refinement (exact statistics per layer, in forward order, with the upstream
+layers already recalibrated): the per-batch average of the cumulative method misses the spread of the batch
+means, which matters in deep layers with small batches.
+
 ``recalibrate_batchnorm`` does exactly that, in place: running statistics reset, ``momentum=None``
 (cumulative average over all batches), sites and every other module in eval, BatchNorm layers in train,
 no gradients, then the original momentum and training flags are restored.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +76,77 @@ def _inputs(batch: Any) -> Any:
     return batch
 
 
+def _run(
+    model: nn.Module, data: Any, batch_size: int, max_batches: int | None, device: Any
+) -> tuple[int, int]:
+    """One pass over the data; returns (batches, samples)."""
+    batches = samples = 0
+    for batch in _batches(data, batch_size):
+        if max_batches is not None and batches >= max_batches:
+            break
+        x = _inputs(batch)
+        if device is not None and isinstance(x, Tensor):
+            x = x.to(device)
+        call_model(model, x)
+        batches += 1
+        first = x if isinstance(x, Tensor) else next(iter(x.values() if isinstance(x, dict) else x))
+        samples += int(first.shape[0])
+    if batches == 0:
+        raise ValueError("no data: recalibration needs at least one batch")
+    return batches, samples
+
+
+def _forward_order(
+    model: nn.Module, layers: dict[str, nn.Module], data: Any, batch_size: int, device: Any
+) -> list[str]:
+    """BatchNorm layer names in the order the forward pass first reaches them (one batch)."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+        for n, m in layers.items()
+    ]
+    try:
+        _run(model, data, batch_size, 1, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [n for n in layers if n not in order]
+
+
+def _population(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    data: Any,
+    batch_size: int,
+    max_batches: int | None,
+    device: Any,
+) -> tuple[int, int]:
+    """Exact statistics, layer by layer in forward order, every upstream layer already recalibrated."""
+    counts = (0, 0)
+    for name in _forward_order(model, layers, data, batch_size, device):
+        bn = layers[name]
+        acc: dict[str, Any] = {}
+
+        def hook(_m: nn.Module, args: tuple[Tensor, ...], acc: dict[str, Any] = acc) -> None:
+            t = args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1).double()
+            acc["s"] = acc.get("s", 0.0) + t.sum(1)
+            acc["ss"] = acc.get("ss", 0.0) + (t * t).sum(1)
+            acc["n"] = acc.get("n", 0) + t.shape[1]
+
+        handle = bn.register_forward_pre_hook(hook)
+        try:
+            counts = _run(model, data, batch_size, max_batches, device)
+        finally:
+            handle.remove()
+        n = acc["n"]
+        mean = acc["s"] / n
+        var = (acc["ss"] / n - mean * mean).clamp_min(0.0) * (n / max(n - 1, 1))
+        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var.to(bn.running_var.dtype))
+        bn.num_batches_tracked.add_(counts[0])
+    return counts
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
@@ -80,6 +155,7 @@ def recalibrate_batchnorm(
     batch_size: int = 256,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    method: Literal["cumulative", "population"] = "cumulative",
 ) -> BatchNormReport:
     """Recompute every BatchNorm layer's running statistics with dropout off (in place).
 
@@ -90,18 +166,26 @@ def recalibrate_batchnorm(
         batch_size: chunk size when ``data`` is a tensor.
         max_batches: stop after this many batches.
         device: move tensor batches here first.
+        method: ``"cumulative"`` (Li et al.: BatchNorm in train mode, ``momentum=None``, so the running
+            variance is the average of the per-batch variances; one pass) or ``"population"`` (exact
+            mean and unbiased variance of each layer's input over all the data, with every upstream layer
+            already recalibrated and in eval form, i.e. what the layer sees at test time; one pass per layer).
 
     Returns:
         a ``BatchNormReport`` with each layer's mean running variance before and after.
 
     Raises:
-        ValueError: no BatchNorm layer with running statistics, or no data.
+        ValueError: no BatchNorm layer with running statistics, no data, or an unknown method.
     """
+    if method not in ("cumulative", "population"):
+        raise ValueError(f"method must be 'cumulative' or 'population', got {method!r}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if method == "population" and not isinstance(data, Tensor) and iter(data) is data:
+        data = list(data)  # several passes: a one-shot iterator is materialised
     before = {n: (m.running_var.clone(), m.running_mean.clone()) for n, m in layers.items()}
     saved_state = {
         n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
@@ -112,22 +196,14 @@ def recalibrate_batchnorm(
     report = BatchNormReport()
     try:
         model.eval()  # every stochastic site and every other layer in eval form
-        for m in layers.values():
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-            m.train()
-        for batch in _batches(data, batch_size):
-            if max_batches is not None and report.batches >= max_batches:
-                break
-            x = _inputs(batch)
-            if device is not None:
-                x = x.to(device) if isinstance(x, Tensor) else x
-            call_model(model, x)
-            report.batches += 1
-            first = x if isinstance(x, Tensor) else next(iter(x.values() if isinstance(x, dict) else x))
-            report.samples += int(first.shape[0])
-        if report.batches == 0:
-            raise ValueError("no data: recalibration needs at least one batch")
+        if method == "population":
+            report.batches, report.samples = _population(model, layers, data, batch_size, max_batches, device)
+        else:
+            for m in layers.values():
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average: every batch weighs the same
+                m.train()
+            report.batches, report.samples = _run(model, data, batch_size, max_batches, device)
     except BaseException:
         for n, m in layers.items():
             mean, var, count = saved_state[n]

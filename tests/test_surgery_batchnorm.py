@@ -73,3 +73,32 @@ def test_errors() -> None:
         recalibrate_batchnorm(model, [])
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k  # a failed recalibration restores the statistics
+
+
+def test_population_method_matches_what_each_layer_sees_at_test_time() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16),
+        nn.Dropout(0.5),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(16, 8),
+        nn.BatchNorm1d(8),
+    )
+    x = torch.randn(300, 8) * 3
+    model.train()
+    with torch.no_grad():
+        for chunk in x.split(16):
+            model(chunk)
+    report = recalibrate_batchnorm(model, iter(list(x.split(16))), method="population")
+    assert report.batches == 19 and report.samples == 300
+    model.eval()
+    with torch.no_grad():
+        first = model[0](x)
+        second = model[5](model[4](model[3](model[2](model[1](first)))))  # upstream BatchNorm recalibrated
+    for bn, inp in ((model[2], first), (model[6], second)):
+        assert torch.allclose(bn.running_mean, inp.mean(0), atol=1e-5)
+        assert torch.allclose(bn.running_var, inp.var(0, unbiased=True), rtol=1e-4)
+    with pytest.raises(ValueError, match="method"):
+        recalibrate_batchnorm(model, x, method="exact")

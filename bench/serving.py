@@ -19,7 +19,9 @@ Load generator: every client owns one HTTP/1.1 keep-alive connection (raw asynci
 once up front, responses read by Content-Length and checked for status 200), so the client side costs little
 next to the servers. Every server runs in its own subprocess; the models are untrained (weights do not change
 the cost). The bench asserts nothing about time. On a shared machine the figures are noisy: compare rows of
-one run, not runs.
+one run, not runs. The last column, server CPU time per request (every process of the server's group, read
+from /proc over the measured window), depends far less on what else runs on the machine than throughput
+does; an idle LitServe still polls its queues, which that column charges to its requests.
 
 ``pip install litserve`` to run the LitServe row (it is not a dependency of dropwise); without it that row is
 skipped.
@@ -197,7 +199,7 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> 
 
 
 @contextmanager
-def _process(command: Sequence[str], ready_url: str, env: dict[str, str]) -> Iterator[None]:
+def _process(command: Sequence[str], ready_url: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     with tempfile.TemporaryFile() as log:
         # A session of its own: LitServe forks an API server and inference workers, and every one of them
         # must go when the run ends.
@@ -209,7 +211,7 @@ def _process(command: Sequence[str], ready_url: str, env: dict[str, str]) -> Ite
                 log.seek(0)
                 sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
                 raise
-            yield
+            yield process
         finally:
             _stop_group(process)
 
@@ -229,7 +231,7 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterator[None]:
+def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterator[subprocess.Popen]:
     """``dropwise serve`` on loopback with the given max batch size (1 = no dynamic batching)."""
     env = {
         **os.environ,
@@ -251,16 +253,16 @@ def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterato
         "--device",
         "cpu",
     ]
-    with _process(command, f"http://127.0.0.1:{port}/readyz", env):
-        yield
+    with _process(command, f"http://127.0.0.1:{port}/readyz", env) as process:
+        yield process
 
 
 @contextmanager
-def litserve_server(package: Path, port: int) -> Iterator[None]:
+def litserve_server(package: Path, port: int) -> Iterator[subprocess.Popen]:
     """LitServe serving the MLP package on loopback."""
     command = [sys.executable, str(Path(__file__).resolve()), "_litserve", str(package), str(port)]
-    with _process(command, f"http://127.0.0.1:{port}/health", dict(os.environ)):
-        yield
+    with _process(command, f"http://127.0.0.1:{port}/health", dict(os.environ)) as process:
+        yield process
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -269,6 +271,26 @@ def http_post(path: str, body: bytes, headers: dict[str, str] | None = None) -> 
     lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
     lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """User + system CPU seconds of every live process in process group ``pgid`` (Linux /proc; else None)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 @dataclass
@@ -280,6 +302,7 @@ class LoadResult:
     seconds: float
     latencies_ms: np.ndarray
     first_error: str = ""
+    server_cpu_s: float | None = None  #: CPU time of the server's processes during the measured window
 
     @property
     def throughput(self) -> float:
@@ -329,26 +352,42 @@ async def _exchange(
             out.append((done - now) * 1000.0)
 
 
+async def _cpu_window(pgid: int | None, warmup_end: float, stop: float) -> float | None:
+    """Server CPU seconds spent between ``warmup_end`` and ``stop``."""
+    if pgid is None:
+        return None
+    await asyncio.sleep(max(0.0, warmup_end - time.perf_counter()))
+    start = group_cpu_seconds(pgid)
+    await asyncio.sleep(max(0.0, stop - time.perf_counter()))
+    end = group_cpu_seconds(pgid)
+    return None if start is None or end is None else end - start
+
+
 async def _load(
-    port: int, request: bytes, clients: int, warmup: float, duration: float, cap: int
+    port: int, request: bytes, clients: int, warmup: float, duration: float, cap: int, pgid: int | None = None
 ) -> LoadResult:
     start = time.perf_counter()
     warmup_end = start + warmup
     stop = warmup_end + duration
     latencies: list[float] = []
     errors: list[str] = []
+    cpu = asyncio.ensure_future(_cpu_window(pgid, warmup_end, stop))
     await asyncio.gather(
         *(_client(port, request, warmup_end, stop, cap, latencies, errors) for _ in range(clients))
     )
     measured = min(time.perf_counter(), stop) - warmup_end
+    if not cpu.done():  # the run ended early (request cap or errors): no full window to charge
+        cpu.cancel()
+    server_cpu = cpu.result() if cpu.done() and not cpu.cancelled() else None
     return LoadResult(
-        len(latencies), len(errors), measured, np.asarray(latencies), errors[0] if errors else ""
+        len(latencies), len(errors), measured, np.asarray(latencies), errors[0] if errors else "", server_cpu
     )
 
 
-def run_load(port: int, request: bytes, args: argparse.Namespace) -> LoadResult:
-    """Drive ``args.clients`` connections for warm-up plus duration seconds (at most ``max_requests``)."""
-    load = _load(port, request, args.clients, args.warmup, args.duration, args.max_requests)
+def run_load(port: int, request: bytes, args: argparse.Namespace, pgid: int | None = None) -> LoadResult:
+    """Drive ``args.clients`` connections for warm-up plus duration seconds (at most ``max_requests``);
+    with ``pgid``, also charge the CPU time of that server process group during the measured window."""
+    load = _load(port, request, args.clients, args.warmup, args.duration, args.max_requests, pgid)
     try:  # uvloop (installed with uvicorn[standard] or litserve) keeps the load generator cheaper
         import uvloop
     except ImportError:
@@ -419,6 +458,13 @@ class Row:
         seconds = sum(r.seconds for r in self.runs)
         return self.requests / seconds if seconds > 0 else 0.0
 
+    @property
+    def cpu_ms_per_request(self) -> float:
+        """Server CPU milliseconds per measured request (rounds without a CPU reading left out)."""
+        runs = [r for r in self.runs if r.server_cpu_s is not None and r.requests]
+        requests = sum(r.requests for r in runs)
+        return 1000.0 * sum(r.server_cpu_s or 0.0 for r in runs) / requests if requests else float("nan")
+
     def percentile(self, q: float) -> float:
         """Latency percentile over every measured request of every repetition."""
         pooled = np.concatenate([r.latencies_ms for r in self.runs]) if self.runs else np.empty(0)
@@ -457,7 +503,7 @@ def _scenario_configs(
     raise ValueError(f"unknown scenario {scenario!r}; choose from cnn-mc, cnn-det, mlp")
 
 
-def _start(key: str, repository: Path, port: int) -> contextlib.AbstractContextManager[None]:
+def _start(key: str, repository: Path, port: int) -> contextlib.AbstractContextManager[subprocess.Popen]:
     if key == "batch":
         return dropwise_server(repository, port, MAX_BATCH)
     if key == "nobatch":
@@ -476,10 +522,10 @@ def run_scenario(
     for round_index in range(args.repeats):
         for key in keys if round_index % 2 == 0 else list(reversed(keys)):
             port = _free_port()
-            with _start(key, repository, port):
+            with _start(key, repository, port) as process:
                 for config in (c for c in configs if c.server_key == key):
                     print(f"  round {round_index + 1}: {config.label} ...", file=sys.stderr, flush=True)
-                    result = run_load(port, config.request, args)
+                    result = run_load(port, config.request, args, pgid=process.pid)
                     if result.errors:
                         print(f"    {result.errors} errors, first: {result.first_error}", file=sys.stderr)
                     rows[config.label].runs.append(result)
@@ -523,14 +569,14 @@ def report(rows: Sequence[Row], args: argparse.Namespace) -> str:
         f"Python {platform.python_version()}.",
         "",
         "| scenario | server | requests | errors | throughput (req/s) | per round (req/s) "
-        "| p50 (ms) | p99 (ms) |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| p50 (ms) | p99 (ms) | server CPU (ms/request) |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         rounds = ", ".join(f"{r.throughput:.0f}" for r in row.runs)
         lines.append(
             f"| {row.scenario} | {row.server} | {row.requests} | {row.errors} | {row.throughput:.0f} | "
-            f"{rounds} | {row.percentile(50):.1f} | {row.percentile(99):.1f} |"
+            f"{rounds} | {row.percentile(50):.1f} | {row.percentile(99):.1f} | {row.cpu_ms_per_request:.2f} |"
         )
     lines.append("")
     by_scenario: dict[str, list[Row]] = {}
@@ -542,7 +588,8 @@ def report(rows: Sequence[Row], args: argparse.Namespace) -> str:
             ratio = row.throughput / baseline.throughput if baseline.throughput else float("nan")
             lines.append(
                 f"- {scenario}: {row.server} / {baseline.server}: throughput {ratio:.2f}x, "
-                f"p99 {row.percentile(99):.1f} ms vs {baseline.percentile(99):.1f} ms"
+                f"p99 {row.percentile(99):.1f} ms vs {baseline.percentile(99):.1f} ms, "
+                f"server CPU {row.cpu_ms_per_request:.2f} vs {baseline.cpu_ms_per_request:.2f} ms per request"
             )
     return "\n".join(lines)
 

@@ -12,6 +12,8 @@ import sys
 
 import typer
 
+from surgery.errors import UserError
+
 app = typer.Typer(
     name="dropwise",
     help="Model surgery around the dropout family, ONNX export, and an MC-dropout prediction service.",
@@ -28,10 +30,6 @@ COMMAND_MODULES = (
     "surgery.commands.convert",
     "service.cli",
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def _register_all() -> None:
@@ -67,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     return 0
 
+
+__all__ = ["UserError", "app", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

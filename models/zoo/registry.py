@@ -163,7 +163,7 @@ ZOO: dict[str, ZooSpec] = dict(
             },
             dataset="mnist",
             task="classification",
-            train=TrainConfig(epochs=10, lr=3e-3, batch_size=64, patience=4, seed=7),
+            train=TrainConfig(epochs=16, lr=3e-3, batch_size=64, patience=5, seed=7),
             description="FractalNet with local and global drop-path (FractalJoin), 3 columns",
             members=("FractalJoin", "BatchNorm2d"),
         ),

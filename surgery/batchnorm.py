@@ -195,7 +195,8 @@ def recalibrate_batchnorm(
     momenta = {n: m.momentum for n, m in layers.items()}
     report = BatchNormReport()
     try:
-        model.eval()  # every stochastic site and every other layer in eval form
+        for m in model.modules():  # every site and every other layer in eval form (not model.eval():
+            m.training = False  # an MC model's eval() would keep its sites on)
         if method == "population":
             report.batches, report.samples = _population(model, layers, data, batch_size, max_batches, device)
         else:

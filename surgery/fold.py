@@ -24,7 +24,6 @@ module) and the fold report says why. The report is ``folded.fold_report``.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .sites import FrozenEval, Site, call_model, find_sites
+from .sites import FrozenEval, Site, call_model, find_sites, plain_copy
 from .split import trace_with_sites
 
 __all__ = [
@@ -377,7 +376,8 @@ def _flat_tensors(out: Any) -> list[Tensor]:
 def _eval_output(model: nn.Module, example_input: Any) -> Any:
     flags = {name: m.training for name, m in model.named_modules()}
     try:
-        model.eval()
+        for m in model.modules():  # not model.eval(): an MC model's eval() keeps its sites on
+            m.training = False
         with torch.no_grad():
             return call_model(model, example_input)
     finally:
@@ -412,7 +412,7 @@ def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
-    folded = copy.deepcopy(model).eval()
+    folded = plain_copy(model).eval()
     sites = find_sites(folded, example_input)
     report = FoldReport()
     graph: _Graph | None = None

@@ -18,14 +18,21 @@ inference model; fine-tune the original instead). ``result.mc_sites`` lists the 
 
 from __future__ import annotations
 
-import copy
 import types
 import warnings
 from typing import Any
 
 from torch import nn
 
-from .sites import SWITCH_FUNCTIONAL, SWITCH_MODULE, Site, find_sites, forward_reads_training, site_type_of
+from .sites import (
+    SWITCH_FUNCTIONAL,
+    SWITCH_MODULE,
+    Site,
+    find_sites,
+    forward_reads_training,
+    plain_copy,
+    site_type_of,
+)
 
 __all__ = ["HeadDropoutLinear", "NoStochasticSiteError", "apply_mc_state", "to_mc"]
 
@@ -111,7 +118,7 @@ def to_mc(
         raise TypeError(f"to_mc expects an nn.Module, got {type(model).__name__}")
     if add_dropout_before_head is not None and not 0.0 < float(add_dropout_before_head) < 1.0:
         raise ValueError(f"add_dropout_before_head must be in (0, 1), got {add_dropout_before_head!r}")
-    mc = copy.deepcopy(model)
+    mc = plain_copy(model)
     sites = find_sites(mc, example_input)
     if example_input is None:
         readers = [n for n, m in mc.named_modules() if site_type_of(m) is None and forward_reads_training(m)]

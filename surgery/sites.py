@@ -42,6 +42,7 @@ __all__ = [
     "call_model",
     "find_sites",
     "module_sites",
+    "plain_copy",
     "register_site_type",
     "site_type_of",
 ]
@@ -365,6 +366,19 @@ def module_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
+_MC_ATTRIBUTES = ("train", "mc_sites", "head_dropout_added")
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without the MC state that ``surgery.mc.to_mc`` installs (its sticky ``train()``), so that
+    ``train()`` / ``eval()`` on the copy mean what they say."""
+    work = copy.deepcopy(model)
+    for module in work.modules():
+        for attr in _MC_ATTRIBUTES:
+            module.__dict__.pop(attr, None)
+    return work
+
+
 def call_model(model: nn.Module, example_input: Any) -> Any:
     """Call ``model`` with a tensor, a tuple/list of positional args, or a dict of keyword args."""
     if isinstance(example_input, dict):
@@ -510,7 +524,7 @@ def find_sites(model: nn.Module, example_input: Any = None) -> list[Site]:
     if example_input is None:
         return sites
     site_names = {s.name for s in sites}
-    work = copy.deepcopy(model)
+    work = plain_copy(model)
     devices = [example_input.device] if isinstance(example_input, torch.Tensor) else []
     cuda = [d.index or 0 for d in devices if d.type == "cuda"]
     with torch.random.fork_rng(devices=cuda):

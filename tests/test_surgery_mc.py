@@ -139,3 +139,32 @@ def test_sites_that_no_flag_controls_are_reported() -> None:
     with pytest.warns(UserWarning, match=r"1:dropout#0 cannot be switched"):
         mc = to_mc(model, example_input=torch.randn(2, 4))
     assert [s.key for s in mc.mc_sites] == ["2"]
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(x, 0.5, self.training))
+
+
+def test_surgery_on_an_mc_model_sees_real_train_and_eval() -> None:
+    from surgery import find_sites, fold, split
+
+    model = nn.Sequential(nn.Linear(4, 4), _Head()).eval()
+    x = torch.randn(8, 4)
+    mc = to_mc(model, example_input=x)
+    # find_sites must not be fooled by the MC model's sticky train()/eval()
+    (site,) = find_sites(mc, x)
+    assert site.switch == "parent.training (functional)"
+    folded = fold(mc, x)
+    assert not folded[1].training and not hasattr(folded, "mc_sites")
+    with torch.no_grad():
+        assert torch.equal(folded(x), folded(x))
+    sp = split(mc, x)
+    assert sp.captured and sp.split_at == "1"  # the gating module is a leaf: its flag stays live
+    mc.get_submodule("1").training = False
+    with torch.no_grad():
+        assert torch.equal(sp(x), model(x))

@@ -488,7 +488,7 @@ class KeyedRandom(TorchFunctionMode):
             target = args[0]
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
             u = self._uniform(target.shape, target.device)
-            return (u < p).to(target.dtype)
+            return target.copy_(u < p)  # in place, as bernoulli_ is: callers may ignore the return value
         if func is torch.bernoulli:
             probs = args[0]
             u = self._uniform(probs.shape, probs.device)
@@ -498,7 +498,8 @@ class KeyedRandom(TorchFunctionMode):
             return self._uniform(like.shape, like.device).to(kwargs.get("dtype") or like.dtype)
         if func is torch.rand:
             size = args[0] if len(args) == 1 and isinstance(args[0], Sequence) else args
-            return self._uniform(size, kwargs.get("device") or self.keys.device)
+            u = self._uniform(size, kwargs.get("device") or self.keys.device)
+            return u.to(kwargs.get("dtype") or torch.get_default_dtype())
         if func is torch.randint:
             low, high = (0, args[0]) if len(args) == 2 else (args[0], args[1])
             size = args[-1]

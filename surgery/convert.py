@@ -332,11 +332,22 @@ def default_fold(model: nn.Module, example: torch.Tensor) -> nn.Module:
         raise ConvertError(f"folding failed: {_one_line(exc)}") from exc
 
 
-def _to_mc(model: nn.Module, example: torch.Tensor) -> nn.Module:
+_HEAD_DROPOUT = re.compile(r"^mc:head_dropout=([0-9]*\.?[0-9]+)$")
+
+
+def head_dropout(surgery: Sequence[str]) -> float | None:
+    """The drop probability of a head dropout added by ``dropwise mc`` (``mc:head_dropout=P``), if any."""
+    for step in surgery:
+        if match := _HEAD_DROPOUT.match(step):
+            return float(match.group(1))
+    return None
+
+
+def _to_mc(model: nn.Module, example: torch.Tensor, head_p: float | None) -> nn.Module:
     from surgery.mc import NoStochasticSiteError, to_mc
 
     try:
-        return to_mc(model, example_input=example)
+        return to_mc(model, example_input=example, add_dropout_before_head=head_p)
     except NoStochasticSiteError as exc:
         raise ConvertError(f"cannot build the MC graph: {_one_line(exc)} (convert with --no-mc)") from exc
 
@@ -399,9 +410,12 @@ def convert_package(
             mc_path = None
             if options.mc:
                 with steps.step("export model.mc.onnx", report.seconds):
-                    mc_model = _to_mc(model, example)
+                    head_p = head_dropout(manifest.surgery)
+                    mc_model = _to_mc(model, example, head_p)
                     mc_path = Path(tmp) / MC_FILE
-                    _export_mc(model, example, mc_path, input_name, manifest.task)
+                    # A head dropout recorded by `dropwise mc` exists only in the MC model: export that one.
+                    source = mc_model if head_p is not None else model
+                    _export_mc(source, example, mc_path, input_name, manifest.task)
                 with steps.step("MC parity", report.seconds):
                     report.mc = _mc_parity(
                         mc_model, mc_path, inputs[: options.mc_batch], manifest.task, input_name, options

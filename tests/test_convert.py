@@ -304,3 +304,25 @@ def test_compare_uses_the_output_scale() -> None:
     small = [np.array([[1e-3]])]
     assert not compare("small", small, [small[0] + 2e-5], 1e-5).passed  # scale floor 1: absolute 1e-5
     assert not compare("nan", small, [np.array([[np.nan]])], 1e-5).passed
+
+
+def test_head_dropout_recorded_by_dropwise_mc_is_exported(tmp_path: Path) -> None:
+    from models.zoo.mlp import dropout_mlp
+    from surgery.package import save_package
+
+    kwargs = {"in_features": 64, "hidden": [32], "out_features": 10, "p_input": 0.0, "p_hidden": 0.0}
+    torch.manual_seed(0)
+    package_dir = save_package(
+        tmp_path / "repo",
+        "plain_mlp",
+        dropout_mlp(**kwargs),
+        task="classification",
+        input_shape=(64,),
+        input_dtype="float32",
+        architecture={"factory": "models.zoo.mlp:dropout_mlp", "kwargs": kwargs},
+        surgery=["mc:head_dropout=0.3"],
+        training={"dataset": "digits"},
+    )
+    report = convert_package(package_dir, FAST)
+    assert report.passed, report.failures()
+    assert report.mc is not None and report.mc.mean_std_onnx > 0 and report.mc.runs_differ

@@ -26,8 +26,8 @@ Peers are not dependencies of dropwise; install them into the environment withou
     pip install scipy scikit-learn 'structlog<23' tqdm torchmetrics einops
 
 Run: ``python -m bench.mc`` (options: ``--networks a,b,c``, ``--samples 32``, ``--batch 64``,
-``--repeats 11``, ``--compile``, ``--threads 1``, ``--device cuda``). ONNX Runtime keeps its own default
-thread pool.
+``--repeats 11``, ``--compile``, ``--threads 1``, ``--device cuda``). With ``--threads 1`` ONNX Runtime
+gets one intra-op thread too; otherwise its default pool.
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ def methods(
         path = export_mc_onnx(model, x, workdir / "mc.onnx", sites=sites, return_samples=False)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # silence the optional-input warning; optimisations stay at default
+        if torch.get_num_threads() == 1:
+            options.intra_op_num_threads = 1  # same thread count as torch when --threads 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feeds = {"input": x.numpy(), "samples": np.array(samples, dtype=np.int64)}
         out["ours (ONNX Runtime)"] = lambda: session.run(None, feeds)

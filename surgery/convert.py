@@ -165,9 +165,11 @@ def _dataset_name(manifest: Manifest) -> str | None:
     return None
 
 
-def _parity_inputs(manifest: Manifest, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """`count` real inputs (test split of the package's dataset), or standard-normal ones for float inputs."""
-    name = _dataset_name(manifest)
+def _parity_inputs(
+    manifest: Manifest, count: int, dataset: str | None = None, seed: int = 0
+) -> tuple[torch.Tensor, str]:
+    """`count` real inputs (test split of `dataset` or the package's); standard normal for float input."""
+    name = dataset or _dataset_name(manifest)
     if name is not None:
         from models.data import load_dataset
 
@@ -358,13 +360,15 @@ def convert_package(
     *,
     allow_modules: Sequence[str] | None = None,
     fold_fn: FoldFunction = default_fold,
+    dataset: str | None = None,
 ) -> ParityReport:
     """Export both ONNX flavours of a package, verify parity and add the graphs and ``parity.json`` to it.
 
     The package is converted in place (existing ONNX files and report are replaced) and its weights are not
     changed; ``options.recalibrate_bn`` is refused here because it changes the weights (use :func:`convert`).
     `fold_fn` replaces `surgery.fold.fold` for networks that need their own folding; whatever it returns is
-    checked against the unfolded network's eval output like the default.
+    checked against the unfolded network's eval output like the default. `dataset` (a `models.data` name)
+    supplies the parity inputs when the manifest names none.
 
     Returns:
         The parity report, also written as ``parity.json``; check ``report.passed``.
@@ -390,7 +394,7 @@ def convert_package(
     )
     try:
         count = max(max(options.batch_sizes), options.mc_batch)
-        inputs, source = _parity_inputs(manifest, count)
+        inputs, source = _parity_inputs(manifest, count, dataset)
         report.options["inputs"] = source
         batches = [inputs[:b] for b in options.batch_sizes]
         example = inputs[:2]
@@ -482,9 +486,14 @@ def _load_weights(model: nn.Module, weights: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception message, without terminal colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """`exc`'s type and the first line of its ROOT cause (where the exporter puts the useful message)."""
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip()
+    line = text.splitlines()[0] if text else type(root).__name__
+    line = line[:240] + ("..." if len(line) > 240 else "")
+    return f"{type(exc).__name__}: {line}" if root is exc else f"{type(exc).__name__} ({line})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -534,7 +543,9 @@ def _save(
     spec: SourceSpec,
     surgery: list[str],
     training: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
 ) -> Path:
+    """Write `model` as a new package version described by `spec` (dataset recorded under training)."""
     return save_package(
         repository,
         name,
@@ -547,12 +558,17 @@ def _save(
         labels=spec.labels,
         surgery=surgery,
         training={**training, **({"dataset": spec.dataset} if spec.dataset else {})},
+        metrics=metrics,
         target=spec.target,
     )
 
 
 def _from_package(
-    package: LoadedPackage, repository: Path | None, name: str | None, options: ConvertOptions
+    package: LoadedPackage,
+    repository: Path | None,
+    name: str | None,
+    options: ConvertOptions,
+    dataset: str | None,
 ) -> Path:
     """Converted in place, unless recalibration or another repository/name asks for a new version."""
     manifest = package.manifest
@@ -573,14 +589,14 @@ def _from_package(
         input_dtype=manifest.input.dtype,
         labels=manifest.labels,
         preprocessing=manifest.input.preprocessing,
-        dataset=_dataset_name(manifest),
+        dataset=dataset or _dataset_name(manifest),
         target=manifest.target.model_dump() if manifest.target else None,
     )
     surgery = list(manifest.surgery)
     if options.recalibrate_bn and _recalibrate(model, spec.dataset):
         surgery.append("recalibrate_bn")
     training = {**manifest.training, "converted_from": f"{manifest.name}/{manifest.version}"}
-    return _save(target_repo, target_name, model, spec, surgery, training)
+    return _save(target_repo, target_name, model, spec, surgery, training, manifest.metrics)
 
 
 def _zoo_spec(zoo_name: str) -> SourceSpec:
@@ -633,7 +649,7 @@ def convert(
         if weights_path is not None:
             raise ConvertError("--weights cannot be combined with a package SOURCE (it has its own weights)")
         package = load_package(source_path, allow_modules=allow_modules)
-        package_dir = _from_package(package, repo, name, options)
+        package_dir = _from_package(package, repo, name, options, dataset)
     elif _FACTORY_REFERENCE.match(source):
         if weights_path is None:
             raise ConvertError(f"a factory SOURCE needs --weights FILE.safetensors: {source}")
@@ -671,7 +687,7 @@ def convert(
                     f"(dropwise train {source})"
                 ) from exc
             package = load_package(existing, allow_modules=allow_modules)
-            package_dir = _from_package(package, repo, name, options)
+            package_dir = _from_package(package, repo, name, options, dataset)
         else:
             model = build(source)
             _load_weights(model, weights_path)
@@ -685,7 +701,7 @@ def convert(
     if on_package is not None:
         on_package(package_dir)
     in_place = dataclasses.replace(options, recalibrate_bn=False)
-    report = convert_package(package_dir, in_place, allow_modules=allow_modules)
+    report = convert_package(package_dir, in_place, allow_modules=allow_modules, dataset=dataset)
     return ConvertResult(package_dir=package_dir, report=report)
 
 

@@ -68,7 +68,8 @@ def convert(
     samples: Annotated[int, typer.Option("--samples", "-T", help="MC samples for the parity z-test.")] = 64,
     device: Annotated[str, typer.Option("--device", help="ONNX Runtime device: auto, cpu or cuda.")] = "cpu",
     dataset: Annotated[
-        str | None, typer.Option("--dataset", help="Dataset (models.data) for a factory SOURCE.")
+        str | None,
+        typer.Option("--dataset", help="Dataset (models.data): a factory's input spec; parity inputs."),
     ] = None,
     kwargs: Annotated[
         str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")

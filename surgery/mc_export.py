@@ -190,17 +190,27 @@ def export_mc_onnx(
         kwargs["opset_version"] = opset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph,
-            example,
-            input_names=[input_name, "samples", "seed"],
-            output_names=output_names(task, return_samples),
-            dynamic_shapes={"x": {0: batch}, "samples": None, "seed": None},
-            dynamo=True,
-            verbose=False,
-            custom_translation_table=onnx_translation_table(),
-            **kwargs,
-        )
+        try:
+            program = torch.onnx.export(
+                graph,
+                example,
+                input_names=[input_name, "samples", "seed"],
+                output_names=output_names(task, return_samples),
+                dynamic_shapes={"x": {0: batch}, "samples": None, "seed": None},
+                dynamo=True,
+                verbose=False,
+                custom_translation_table=onnx_translation_table(),
+                **kwargs,
+            )
+        except Exception as exc:  # the exporter raises many kinds; say which model and why, briefly
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            summary = next((line for line in lines if "Error" in line), lines[0] if lines else "")
+            raise RuntimeError(
+                f"MC export of {type(model).__name__} failed: {summary[:300]}. The MC graph needs every tail "
+                "op exportable with a run-time number of rows T * B (DropConnectConv2d with per_example=True "
+                "uses a grouped convolution whose group count is the number of rows, which ONNX Conv cannot "
+                "take at run time)."
+            ) from exc
     proto = program.model_proto
     proto = _add_optional_seed(proto)
     onnx.checker.check_model(proto)

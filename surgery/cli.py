@@ -22,6 +22,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Model surgery around the dropout family, ONNX export, and an MC-dropout prediction service."""
+
+
 # module path -> each module defines `register(app: typer.Typer) -> None`
 COMMAND_MODULES = (
     "surgery.commands.train",

@@ -294,6 +294,17 @@ def test_chunking_does_not_change_results() -> None:
     torch.testing.assert_close(chunked.samples, whole.samples)
 
 
+def test_channels_last_tail_gives_the_same_values() -> None:
+    model, x = _models()["cnn"]
+    fast = MCEngine(model, x)
+    assert fast.channels_last
+    plain = MCEngine(model, x, channels_last=False)
+    torch.testing.assert_close(
+        fast(x, samples=6, seed=2, return_samples=True).samples,
+        plain(x, samples=6, seed=2, return_samples=True).samples,
+    )
+
+
 def test_batchnorm_statistics_untouched() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -235,7 +235,9 @@ def keep_factor(
     for size in shape:
         n_positions *= int(size)
     thr = threshold(p)
-    fast = not (exportable or torch.compiler.is_exporting() or thr in (0, _LEVELS))
+    # Under torch.compile the bool form is used: inductor fuses it, and mis-compiles int32 -> float32 views.
+    special = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    fast = not (exportable or special or thr in (0, _LEVELS))
     if not fast or dtype != torch.float32 or not _LITTLE_ENDIAN:
         return keep_mask(keys, site, shape, p, exportable=exportable).to(dtype) * scale
     site_k = site_keys(keys, site)

@@ -58,6 +58,7 @@ from surgery.parity import (
     MCParity,
     ParityReport,
     compare,
+    spread_matches,
     z_test,
 )
 from surgery.providers import create_session, resolve_providers
@@ -303,6 +304,7 @@ def _mc_parity(
         alpha=options.alpha,
     )
     std_within = float(o_std.max()) if o_std.size else 0.0
+    spread = spread_matches(t_std, o_std)
     runs_differ = not np.array_equal(o_mean_small, o_mean_again)
     sessions_differ = not np.array_equal(o_mean_small, o_mean_other)
     return MCParity(
@@ -314,7 +316,8 @@ def _mc_parity(
         sessions_differ=sessions_differ,
         mean_std_torch=float(t_std.mean()),
         mean_std_onnx=float(o_std.mean()),
-        passed=test.passed and std_within > 0.0 and runs_differ and sessions_differ,
+        spread_ok=spread,
+        passed=test.passed and std_within > 0.0 and spread and runs_differ and sessions_differ,
     )
 
 
@@ -370,6 +373,9 @@ def convert_package(
     checked against the unfolded network's eval output like the default. `dataset` (a `models.data` name)
     supplies the parity inputs when the manifest names none.
 
+    When the MC graph cannot be exported, the deterministic graph and the report are still written, the
+    reason is in ``report.mc_error`` and the report does not pass.
+
     Returns:
         The parity report, also written as ``parity.json``; check ``report.passed``.
 
@@ -411,19 +417,24 @@ def convert_package(
                 report.deterministic = _deterministic_parity(
                     model, folded, session, input_name, batches, options.tolerance
                 )
-            mc_path = None
+            mc_path: Path | None = None
             if options.mc:
                 with steps.step("export model.mc.onnx", report.seconds):
                     head_p = head_dropout(manifest.surgery)
                     mc_model = _to_mc(model, example, head_p)
-                    mc_path = Path(tmp) / MC_FILE
                     # A head dropout recorded by `dropwise mc` exists only in the MC model: export that one.
                     source = mc_model if head_p is not None else model
-                    _export_mc(source, example, mc_path, input_name, manifest.task)
-                with steps.step("MC parity", report.seconds):
-                    report.mc = _mc_parity(
-                        mc_model, mc_path, inputs[: options.mc_batch], manifest.task, input_name, options
-                    )
+                    try:
+                        mc_path = Path(tmp) / MC_FILE
+                        _export_mc(source, example, mc_path, input_name, manifest.task)
+                    except ExportError as exc:  # the deterministic graph is still written and usable
+                        report.mc_error = " ".join(str(exc).split())
+                        mc_path = None
+                if mc_path is not None:
+                    with steps.step("MC parity", report.seconds):
+                        report.mc = _mc_parity(
+                            mc_model, mc_path, inputs[: options.mc_batch], manifest.task, input_name, options
+                        )
             with steps.step("write package", report.seconds):
                 add_file(path, DETERMINISTIC_FILE, det_path)
                 if mc_path is not None:
@@ -445,7 +456,7 @@ def _export_record(options: ConvertOptions, report: ParityReport) -> dict[str, A
         },
         "parity": {"passed": report.passed, "tolerance": options.tolerance, "file": PARITY_FILE},
     }
-    if options.mc:
+    if report.mc is not None:
         record[MC_FILE] = {"flavour": "mc", "default_samples": options.samples}
     return record
 

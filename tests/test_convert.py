@@ -77,7 +77,15 @@ def repository_of(converted: _Converted) -> Path:
 # --------------------------------------------------------------------------------------------- zoo
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+# surgery.mc_export cannot export DropConnectConv2d with per-example masks (a grouped convolution whose group
+# count is T * B at run time; ONNX Conv takes it only as a constant). Strict: this fails once it is fixed.
+_MC_EXPORT_GAP = pytest.mark.xfail(
+    strict=True, reason="MC export of per-example DropConnectConv2d is not supported by surgery.mc_export"
+)
+ZOO_PARAMS = [pytest.param(n, marks=_MC_EXPORT_GAP) if n == "dropconnect_cnn_digits" else n for n in ZOO]
+
+
+@pytest.mark.parametrize("name", ZOO_PARAMS)
 def test_zoo_network_converts_with_parity(name: str, converted: _Converted) -> None:
     package_dir, report = converted[name]
     assert report.passed, report.failures()
@@ -89,6 +97,7 @@ def test_zoo_network_converts_with_parity(name: str, converted: _Converted) -> N
     assert all(c.relative <= 1e-5 and c.batch_sizes == (1, 5, 32) for c in report.deterministic)
     assert report.mc is not None and report.mc.z_test.z_max <= report.mc.z_test.threshold
     assert report.mc.std_within_run > 0 and report.mc.runs_differ and report.mc.sessions_differ
+    assert report.mc.spread_ok
     assert report.providers["provider"] == "CPUExecutionProvider"
 
     loaded = load_package(package_dir, build=False)  # verifies every sha256
@@ -326,3 +335,14 @@ def test_head_dropout_recorded_by_dropwise_mc_is_exported(tmp_path: Path) -> Non
     report = convert_package(package_dir, FAST)
     assert report.passed, report.failures()
     assert report.mc is not None and report.mc.mean_std_onnx > 0 and report.mc.runs_differ
+
+
+def test_spread_guard_flags_a_degenerate_mc_graph() -> None:
+    from surgery.parity import spread_matches
+
+    torch_std = np.full((8, 10), 0.04)
+    assert spread_matches(torch_std, torch_std * 1.3)
+    assert not spread_matches(torch_std, np.full((8, 10), 1e-8))  # samples barely vary: masks not redrawn
+    assert not spread_matches(torch_std, torch_std * 5)  # drop probability far too high
+    assert spread_matches(np.zeros((2, 3)), np.zeros((2, 3)))
+    assert not spread_matches(torch_std, np.full((8, 10), np.nan))

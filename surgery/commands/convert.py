@@ -49,7 +49,7 @@ def convert(
     ] = None,
     repository: Annotated[
         Path | None,
-        typer.Option("--repository", "-r", help="Repository for new packages [default: model_repository]."),
+        typer.Option("--repository", "-r", help="Repository for new packages (default: model_repository)."),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Package name (default from SOURCE).")] = None,
     fold: Annotated[

@@ -332,7 +332,8 @@ def test_head_dropout_recorded_by_dropwise_mc_is_exported(tmp_path: Path) -> Non
         surgery=["mc:head_dropout=0.3"],
         training={"dataset": "digits"},
     )
-    report = convert_package(package_dir, FAST)
+    with pytest.warns(UserWarning, match="inserted Dropout"):
+        report = convert_package(package_dir, FAST)
     assert report.passed, report.failures()
     assert report.mc is not None and report.mc.mean_std_onnx > 0 and report.mc.runs_differ
 

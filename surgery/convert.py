@@ -497,13 +497,14 @@ def _load_weights(model: nn.Module, weights: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    """`exc`'s type and the first line of its ROOT cause (where the exporter puts the useful message)."""
+    """`exc`'s first line; for an exporter exception, that of its ROOT cause (where the useful message is)."""
     root = exc
-    while root.__cause__ is not None and root.__cause__ is not root:
+    library = type(exc).__module__.split(".")[0] in ("torch", "onnx", "onnxscript")
+    while library and root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip()
     line = text.splitlines()[0] if text else type(root).__name__
-    line = line[:240] + ("..." if len(line) > 240 else "")
+    line = line[:400] + ("..." if len(line) > 400 else "")
     return f"{type(exc).__name__}: {line}" if root is exc else f"{type(exc).__name__} ({line})"
 
 

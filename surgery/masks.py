@@ -452,7 +452,9 @@ class KeyedRandom(TorchFunctionMode):
     such as DropConnect, DropBlock or FractalJoin's drop and survivor draws stay reproducible per row
     whatever shares the batch); any other draw uses one key from all N keys (reproducible for an identical
     batch). Each element gets its own 32-bit hash word; the uniform is its top 24 bits. ``generator``
-    arguments are ignored. Caveat: a layer whose per-example draws have some OTHER dimension of size N
+    arguments are ignored. A layer that couples rows itself (DropBlock2d rescales by the kept fraction of
+    the whole tensor) reproduces only for an identical batch. Caveat: a layer whose per-example draws have
+    some OTHER dimension of size N
     (N = T * B rows) would be keyed along that one; the layers of ``models.layers`` do not.
     """
 

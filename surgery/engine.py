@@ -13,8 +13,8 @@ passes. Only the layers from the first stochastic site on differ between passes,
    Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
    forward) run their own train-mode forward (`surgery.masks.TrainModeSite`) with torch's random draws
    routed to the same hash (`surgery.masks.KeyedRandom`): per-example draws stay keyed per row; a draw
-   shared by the whole batch (e.g. one DropConnect mask for all rows) reproduces only for an identical
-   batch;
+   shared by the whole batch (e.g. one DropConnect mask for all rows), and DropBlock (which rescales by
+   the kept fraction of the whole tensor), reproduce only for an identical batch;
 5. summarises the per-sample outputs ``[T, B, K]`` (``surgery.summaries``, DESIGN section 3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:

@@ -200,7 +200,7 @@ def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, export
     Position ``i`` (row-major over ``shape``) of row ``n`` is kept when the ``i``-th 16-bit hash value of
     ``site_key(keys[n], site)`` is ``>= threshold(p)``, i.e. with probability ``1 - quantised_p(p)``,
     independently across rows, samples, sites and positions (up to the hash's quality, tested in
-    ``tests/test_summaries.py`` / ``tests/test_engine.py``). ``exportable=True`` takes the int64 path that
+    ``tests/test_engine.py``). ``exportable=True`` takes the int64 path that
     exports to ONNX; both paths return identical masks.
     """
     n_positions = 1

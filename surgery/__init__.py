@@ -2,7 +2,8 @@
 
 Public API: ``find_sites`` / ``register_site_type`` / ``Site`` (surgery.sites), ``fold`` (surgery.fold),
 ``to_mc`` (surgery.mc), ``split`` / ``SplitModel`` (surgery.split), ``recalibrate_batchnorm``
-(surgery.batchnorm). Each import is guarded so that a sibling module that is missing or broken in a partial
+(surgery.batchnorm), ``mc_predict`` / ``MCEngine`` / ``MCResult`` (surgery.engine), ``export_mc_onnx``
+(surgery.mc_export). Each import is guarded so that a sibling module that is missing or broken in a partial
 checkout does not break the others.
 """
 
@@ -31,5 +32,5 @@ _export("mc", "NoStochasticSiteError", "to_mc")
 _export("split", "SplitModel", "split")
 _export("batchnorm", "BatchNormReport", "recalibrate_batchnorm")
 
-# --- MC engine (surgery.engine, owned by the engine helper): mc_predict / MCEngine -------------------------
-_export("engine", "MCEngine", "mc_predict")
+_export("engine", "MCEngine", "MCResult", "mc_predict")
+_export("mc_export", "export_mc_onnx")

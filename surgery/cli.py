@@ -40,19 +40,13 @@ COMMAND_MODULES = (
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a part not built yet must not break the others
-            if exc.name == name:
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     _register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except UserError as exc:
         print(f"dropwise: error: {exc}", file=sys.stderr)
         return 2
@@ -69,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    # with standalone_mode=False click returns a `typer.Exit` code instead of raising it
+    return result if isinstance(result, int) else 0
 
 
 __all__ = ["UserError", "app", "main"]

@@ -141,7 +141,10 @@ def test_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     from surgery.cli import main
 
     code = main(
-        ["train", "mlp_diabetes", "--quick", "--no-progress", "--repository", str(tmp_path), "--seed", "3"]
+        [
+            *("train", "mlp_diabetes", "--quick", "--no-progress", "--no-export"),
+            *("--repository", str(tmp_path), "--seed", "3"),
+        ]
     )
     assert code == 0
     out = capsys.readouterr().out
@@ -152,3 +155,15 @@ def test_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["train", "no_such_net", "--repository", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dropwise: error: unknown network no_such_net") and "\n" not in err
+
+
+def test_train_command_exports_through_the_convert_pipeline(tmp_path: Path) -> None:
+    import json
+
+    from surgery.cli import main
+
+    args = ["train", "embedding_digits_tokens", "--quick", "--no-progress", "--repository", str(tmp_path)]
+    assert main(args) == 0
+    package = load_package(tmp_path, "embedding_digits_tokens")
+    assert {"model.onnx", "model.mc.onnx", "parity.json"} <= set(package.manifest.files)
+    assert json.loads((package.path / "parity.json").read_text())["passed"] is True

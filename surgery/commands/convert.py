@@ -31,7 +31,7 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence library chatter that is not about the user's model (the report says what matters)."""
     import onnxruntime as ort
 
@@ -86,7 +86,7 @@ def convert(
 ) -> None:
     """Convert a trained network into a model package with verified ONNX graphs."""
     if not verbose:
-        _quiet_libraries()
+        quiet_libraries()
     from surgery.cli import UserError
     from surgery.convert import ConvertError, ConvertOptions, report_json, report_summary
     from surgery.convert import convert as run_convert

@@ -3,6 +3,8 @@
 Each network trains with its recipe from ``models.zoo.ZOO`` (seeded, early stopping, progress bar) and is
 written through ``surgery.package.save_package`` as ``<repository>/<name>/<version>/`` (safetensors weights
 and a manifest with architecture, hyper-parameters, split and metrics). A summary line per network follows.
+Unless ``--no-export`` is given, each package then goes through the same pipeline as ``dropwise convert``
+(fold, deterministic and MC ONNX graphs, parity report); a parity failure exits non-zero.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def train(
         int | None, typer.Option("--seed", help="Override every network's training seed.")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export/--no-export",
+            help="Also export model.onnx and model.mc.onnx and verify parity (dropwise convert's pipeline).",
+        ),
+    ] = True,
 ) -> None:
     """Train reference networks (all by default) and write them as model packages."""
     from models.training import train_zoo
@@ -56,14 +65,33 @@ def train(
         raise UserError(f"unknown network {', '.join(unknown)}; choose from: {', '.join(ZOO)}")
     if repository.exists() and not repository.is_dir():
         raise UserError(f"repository {repository} exists and is not a directory")
+    failed: list[str] = []
+
+    def written(path: Path) -> None:
+        typer.echo(_summary(path))
+        if export:
+            failed.extend(_export(path, progress=progress))
+
+    if export:
+        from surgery.commands.convert import quiet_libraries
+
+        quiet_libraries()
     train_zoo(
-        list(names or []) or None,
-        repository,
-        quick=quick,
-        seed=seed,
-        progress=progress,
-        on_package=lambda path: typer.echo(_summary(path)),
+        list(names or []) or None, repository, quick=quick, seed=seed, progress=progress, on_package=written
     )
+    if failed:
+        raise UserError(f"parity failed for {'; '.join(failed)} (packages written; see their parity.json)")
+
+
+def _export(path: Path, *, progress: bool) -> list[str]:
+    """Run the convert pipeline on a freshly written package; the failures as `name: reason` lines."""
+    from surgery.convert import ConvertOptions, convert_package
+
+    report = convert_package(path, ConvertOptions(progress=progress))
+    if report.passed:
+        typer.echo(f"  {path.parent.name}: model.onnx and model.mc.onnx written, parity passed")
+        return []
+    return [f"{path.parent.name}: {', '.join(map(str, report.failures)) or 'see parity.json'}"]
 
 
 def register(app: typer.Typer) -> None:

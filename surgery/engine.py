@@ -12,9 +12,11 @@ passes. Only the layers from the first stochastic site on differ between passes,
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
    Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
    forward) run their own train-mode forward (`surgery.masks.TrainModeSite`) with torch's random draws
-   routed to the same hash (`surgery.masks.KeyedRandom`): per-example draws stay keyed per row; a draw
-   shared by the whole batch (e.g. one DropConnect mask for all rows), and DropBlock (which rescales by
-   the kept fraction of the whole tensor), reproduce only for an identical batch;
+   routed to the same hash (`surgery.masks.KeyedRandom`): per-example draws stay keyed per row, and
+   ``models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the whole
+   batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
+   (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
+   functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
 5. summarises the per-sample outputs ``[T, B, K]`` (``surgery.summaries``, DESIGN section 3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
@@ -149,7 +151,7 @@ def _replacement(site: Site, module: nn.Module, index: int, context: MaskContext
     if site.kind == "drop_path" and site.function is None:
         form = "path" if getattr(module, "scale_by_keep", True) else "path_classic"
     if form is None:
-        return TrainModeSite(module, context, index)
+        return TrainModeSite(module, context, index, functional=site.function is not None)
     return HashMaskSite(context, index, float(site.p), form)
 
 
@@ -275,6 +277,33 @@ class MCEngine:
         self.chunk_rows = int(chunk_rows)
         self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
         self.channels_last = self._device().type == "cpu" if channels_last is None else bool(channels_last)
+        if any(isinstance(m, TrainModeSite) for m in self.replaced):
+            # one small eager pass so the train-mode sites see their draws (`rows_independent`)
+            self._probe(example)
+
+    @torch.inference_mode()
+    def _probe(self, example: tuple[Tensor, ...]) -> None:
+        """One eager tail pass (T = 1, seed 0) on ``example``; its outputs are discarded."""
+        live = self.trunk(*example)
+        index, keys = self.layout([int(example[0].shape[0])], [1], [0])
+        self.context.keys = keys
+        try:
+            self.tail(
+                *[t.index_select(0, index) if b else t for t, b in zip(live, self._batched, strict=True)]
+            )
+        finally:
+            self.context.keys = None
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a seeded request's result can never depend on its batch companions.
+
+        True when every chosen site is a hash-mask site or a `masks.TrainModeSite` whose
+        ``rows_independent`` holds (``models.layers`` DropBlock2d / DropConnect / FractalJoin with every
+        draw keyed per row). When False, `run_batch` still works, but a seeded request reproduces only for
+        an identical batch: run such requests one per call.
+        """
+        return all(m.rows_independent for m in self.replaced if isinstance(m, TrainModeSite))
 
     @property
     def captured(self) -> bool:

@@ -451,11 +451,9 @@ class KeyedRandom(TorchFunctionMode):
     sample-rows (the first such) is keyed PER ROW along it (row n uses sample-row n's key: per-example layers
     such as DropConnect, DropBlock or FractalJoin's drop and survivor draws stay reproducible per row
     whatever shares the batch); any other draw uses one key from all N keys (reproducible for an identical
-    batch). Each element gets its own 32-bit hash word; the uniform is its top 24 bits. ``generator``
-    arguments are ignored. A layer that couples rows itself (DropBlock2d rescales by the kept fraction of
-    the whole tensor) reproduces only for an identical batch. Caveat: a layer whose per-example draws have
-    some OTHER dimension of size N
-    (N = T * B rows) would be keyed along that one; the layers of ``models.layers`` do not.
+    batch) and is counted in ``shared_draws``. Each element gets its own 32-bit hash word; the uniform is its
+    top 24 bits. ``generator`` arguments are ignored. Caveat: a layer whose per-example draws have some OTHER
+    dimension of size N (N = T * B rows) would be keyed along that one.
     """
 
     def __init__(self, keys: Tensor, site: int) -> None:
@@ -463,6 +461,7 @@ class KeyedRandom(TorchFunctionMode):
         self.keys = keys
         self.site_k = site_keys(keys, site)
         self.calls = 0
+        self.shared_draws = 0
 
     def _uniform(self, shape: Sequence[int], device: torch.device) -> Tensor:
         code = _mixed_constant(self.calls, _C5)
@@ -474,6 +473,7 @@ class KeyedRandom(TorchFunctionMode):
             base = mix32(self.site_k ^ code)
             inner = shape[:row_dim] + shape[row_dim + 1 :]
         else:
+            self.shared_draws += 1
             base = mix32((self.site_k.sum(dim=0, keepdim=True) & _M32) ^ code)
             inner = shape
         n_positions = 1
@@ -512,26 +512,65 @@ class KeyedRandom(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _row_local_layers() -> tuple[type, ...]:
+    """Layers whose train-mode forward treats rows independently apart from its random draws."""
+    try:
+        from models.layers import DropBlock2d, DropConnectConv2d, DropConnectLinear, FractalJoin
+    except ImportError:  # surgery used without the models package: no layer is known to be row-local
+        return ()
+    return (DropBlock2d, DropConnectConv2d, DropConnectLinear, FractalJoin)
+
+
 class TrainModeSite(torch.nn.Module):
     """Wraps a site with no hash-mask form (DropBlock, DropConnect, FractalJoin, functional dropout).
 
     Runs the wrapped module's own forward with ITS OWN ``training`` flag set (children keep theirs, so a
     BatchNorm inside stays in eval) and its random draws routed to the counter-based hash by
     `KeyedRandom`: the layer's own sampling logic (DropBlock's valid-region seeds, DropConnect's
-    per-example weight masks, FractalJoin's survivor rule) with hash-based draws.
+    per-example weight masks, FractalJoin's survivor rule) with hash-based draws. A ``models.layers``
+    ``DropBlock2d`` runs with ``normalize="sample"`` (its rescale counted per sample instead of over the
+    whole batch; both preserve the expectation), so its rows do not depend on each other.
+
+    ``rows_independent``: whether a seeded row's output can depend only on that row (its seed, row index
+    and sample), never on the rest of the batch. True when the wrapped module is a ``models.layers``
+    DropBlock2d, DropConnect layer or FractalJoin (a module site, not a functional one) AND every draw
+    seen so far was keyed per row (a ``per_example=False`` DropConnect mask, or a DropConnect over a
+    ``[B, L, F]`` input, draws one mask for the whole batch). Other modules (timm / torchvision DropBlock,
+    which rescale over the whole batch, user-registered kinds, functional dropout, whose ``F.dropout``
+    draws are not routed to the hash) are False. Meaningful once a pass has run (the engine runs one).
     """
 
-    def __init__(self, module: torch.nn.Module, context: MaskContext, site: int) -> None:
+    def __init__(
+        self, module: torch.nn.Module, context: MaskContext, site: int, *, functional: bool = False
+    ) -> None:
         super().__init__()
         self.module = module
         self.context = context
         self.site = int(site)
+        self.functional = bool(functional)
+        layers = _row_local_layers()
+        self._row_local = not self.functional and isinstance(module, layers)
+        self._per_sample_norm = bool(layers) and isinstance(module, layers[0])
+        self.shared_draws = 0
+
+    @property
+    def rows_independent(self) -> bool:
+        """See the class docstring."""
+        return self._row_local and self.shared_draws == 0
 
     def forward(self, *args: object, **kwargs: object) -> object:
         """Run the wrapped module stochastically with keyed draws."""
         self.module.training = True
+        if self._per_sample_norm:
+            saved = getattr(self.module, "normalize", "batch")
+            self.module.normalize = "sample"
         try:
-            with KeyedRandom(self.context.require_keys(), self.site):
-                return self.module(*args, **kwargs)
+            random = KeyedRandom(self.context.require_keys(), self.site)
+            with random:
+                out = self.module(*args, **kwargs)
+            self.shared_draws += random.shared_draws
+            return out
         finally:
             self.module.training = False
+            if self._per_sample_norm:
+                self.module.normalize = saved

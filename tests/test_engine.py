@@ -15,9 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import ClassicDropout, DropConnectLinear, DropPath, EmbeddingDropout, FractalJoin
+from models.layers import (
+    ClassicDropout,
+    DropBlock2d,
+    DropConnectLinear,
+    DropPath,
+    EmbeddingDropout,
+    FractalJoin,
+)
 from surgery.engine import MCEngine, mc_predict
-from surgery.masks import keep_mask, quantised_p, row_keys, sample_keys, threshold
+from surgery.masks import KeyedRandom, keep_mask, quantised_p, row_keys, sample_keys, threshold
 
 Z = 5.0
 
@@ -274,6 +281,55 @@ def test_train_mode_sites_use_keyed_draws_reproducible_per_row(name: str) -> Non
     torch.testing.assert_close(inside.samples, alone.samples)
     assert alone.samples.std(0).min() > 0
     assert not torch.allclose(engine(x, samples=16, seed=9, return_samples=True).samples, alone.samples)
+
+
+def _drop_block_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1),
+        nn.ReLU(),
+        DropBlock2d(0.3, 3),
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 5),
+    )
+
+
+def test_drop_block_row_does_not_depend_on_its_batch_companions() -> None:
+    model, x = _drop_block_cnn(), torch.randn(3, 2, 6, 6)
+    engine = MCEngine(model, x)
+    (site,) = engine.replaced
+    assert type(site).__name__ == "TrainModeSite" and engine.rows_independent
+    alone = engine(x[:1], samples=24, seed=11, return_samples=True)
+    assert alone.samples.std(0).min() > 0
+    companions = torch.randn(5, 2, 6, 6) * 3
+    for rows, samples in (([5, 1], [9, 24]), ([2, 1], [1, 24])):
+        _, inside = engine.run_batch(
+            torch.cat([companions[: rows[0]], x[:1]]), rows, samples, [3, 11], return_samples=True
+        )
+        # a batch-wide rescale (count / count_ones over the whole tensor) moves every sample by percents
+        torch.testing.assert_close(inside.samples, alone.samples, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inside.mean_probs, alone.mean_probs, rtol=1e-5, atol=1e-5)
+    # the row's first sample, recomputed by hand with a per-sample rescale of its own keyed mask
+    assert model[2].normalize == "batch"  # the user's model is untouched
+    with torch.no_grad():
+        h = model[:2](x[:1])
+        keys = sample_keys(row_keys(torch.tensor([11]), torch.tensor([0])), 1)
+        with KeyedRandom(keys, 0):
+            mask = (torch.rand(1, 8, 4, 4) < model[2].p / 9 * 36 / 16).float()
+        blocks = F.max_pool2d(F.pad(mask, (2, 2, 2, 2)), 3, stride=1)[..., :6, :6]
+        keep = 1 - blocks
+        want = model[3:](h * keep * keep.numel() / keep.sum())
+    torch.testing.assert_close(alone.samples[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_independent_only_when_every_train_mode_site_keys_rows() -> None:
+    x = torch.randn(4, 6)
+    shared = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), DropConnectLinear(12, 3, p=0.4, per_example=False))
+    engine = MCEngine(shared, x)
+    assert not engine.rows_independent  # one weight mask drawn for the whole batch
+    assert MCEngine(_models()["drop_connect"][0], x).rows_independent
+    assert MCEngine(_models()["mlp"][0], torch.randn(4, 6)).rows_independent  # hash sites only
 
 
 def test_unseeded_calls_differ_and_report_a_reproducing_seed() -> None:

@@ -121,6 +121,42 @@ def test_gradcheck_with_fixed_mask(block: int) -> None:
     )
 
 
+def test_sample_normalisation_rescales_each_sample_by_its_own_kept_fraction() -> None:
+    x = torch.rand(6, 4, 10, 10, generator=_gen(10)) + 0.5
+    batch = drop_block2d(x, 0.3, 3, training=True, generator=_gen(11))
+    sample = DropBlock2d(0.3, 3, generator=_gen(11), normalize="sample").train()(x)
+    keep = (batch != 0).to(x.dtype)
+    assert torch.equal(keep, (sample != 0).to(x.dtype)), "the option changes the scale, not the mask"
+    per_sample = 400 / keep.sum(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(sample, x * keep * per_sample)
+    ones = torch.ones(6, 4, 10, 10)
+    sums = drop_block2d(ones, 0.3, 3, training=True, generator=_gen(11), normalize="sample").sum((1, 2, 3))
+    torch.testing.assert_close(sums, torch.full((6,), 400.0))  # each sample keeps its own total
+    batch_sums = drop_block2d(ones, 0.3, 3, training=True, generator=_gen(11)).sum((1, 2, 3))
+    assert (batch_sums - 400).abs().max() > 1.0, "the batch rescale does not preserve each sample's total"
+    assert float(batch_sums.sum()) == pytest.approx(2400.0, rel=1e-5)
+    # a row's output depends on its own mask only: the same mask rows give the same values in any batch
+    assert torch.equal(sample[2:3], x[2:3] * keep[2:3] * per_sample[2:3])
+    assert DropBlock2d(0.1, 3).normalize == "batch"
+    assert "normalize='sample'" in repr(DropBlock2d(0.1, 3, normalize="sample"))
+    with pytest.raises(ValueError, match="normalize"):
+        DropBlock2d(0.1, 3, normalize="channel")
+
+
+def test_both_normalisations_preserve_the_expected_mean_factor() -> None:
+    # On a constant map the rescaled mask's mean over all positions is 1 in both modes; per position
+    # neither is 1 (DropBlock drops central pixels more often than edge ones), and the two modes agree up
+    # to the ratio-of-counts bias of the per-sample count, O(1 / (C * H * W)).
+    n, ones = 8000, torch.ones(8000, 4, 8, 8)
+    sample = drop_block2d(ones, 0.2, 3, training=True, generator=_gen(13), normalize="sample")
+    batch = drop_block2d(ones, 0.2, 3, training=True, generator=_gen(14))
+    assert float(sample.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(batch.mean()) == pytest.approx(1.0, rel=1e-5)
+    se = (sample.var(0) / n + batch.var(0) / n).sqrt()
+    assert ((sample.mean(0) - batch.mean(0)).abs() < SIGMAS * se + 0.02).all()
+    assert float(batch.mean(0)[0, 3, 3]) < 0.9 < 1.1 < float(batch.mean(0)[0, 0, 0])  # not 1 per position
+
+
 def test_eval_identity_and_input_checks() -> None:
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(DropBlock2d(0.5, 3).eval()(x), x)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.layers import DropConnectLinear
+from models.layers import DropBlock2d, DropConnectLinear
 from surgery.engine import MCEngine
 from surgery.mc_export import export_mc_onnx, output_names
 from surgery.summaries import CLASSIFICATION_OUTPUTS
@@ -174,3 +174,29 @@ def test_regression_graph_with_a_site_subset_and_a_drop_connect_site(tmp_path: P
     assert int(seed) == 77 and std.min() > 0
     unseeded = [session.run(["mean"], {"input": x.numpy(), "samples": np.array(12)})[0] for _ in range(2)]
     assert not np.array_equal(*unseeded)
+
+
+def test_drop_block_graph_equals_the_engine_and_rows_ignore_their_companions(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1),
+        nn.ReLU(),
+        DropBlock2d(0.3, 3),  # no hash form: keyed train-mode draws, per-sample rescale
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 5),
+    )
+    x = torch.randn(3, 2, 6, 6)
+    session = _session(export_mc_onnx(model, x, tmp_path / "block.onnx", input_name="x"))
+    names = [o.name for o in session.get_outputs()]
+
+    def run(rows: torch.Tensor) -> np.ndarray:
+        out = session.run(None, {"x": rows.numpy(), "samples": np.array(10), "seed": np.array(5)})
+        return dict(zip(names, out, strict=True))["sample_outputs"]
+
+    batch = run(x)
+    want = MCEngine(model, x)(x, samples=10, seed=5, return_samples=True).samples.numpy()
+    np.testing.assert_allclose(batch, want, rtol=1e-5, atol=1e-5)
+    assert batch.std(0).min() > 0
+    # a batch-wide DropBlock rescale would move row 0's samples when its companions go away
+    np.testing.assert_allclose(run(x[:1]), batch[:, :1], rtol=1e-5, atol=1e-6)

@@ -12,10 +12,22 @@ Train, for ``x: [B, C, H, W]`` at drop probability ``p`` and block size ``bs``:
    so that the expected number of seeds covering a pixel, averaged over the map, is ``p``;
 3. each seed zeroes the ``bh x bw`` square it anchors (a dilation of the seed mask by shifted ORs; any
    block size, even or odd);
-4. the kept activations are scaled by ``count(M) / count_ones(M)`` over the whole tensor.
+4. the kept activations are scaled by ``count(M) / count_ones(M)`` (the paper's algorithm 1, step 6),
+   counted over the whole tensor (``normalize="batch"``, the default: the paper's reference code
+   normalises over the batch) or over each sample's ``C * H * W`` values (``normalize="sample"``).
+
+Both preserve the expectation in the same sense: over the counted set the rescaled mask sums to
+``count(M)`` exactly (unless all of it is dropped), so the expected mean factor is 1 and a constant input
+keeps its expected total. Per position neither factor is 1 in expectation (DropBlock drops central pixels
+more often than edge ones, e.g. 0.85 vs 1.17 on an 8x8 map, p = 0.2, block 3); the two modes agree per
+position up to the ratio-of-counts bias of the per-sample count, O(1 / (C * H * W)) (under 2% at 256
+values per sample; tested). ``"batch"`` couples the rows of a batch (one sample's output depends on the
+masks of its companions); with ``"sample"`` each row depends only on its own mask, which MC inference needs
+to reproduce a seeded row whatever else shares its batch (`surgery.masks.TrainModeSite` selects it inside
+the MC engine). A sample whose mask is all zeros stays 0.
 
 Because blocks overlap, the zeroed fraction is slightly below ``p`` (exactly ``p`` when the block covers
-the map). Eval: ``x``. MC: as train at the current ``drop_prob``.
+the map). Eval: ``x``. MC: as train at the current ``drop_prob`` (per-sample rescale in the MC engine).
 
 ``DropBlockSchedule`` ramps ``drop_prob`` linearly from 0 to the target ``p`` (the paper's linear
 keep-probability schedule from 1 to ``1 - p``).
@@ -32,13 +44,29 @@ from torch import Tensor, nn
 
 from ._common import check_generator, check_probability
 
-__all__ = ["DropBlock2d", "DropBlockSchedule", "drop_block2d", "drop_block_gamma", "drop_block_mask"]
+__all__ = [
+    "NORMALIZE_MODES",
+    "DropBlock2d",
+    "DropBlockSchedule",
+    "drop_block2d",
+    "drop_block_gamma",
+    "drop_block_mask",
+]
+
+NORMALIZE_MODES: tuple[str, ...] = ("batch", "sample")
+"""Sets the rescale ``count(M) / count_ones(M)`` is counted over: the whole tensor or each sample."""
 
 
 def _check_block_size(block_size: int) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     return block_size
+
+
+def _check_normalize(normalize: str) -> str:
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    return normalize
 
 
 def drop_block_gamma(p: float, block_size: int, height: int, width: int) -> float:
@@ -82,16 +110,26 @@ def drop_block2d(
     *,
     training: bool,
     generator: torch.Generator | None = None,
+    normalize: str = "batch",
 ) -> Tensor:
-    """DropBlock on ``x: [B, C, H, W]`` (see module docstring); identity when not ``training``."""
+    """DropBlock on ``x: [B, C, H, W]`` (see module docstring); identity when not ``training``.
+
+    ``normalize``: ``"batch"`` rescales by the kept fraction of the whole tensor (Ghiasi 2018),
+    ``"sample"`` by that of each sample (rows independent of each other); both preserve the expectation.
+    """
     p = check_probability(p)
     _check_block_size(block_size)
+    _check_normalize(normalize)
     if x.dim() != 4:
         raise ValueError(f"drop_block2d expects [batch, channels, height, width], got shape {tuple(x.shape)}")
     if not training or p == 0.0 or x.numel() == 0:
         return x
     mask = drop_block_mask(tuple(x.shape), p, block_size, x, generator)
-    scale = mask.numel() / mask.sum().clamp_min(1.0)
+    if normalize == "sample":
+        per_sample = mask[0].numel()
+        scale = per_sample / mask.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)
+    else:
+        scale = mask.numel() / mask.sum().clamp_min(1.0)
     return x * (mask * scale)
 
 
@@ -103,24 +141,40 @@ class DropBlock2d(nn.Module):
             ``DropBlockSchedule`` ramps it from 0 to ``p``).
         block_size: side of the dropped square (clamped to the map size).
         generator: optional ``torch.Generator`` used for every draw.
+        normalize: ``"batch"`` (default, Ghiasi 2018: rescale by the kept fraction of the whole batch) or
+            ``"sample"`` (each sample by its own kept fraction, so rows do not depend on each other; what
+            the MC engine uses). Both preserve the expectation (module docstring). Kept in the attribute
+            ``normalize``.
     """
 
     def __init__(
-        self, p: float = 0.1, block_size: int = 7, *, generator: torch.Generator | None = None
+        self,
+        p: float = 0.1,
+        block_size: int = 7,
+        *,
+        generator: torch.Generator | None = None,
+        normalize: str = "batch",
     ) -> None:
         super().__init__()
         self.p = check_probability(p)
         self.block_size = _check_block_size(block_size)
         self.drop_prob = self.p
         self.generator = generator
+        self.normalize = _check_normalize(normalize)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_block2d(
-            x, self.drop_prob, self.block_size, training=self.training, generator=self.generator
+            x,
+            self.drop_prob,
+            self.block_size,
+            training=self.training,
+            generator=self.generator,
+            normalize=getattr(self, "normalize", "batch"),  # modules pickled before the option: batch
         )
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, block_size={self.block_size}, drop_prob={self.drop_prob}"
+        extra = "" if getattr(self, "normalize", "batch") == "batch" else f", normalize={self.normalize!r}"
+        return f"p={self.p}, block_size={self.block_size}, drop_prob={self.drop_prob}{extra}"
 
 
 class DropBlockSchedule:

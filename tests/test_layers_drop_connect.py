@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from models.layers import (
     gaussian_nodes,
 )
 from models.layers._common import bernoulli_mask
+from models.layers.drop_connect import per_example_conv2d
 
 SIGMAS = 5.0
 
@@ -145,6 +147,80 @@ def test_conv_per_example_masks_match_a_per_sample_loop() -> None:
     assert torch.allclose(y, loop)
     same = drop_connect_conv2d(x[:1].expand(5, -1, -1, -1), weight, bias, 1, 1, 1, 2, 0.5, training=True)
     assert not torch.equal(same[0], same[1]), "identical samples get different masks"
+
+
+# (in, out, kernel, stride, padding, dilation, groups); input 11 x 10
+GEOMETRIES = [
+    (4, 6, 3, 1, 1, 1, 1),
+    (4, 6, 3, 2, 1, 1, 2),
+    (6, 9, (3, 2), (2, 1), (0, 2), (2, 1), 3),
+    (3, 4, (2, 3), 1, "same", (1, 2), 1),
+    (4, 4, 3, (1, 2), "valid", 1, 4),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_per_example_conv_matmul_form_equals_the_grouped_conv_and_a_loop(geometry: tuple) -> None:
+    in_c, out_c, kernel, stride, padding, dilation, groups = geometry
+    torch.manual_seed(3)
+    conv = nn.Conv2d(in_c, out_c, kernel, stride, padding, dilation, groups, dtype=torch.float64)
+    x = torch.randn(5, in_c, 11, 10, dtype=torch.float64)
+    filters = torch.randn(5, *conv.weight.shape, dtype=torch.float64)
+    args = (conv.bias, conv.stride, conv.padding, conv.dilation, groups)
+    grouped = per_example_conv2d(x, filters, *args, grouped=True)
+    matmul = per_example_conv2d(x, filters, *args, grouped=False)
+    loop = torch.cat([F.conv2d(x[n : n + 1], filters[n], *args) for n in range(5)])
+    assert matmul.shape == grouped.shape == loop.shape
+    torch.testing.assert_close(grouped, loop)
+    torch.testing.assert_close(matmul, loop)
+    assert per_example_conv2d(x, filters, *args).equal(grouped), "eager default: the grouped convolution"
+    # gradients of the matmul form (input, filters, bias)
+    a, f, b = (t.detach().clone().requires_grad_() for t in (x[:2], filters[:2], conv.bias))
+    assert torch.autograd.gradcheck(
+        lambda a, f, b: per_example_conv2d(a, f, b, *args[1:], grouped=False), (a, f, b)
+    )
+
+
+def test_per_example_conv_rejects_mismatched_rows() -> None:
+    with pytest.raises(ValueError, match="same N"):
+        per_example_conv2d(torch.zeros(3, 2, 5, 5), torch.zeros(2, 4, 2, 3, 3))
+
+
+def test_per_example_conv_exports_with_a_dynamic_batch() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(4)
+    layer = DropConnectConv2d(4, 6, 3, stride=2, padding=1, groups=2, p=0.5, activation="relu")
+
+    class Masked(nn.Module):  # the layer's per-example path with the masks as an input
+        def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            w = layer.weight
+            return per_example_conv2d(x, masks * w, layer.bias, layer.stride, layer.padding, 1, 2).relu()
+
+    x, masks = torch.randn(3, 4, 9, 9), (torch.rand(3, *layer.weight.shape) < 0.5).float()
+    rows = torch.export.Dim("rows", min=1)
+    program = torch.onnx.export(
+        Masked().eval(),
+        (x, masks),
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes={"x": {0: rows}, "masks": {0: rows}},
+    )
+    conv_groups = [
+        next((a.i for a in n.attribute if a.name == "group"), 1)
+        for n in program.model_proto.graph.node
+        if n.op_type == "Conv"
+    ]
+    assert conv_groups == [4], "one static depthwise Conv (the patches), no batch-dependent group"
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for n in (1, 7):  # row counts other than the example's
+        xn, mn = torch.randn(n, 4, 9, 9), (torch.rand(n, *layer.weight.shape) < 0.5).float()
+        (got,) = session.run(None, {"x": xn.numpy(), "masks": mn.numpy()})
+        want = torch.cat(
+            [F.conv2d(xn[i : i + 1], mn[i] * layer.weight, layer.bias, 2, 1, 1, 2) for i in range(n)]
+        )
+        np.testing.assert_allclose(got, want.relu().detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_weight_drop_rate_and_gradcheck() -> None:

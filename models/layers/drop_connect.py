@@ -19,6 +19,15 @@ Cost of per-example masks: a mask of ``N x out x in`` (Linear, N rows) or ``B x 
 batched matmul and the convolution a single grouped convolution with ``groups * B`` groups (batch folded into
 channels), so the FLOPs are those of the plain layer but memory and RNG grow linearly with the batch.
 
+Export: ONNX ``Conv`` takes ``group`` as a constant attribute, so the grouped form cannot follow a batch size
+known only at run time (the MC ONNX graph runs its tail on T * B rows). While exporting
+(``torch.onnx.is_in_onnx_export()`` or ``torch.compiler.is_exporting()``) the per-example convolution is
+computed as im2col + batched matmul instead (`per_example_conv2d`): the patches come from a depthwise
+convolution with a fixed one-hot kernel (a Conv with the static ``group = in_channels``; cheaper here than
+``F.unfold``, whose export is a gather chain), then ``[B, groups, out/groups, k] @ [B, groups, k, L]``. Same
+masks, same result up to float rounding; the grouped convolution stays the eager path (faster on the CPU:
+about 650 ms vs 820 ms for 2048 rows of 32 -> 64 channels on 8x8, torch 2.13).
+
 ``from_linear`` / ``from_conv`` keep the trained weights, bias, stride, padding, dilation and groups (Baal's
 patching re-initialises the layer instead).
 """
@@ -40,6 +49,7 @@ __all__ = [
     "drop_connect_conv2d",
     "drop_connect_linear",
     "gaussian_nodes",
+    "per_example_conv2d",
 ]
 
 Inference = Literal["mean", "gaussian"]
@@ -142,6 +152,62 @@ def drop_connect_linear(
     return _moment_matched(mean, var, activation, gaussian_samples)
 
 
+def _exporting() -> bool:
+    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+def per_example_conv2d(
+    x: Tensor,
+    filters: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    grouped: bool | None = None,
+) -> Tensor:
+    """Row ``n`` of ``x`` ``[N, C, H, W]`` convolved with its own filters ``filters[n]``.
+
+    ``filters``: ``[N, O, C/groups, kh, kw]``. ``grouped=True``: one convolution with ``groups * N`` groups
+    (batch folded into channels; ``group`` depends on N, so not exportable with a dynamic N).
+    ``grouped=False``: im2col + batched matmul, every op static in N: the patches ``[N, C*kh*kw, H', W']``
+    come from a depthwise convolution (``group = C``) with a one-hot kernel (output channel ``c*kh*kw + j``
+    = input channel ``c`` at kernel offset ``j``, the flattening order of the filters), so stride, padding
+    (numbers or ``"same"``/``"valid"``) and dilation are exactly those of ``F.conv2d``; then
+    ``[N, groups, O/groups, C/groups*kh*kw] @ [N, groups, C/groups*kh*kw, H'*W']``.
+    ``None`` (default): the matmul form while exporting, the grouped convolution otherwise.
+    """
+    if x.dim() != 4 or filters.dim() != 5 or filters.shape[0] != x.shape[0]:
+        raise ValueError(
+            "per_example_conv2d expects x [N, C, H, W] and filters [N, O, C/groups, kh, kw] with the same N, "
+            f"got {tuple(x.shape)} and {tuple(filters.shape)}"
+        )
+    batch, channels, height, width = x.shape
+    out_c, in_per_group, kh, kw = filters.shape[1:]
+    if grouped is None:
+        grouped = not _exporting()
+    if grouped:
+        y = F.conv2d(
+            x.reshape(1, batch * channels, height, width),
+            filters.reshape(batch * out_c, in_per_group, kh, kw),
+            None, stride, padding, dilation, groups * batch,
+        )  # fmt: skip
+        y = y.reshape(batch, out_c, *y.shape[-2:])
+    else:
+        taps = kh * kw
+        one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, kh, kw)
+        patches = F.conv2d(x, one_hot.repeat(channels, 1, 1, 1), None, stride, padding, dilation, channels)
+        out_h, out_w = patches.shape[-2:]
+        k = in_per_group * taps
+        cols = patches.reshape(batch, groups, k, out_h * out_w)
+        y = torch.matmul(filters.reshape(batch, groups, out_c // groups, k), cols)
+        y = y.reshape(batch, out_c, out_h, out_w)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y
+
+
 def drop_connect_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -161,8 +227,9 @@ def drop_connect_conv2d(
 ) -> Tensor:
     """DropConnect 2-D convolution on ``[B, C, H, W]`` or ``[C, H, W]``; per-sample masks if ``per_example``.
 
-    Per-example masks use one grouped convolution: the batch is folded into the channel dimension and each
-    sample's masked filters form ``groups`` groups of their own.
+    Per-example masks use `per_example_conv2d`: one grouped convolution (the batch folded into the channel
+    dimension, each sample's masked filters forming ``groups`` groups of their own), or, while exporting,
+    im2col + batched matmul (an exportable form with a dynamic batch).
     """
     p = check_probability(p)
     _check_inference(inference, gaussian_samples)
@@ -182,13 +249,8 @@ def drop_connect_conv2d(
         elif not per_example:
             y = conv(x, bernoulli_mask(weight.shape, q, weight, generator) * weight, bias)
         else:
-            batch, channels, height, width = x.shape
-            mask = bernoulli_mask((batch, *weight.shape), q, weight, generator)
-            filters = (mask * weight).reshape(batch * weight.shape[0], *weight.shape[1:])
-            y = conv(x.reshape(1, batch * channels, height, width), filters, None, groups * batch)
-            y = y.reshape(batch, weight.shape[0], *y.shape[-2:])
-            if bias is not None:
-                y = y + bias.view(1, -1, 1, 1)
+            mask = bernoulli_mask((x.shape[0], *weight.shape), q, weight, generator)
+            y = per_example_conv2d(x, mask * weight, bias, stride, padding, dilation, groups)
         y = _apply(activation, y)
     else:
         mean = conv(x, weight * q, bias)

@@ -1,7 +1,8 @@
 """Every reference network of the `quick_repository` served by the torch backend: deterministic and MC.
 
-Networks whose sites have no hash-mask form (DropConnect, DropBlock, FractalJoin) run each MC request in
-its own engine call; the seeded-reproducibility promise is checked for them under concurrent load too.
+Networks whose sites have no hash-mask form (DropConnect, DropBlock, FractalJoin) run their own train-mode
+code with draws keyed per row (DropBlock rescaled per sample), so their MC requests share the trunk pass
+like the others; the seeded-reproducibility promise is checked for them under concurrent load too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.repository import ModelRepository
+from service.runtimes.base import MCGroup
+from service.runtimes.torch_runtime import TorchRuntime
 from service.settings import Settings
 
 
@@ -53,7 +57,28 @@ def test_every_zoo_network_answers_both_modes(quick_repository: Path) -> None:
                 assert np.all(np.asarray(body["uncertainty"]["std"]) >= 0)
 
 
-@pytest.mark.parametrize("name", ["dropconnect_mlp_digits", "fractal_mnist"])
+TRAIN_MODE_SITE_NETWORKS = ["cnn_mnist", "dropconnect_mlp_digits", "fractal_mnist"]
+
+
+@pytest.mark.parametrize("name", TRAIN_MODE_SITE_NETWORKS)
+def test_train_mode_site_networks_share_the_trunk_pass(quick_repository: Path, name: str) -> None:
+    (spec,) = ModelRepository(quick_repository).scan()[name].values()
+    runtime = TorchRuntime(spec, device="cpu")
+    runtime.load()
+    assert any(type(m).__name__ == "TrainModeSite" for m in runtime.engine.replaced)
+    assert runtime.shares_trunk and runtime.mc_path == "engine"
+    calls: list[int] = []
+    runtime.engine.trunk.register_forward_hook(lambda _m, args, _o: calls.append(int(args[0].shape[0])))
+    x = np.asarray(_inputs({"input": {"shape": [None, *spec.sample_shape], "dtype": spec.input_dtype}}, 3, 0))
+    groups = [MCGroup(1, 4, 1, False), MCGroup(2, 7, 2, False)]
+    batched = runtime.predict_mc(x.astype(spec.input_dtype), groups)
+    assert calls == [3], "one trunk pass for both requests"
+    alone = runtime.predict_mc(x[1:].astype(spec.input_dtype), groups[1:])
+    for key, value in alone[0].items():
+        np.testing.assert_allclose(batched[1][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name", TRAIN_MODE_SITE_NETWORKS)
 def test_train_mode_site_networks_stay_reproducible_under_batching(quick_repository: Path, name: str) -> None:
     settings = Settings(repository=quick_repository, device="cpu", max_queue_delay_ms=30)
 

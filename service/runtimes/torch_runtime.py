@@ -3,9 +3,12 @@
 Deterministic predictions run the network in eval mode. MC predictions go through `surgery.engine.MCEngine`
 (trunk once, tail for every sample in one batched pass, per-row hash masks): the MC requests of a dynamic
 batch, whatever their T, share one trunk pass, and a seeded request gets the same masks whatever else
-shares its batch. Sites without a hash-mask form (DropBlock, DropConnect, FractalJoin) draw from a
-generator the engine seeds from the whole batch, so for models with such sites each request runs in its
-own engine call (still one trunk pass per request) to keep that guarantee.
+shares its batch. Sites without a hash-mask form (DropBlock, DropConnect, FractalJoin) run their own
+train-mode code with draws keyed per row, and `models.layers.DropBlock2d` rescales per sample inside the
+engine, so they share the trunk pass too whenever the engine reports ``rows_independent`` (every draw
+keyed per row, no layer that couples rows). Only models with a site that couples rows (one DropConnect
+mask for the whole batch, another library's batch-wide DropBlock, functional dropout) run each request in
+its own engine call (still one trunk pass per request) to keep the seeded-reproducibility guarantee.
 
 When the engine cannot handle a model (or is not installed), a plain fallback runs: it switches only the
 dropout-family layers (those with a `generator`, see docs/CONTRACTS.md "Layers") to their stochastic
@@ -115,7 +118,6 @@ class TorchRuntime:
         assert self.model is not None
         try:
             from surgery.engine import MCEngine
-            from surgery.masks import TrainModeSite
         except ImportError:
             self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
             return
@@ -127,7 +129,7 @@ class TorchRuntime:
             self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
             return
         self.engine = engine
-        self.shares_trunk = not any(isinstance(m, TrainModeSite) for m in engine.replaced)
+        self.shares_trunk = bool(engine.rows_independent)
         self.mc_path = "engine" if self.shares_trunk else "engine-per-request"
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:

@@ -90,12 +90,20 @@ class ModelInfo:
     default_samples: int
 
     def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
-        """Output tensor names for `mode` (the order the V2 API lists them in)."""
-        names = ["probabilities", "predictions"] if self.task == "classification" else ["mean"]
-        if mode == "mc":
-            names += list(MC_SUMMARIES)
-            if return_samples:
-                names.append("samples")
+        """Output tensor names for `mode` (the order the V2 API lists them in).
+
+        Classification: `probabilities`, `predictions`, and in MC mode the `MC_SUMMARIES`; regression:
+        `mean`, and in MC mode `std` (the only summary a regression MC answer carries). `samples` last,
+        in MC mode when `return_samples`.
+        """
+        if self.task == "classification":
+            names = ["probabilities", "predictions"]
+            if mode == "mc":
+                names += list(MC_SUMMARIES)
+        else:
+            names = ["mean", "std"] if mode == "mc" else ["mean"]
+        if mode == "mc" and return_samples:
+            names.append("samples")
         return names
 
 

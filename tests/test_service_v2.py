@@ -23,6 +23,8 @@ from test_service_fixtures import build_onnx_repository, build_service_repositor
 from test_service_v2_codec import mutations
 from tritonclient.utils import InferenceServerException
 
+from service.inference import ModelInfo
+
 MAX_SAMPLES = 64
 MAX_BODY = 256 * 1024
 MC_NAMES = ["predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "std"]
@@ -306,13 +308,49 @@ def test_regression_model(server: Server, client: httpclient.InferenceServerClie
     mc = client.infer(
         model.name, [_infer_input(model, x)], parameters={"mode": "mc", "samples": 8, "seed": 3}
     )
-    assert {o["name"] for o in mc.get_response()["outputs"]} >= {"mean", "std"}
+    assert [o["name"] for o in mc.get_response()["outputs"]] == ["mean", "std"]
+    meta = client.get_model_metadata(model.name)
+    assert [o["name"] for o in meta["outputs"]] == ["mean", "std", "samples"]
+    _expect_error(
+        lambda: client.infer(
+            model.name,
+            [_infer_input(model, x)],
+            outputs=[httpclient.InferRequestedOutput("mutual_information")],
+            parameters={"mode": "mc", "samples": 2},
+        ),
+        "400",
+        "mutual_information",
+    )
     assert mc.as_numpy("mean").shape[0] == 3
     assert np.all(mc.as_numpy("std") >= 0)
     native = _native(server, model, x, mode="mc", samples=8, seed=3)
     np.testing.assert_allclose(
         mc.as_numpy("mean").reshape(-1), np.asarray(native["mean"]).reshape(-1), rtol=1e-5, atol=1e-6
     )
+
+
+def test_model_info_output_names_follow_the_task() -> None:
+    def info(task: str) -> ModelInfo:
+        return ModelInfo(
+            "m", 1, (1,), task, "x", (-1, 3), "float32", "none", None, (), "torch", "cpu", "cpu", True,
+            True, 64, 16,
+        )  # fmt: skip
+
+    classification, regression = info("classification"), info("regression")
+    assert classification.output_names("deterministic") == ["probabilities", "predictions"]
+    assert classification.output_names("mc", return_samples=True) == [
+        "probabilities",
+        "predictions",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+        "variation_ratio",
+        "std",
+        "samples",
+    ]
+    assert regression.output_names("deterministic", return_samples=True) == ["mean"]
+    assert regression.output_names("mc") == ["mean", "std"]
+    assert regression.output_names("mc", return_samples=True) == ["mean", "std", "samples"]
 
 
 def test_token_model_int64_input(server: Server, client: httpclient.InferenceServerClient) -> None:

@@ -33,7 +33,7 @@ from service.v2_codec import (
     parse_header_length,
 )
 
-__all__ = ["SERVER_EXTENSIONS", "available_outputs", "router"]
+__all__ = ["SERVER_EXTENSIONS", "router"]
 
 router = APIRouter(tags=["Open Inference Protocol (V2)"])
 
@@ -78,28 +78,6 @@ def _datatype_for(dtype: str) -> str:
         return "FP32"
 
 
-_CLASSIFICATION_MC = (
-    "predictive_entropy",
-    "expected_entropy",
-    "mutual_information",
-    "variation_ratio",
-    "std",
-)
-
-
-def available_outputs(info: ModelInfo, mode: str, return_samples: bool = False) -> list[str]:
-    """Output names a model answers in ``mode``, in the order the V2 API lists them."""
-    if info.task == "classification":
-        names = ["probabilities", "predictions"]
-        if mode == "mc":
-            names += _CLASSIFICATION_MC
-    else:
-        names = ["mean", "std"] if mode == "mc" else ["mean"]
-    if mode == "mc" and return_samples:
-        names.append("samples")
-    return names
-
-
 def _output_specs(info: ModelInfo) -> list[dict[str, Any]]:
     """Every output a model can answer, with its datatype and shape (-1 = dynamic)."""
     classes = len(info.labels) if info.labels else -1
@@ -115,7 +93,7 @@ def _output_specs(info: ModelInfo) -> list[dict[str, Any]]:
         "std": ("FP32", per_class),
         "samples": ("FP32", [-1, *per_class]),
     }
-    names = available_outputs(info, "mc" if info.mc_available else "deterministic", info.mc_available)
+    names = info.output_names("mc" if info.mc_available else "deterministic", info.mc_available)
     return [{"name": n, "datatype": shapes[n][0], "shape": shapes[n][1]} for n in names if n in shapes]
 
 
@@ -264,7 +242,7 @@ class _Plan:
         if requested is not None and any(o.name == "samples" for o in requested):
             return_samples = True
         self.return_samples = return_samples
-        available = available_outputs(info, mode, return_samples)
+        available = info.output_names(mode, return_samples)
         if requested:
             names = [o.name for o in requested]
             duplicates = sorted({n for n in names if names.count(n) > 1})

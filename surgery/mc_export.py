@@ -22,7 +22,9 @@ MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes t
   ``seed_used`` (int64 scalar: feed it back as ``seed`` to reproduce the run).
 
 The data-dependent T is exported by ``torch.onnx.export`` (dynamo) as an unbacked size taken from the
-``samples`` tensor. The tail runs on all T * B rows at once (no chunking inside the graph).
+``samples`` tensor. The tail runs on all T * B rows at once (no chunking inside the graph), so every tail op
+must take a run-time row count: per-example ``DropConnectConv2d`` switches to its im2col + batched-matmul form
+while exporting (`models.layers.drop_connect.per_example_conv2d`; ONNX Conv's ``group`` is a constant).
 """
 
 from __future__ import annotations
@@ -207,9 +209,8 @@ def export_mc_onnx(
             summary = next((line for line in lines if "Error" in line), lines[0] if lines else "")
             raise RuntimeError(
                 f"MC export of {type(model).__name__} failed: {summary[:300]}. The MC graph needs every tail "
-                "op exportable with a run-time number of rows T * B (DropConnectConv2d with per_example=True "
-                "uses a grouped convolution whose group count is the number of rows, which ONNX Conv cannot "
-                "take at run time)."
+                "op exportable with a run-time number of rows T * B (e.g. no convolution whose group count "
+                "depends on the number of rows: ONNX Conv takes it only as a constant)."
             ) from exc
     proto = program.model_proto
     proto = _add_optional_seed(proto)

@@ -77,15 +77,7 @@ def repository_of(converted: _Converted) -> Path:
 # --------------------------------------------------------------------------------------------- zoo
 
 
-# surgery.mc_export cannot export DropConnectConv2d with per-example masks (a grouped convolution whose group
-# count is T * B at run time; ONNX Conv takes it only as a constant). Strict: this fails once it is fixed.
-_MC_EXPORT_GAP = pytest.mark.xfail(
-    strict=True, reason="MC export of per-example DropConnectConv2d is not supported by surgery.mc_export"
-)
-ZOO_PARAMS = [pytest.param(n, marks=_MC_EXPORT_GAP) if n == "dropconnect_cnn_digits" else n for n in ZOO]
-
-
-@pytest.mark.parametrize("name", ZOO_PARAMS)
+@pytest.mark.parametrize("name", ZOO)
 def test_zoo_network_converts_with_parity(name: str, converted: _Converted) -> None:
     package_dir, report = converted[name]
     assert report.passed, report.failures()

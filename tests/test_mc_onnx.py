@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.layers import DropBlock2d, DropConnectLinear
+from models.layers import DropBlock2d, DropConnectConv2d, DropConnectLinear
 from surgery.engine import MCEngine
 from surgery.mc_export import export_mc_onnx, output_names
 from surgery.summaries import CLASSIFICATION_OUTPUTS
@@ -200,3 +200,36 @@ def test_drop_block_graph_equals_the_engine_and_rows_ignore_their_companions(tmp
     assert batch.std(0).min() > 0
     # a batch-wide DropBlock rescale would move row 0's samples when its companions go away
     np.testing.assert_allclose(run(x[:1]), batch[:, :1], rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_drop_connect_conv_exports_with_run_time_rows_and_equals_the_engine(
+    tmp_path: Path,
+) -> None:
+    # the grouped convolution of the eager layer has groups = rows (T * B, known only at run time); the graph
+    # carries the im2col + batched-matmul form with the same keyed masks
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        DropConnectConv2d(2, 6, 3, stride=2, padding=1, groups=2, p=0.4, activation="relu"),
+        DropConnectConv2d(6, 4, (3, 2), padding="same", dilation=(1, 2), p=0.3),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(4 * 16, 5),
+    )
+    x = torch.randn(3, 2, 8, 7)
+    session = _session(export_mc_onnx(model, x, tmp_path / "dc_conv.onnx", input_name="x"))
+    names = [o.name for o in session.get_outputs()]
+
+    def run(rows: torch.Tensor, samples: int) -> dict[str, np.ndarray]:
+        out = session.run(None, {"x": rows.numpy(), "samples": np.array(samples), "seed": np.array(9)})
+        return dict(zip(names, out, strict=True))
+
+    for batch, samples in ((5, 7), (1, 3)):  # row counts other than the example's 2 * 3
+        rows = torch.randn(batch, 2, 8, 7)
+        got = run(rows, samples)
+        want = MCEngine(model, rows)(rows, samples=samples, seed=9, return_samples=True)
+        np.testing.assert_allclose(got["sample_outputs"], want.samples.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["mean_probs"], want.mean_probs.numpy(), rtol=1e-5, atol=1e-6)
+        assert got["std"].min() > 0
+    # per-example masks keyed per row: row 0 draws the same masks whatever shares its batch
+    full = run(x, 6)["sample_outputs"]
+    np.testing.assert_allclose(run(x[:1], 6)["sample_outputs"], full[:, :1], rtol=1e-5, atol=1e-6)

@@ -105,8 +105,7 @@ def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:
             base + "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * 64], "mode": "mc"}
         )
         assert no_mc.status_code == 400 and no_mc.json()["error"]["field"] == "mode"
-        if not info["mc_available"]:
-            pytest.skip("surgery.mc_export is not available: packages carry no model.mc.onnx")
+        assert info["mc_available"], "the converted package carries model.mc.onnx"
         onnx_mc = httpx.post(base + "/v1/models/mlp_digits/predict", json=mc).json()
         np.testing.assert_allclose(onnx_mc["probabilities"], torch_mc["probabilities"], atol=1e-4)
         for key, value in torch_mc["uncertainty"].items():

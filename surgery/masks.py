@@ -442,6 +442,23 @@ class HashMaskSite(torch.nn.Module):
         return f"site={self.site}, p={self.p}, form={self.form}"
 
 
+def _uniform24(base: Tensor, n_positions: int) -> Tensor:
+    """Uniforms ``[N, n_positions]`` on a 2**-24 grid: top 24 bits of ``mix(base ^ mix(w ^ C4))``.
+
+    Eager: the in-place int32 hash of `keep_factor`'s fast path (bit-identical to the int64 one, a few
+    times faster: `KeyedRandom` draws dominate a DropBlock tail); exporting or compiling: int64 `mix32`.
+    """
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        positions = mix32(torch.arange(n_positions, dtype=torch.int64, device=base.device) ^ _C4)
+        words = mix32(base.unsqueeze(1) ^ positions.unsqueeze(0))
+        return (words >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    codes = _position_codes(n_positions, base.device, True)
+    words = _to_int32_bits(base).unsqueeze(1) ^ codes.unsqueeze(0)
+    _mix32_int32_(words)
+    words.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)  # logical shift of the 32 bits
+    return words.to(torch.float32).mul_(1.0 / (1 << 24))
+
+
 class KeyedRandom(TorchFunctionMode):
     """Routes torch's random draws inside one site to the counter-based hash (for `TrainModeSite`).
 
@@ -479,9 +496,7 @@ class KeyedRandom(TorchFunctionMode):
         n_positions = 1
         for size in inner:
             n_positions *= size
-        positions = mix32(torch.arange(n_positions, dtype=torch.int64, device=base.device) ^ _C4)
-        words = mix32(base.unsqueeze(1) ^ positions.unsqueeze(0))
-        u = (words >> 8).to(torch.float32) * (1.0 / (1 << 24))
+        u = _uniform24(base, n_positions)
         if row_dim is None:
             return u.reshape(shape).to(device)
         return u.reshape(n_rows, *inner).movedim(0, row_dim).to(device)

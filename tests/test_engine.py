@@ -323,6 +323,23 @@ def test_drop_block_row_does_not_depend_on_its_batch_companions() -> None:
     torch.testing.assert_close(alone.samples[0], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(6, 1), (6, 3, 5), (2, 6, 7)])
+def test_keyed_uniforms_follow_the_int64_hash(shape: tuple[int, ...]) -> None:
+    # eager draws take the in-place int32 hash; the export path the int64 one: same 24-bit uniforms
+    from surgery.masks import _C4, _C5, _mixed_constant, mix32, site_keys
+
+    keys = _keys(3, 2, seed=4)  # N = 6 sample-rows
+    with KeyedRandom(keys, 2) as random:
+        got = torch.rand(shape)
+    row_dim = shape.index(6)
+    inner = [n for d, n in enumerate(shape) if d != row_dim]
+    positions = mix32(torch.arange(math.prod(inner)) ^ _C4)
+    base = mix32(site_keys(keys, 2) ^ _mixed_constant(0, _C5))
+    words = mix32(base.unsqueeze(1) ^ positions.unsqueeze(0))
+    want = ((words >> 8).float() / (1 << 24)).reshape(6, *inner).movedim(0, row_dim)
+    assert torch.equal(got, want) and random.shared_draws == 0
+
+
 def test_rows_independent_only_when_every_train_mode_site_keys_rows() -> None:
     x = torch.randn(4, 6)
     shared = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), DropConnectLinear(12, 3, p=0.4, per_example=False))

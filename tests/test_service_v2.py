@@ -57,7 +57,7 @@ class Server:
         for model in sorted(self.models.values(), key=lambda m: m.name):
             if model.task == task and model.input_dtype == dtype and (model.has_sites or not mc):
                 return model
-        pytest.skip(
+        pytest.fail(
             f"the test repository has no {task} model with {dtype} input{' and MC sites' if mc else ''}"
         )
 

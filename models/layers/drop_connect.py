@@ -35,7 +35,7 @@ patching re-initialises the layer instead).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -262,6 +262,18 @@ def drop_connect_conv2d(
     return y.squeeze(0) if unbatched else y
 
 
+_Layer = TypeVar("_Layer", bound=nn.Module)
+
+
+def _copy_trained(layer: _Layer, source: nn.Linear | nn.Conv2d) -> _Layer:
+    """Copy `source`'s trained weight, bias and train/eval mode into the freshly built `layer`."""
+    with torch.no_grad():
+        layer.weight.copy_(source.weight)
+        if source.bias is not None:
+            layer.bias.copy_(source.bias)
+    return layer.train(source.training)
+
+
 class DropConnectLinear(nn.Module):
     """Linear layer with DropConnect on its weights (Wan 2013), activation included.
 
@@ -318,11 +330,7 @@ class DropConnectLinear(nn.Module):
             dtype=linear.weight.dtype,
             **kwargs,  # type: ignore[arg-type]
         )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer.train(linear.training)
+        return _copy_trained(layer, linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_connect_linear(
@@ -419,11 +427,7 @@ class DropConnectConv2d(nn.Module):
             dtype=conv.weight.dtype,
             **kwargs,  # type: ignore[arg-type]
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer.train(conv.training)
+        return _copy_trained(layer, conv)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_connect_conv2d(

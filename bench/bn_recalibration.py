@@ -1,4 +1,4 @@
-"""Variance shift (Li et al., CVPR 2019) on the zoo CNN, and its remedy ``surgery.recalibrate_batchnorm``.
+"""Variance shift (Li et al., CVPR 2019) on the zoo CNN, and its remedy ``dropwise.surgery.recalibrate_batchnorm``.
 
 Trains ``cnn_mnist`` (BatchNorm, DropBlock, spatial dropout, dropout head) with the zoo's training code, then
 for every BatchNorm layer prints the mean of:
@@ -25,12 +25,11 @@ import copy
 import time
 
 import torch
+from dropwise.models.data import load_dataset
+from dropwise.models.training import seed_everything, train_model
+from dropwise.models.zoo import ZOO, build
+from dropwise.surgery import find_sites, recalibrate_batchnorm
 from torch import Tensor, nn
-
-from models.data import load_dataset
-from models.training import seed_everything, train_model
-from models.zoo import ZOO, build
-from surgery import find_sites, recalibrate_batchnorm
 
 _BN = nn.modules.batchnorm._BatchNorm
 

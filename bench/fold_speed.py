@@ -1,4 +1,4 @@
-"""Benchmark: forward time of each zoo network in eval mode against its folded form (``surgery.fold``).
+"""Benchmark: forward time of each zoo network in eval mode against its folded form (``dropwise.surgery.fold``).
 
 Not a test: it never asserts on time. Repetitions are interleaved (eval and folded alternate, in alternating
 order) so that load changes on a shared machine hit both sides alike; the table reports medians and the
@@ -15,11 +15,10 @@ import statistics
 import time
 
 import torch
+from dropwise.models.data import load_dataset
+from dropwise.models.zoo import ZOO, build
+from dropwise.surgery import fold
 from torch import nn
-
-from models.data import load_dataset
-from models.zoo import ZOO, build
-from surgery import fold
 
 
 def _time(model: nn.Module, x: torch.Tensor) -> float:

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from models.layers import (
+from dropwise.models.layers import (
     ClassicDropout,
     Cutout,
     DropBlock2d,
@@ -32,6 +30,7 @@ from models.layers import (
     FractalJoin,
     max_norm_,
 )
+from torch import Tensor, nn
 
 
 @dataclass
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"models.layers forward+backward, torch {torch.__version__}, {name}, "
+        f"dropwise.models.layers forward+backward, torch {torch.__version__}, {name}, "
         f"medians of {args.reps} interleaved rounds"
     )
     print(format_table(rows))

@@ -1,6 +1,6 @@
 """MC-dropout benchmark: the same network, T, batch and process for every method, interleaved repetitions.
 
-Methods (every MC method ends with the same summaries, ``surgery.summaries.classification_summaries``):
+Methods (every MC method ends with the same summaries, ``dropwise.surgery.summaries.classification_summaries``):
 
 * ``deterministic``: one eval-mode forward (no summaries), the unit of the ratios;
 * ``naive loop``: T forward passes with the chosen dropout modules in train mode (torch's ``F.dropout``);
@@ -8,9 +8,9 @@ Methods (every MC method ends with the same summaries, ``surgery.summaries.class
   ``replicate_in_memory`` True (one pass over T stacked copies) or False (a Python loop);
 * ``TorchUncertainty``: ``torch_uncertainty.methods.mc_dropout.mc_dropout(model, T)`` (``on_batch=True``),
   its module file imported by path so the package's heavy ``__init__`` is not needed;
-* ``ours (torch)``: ``surgery.engine.MCEngine`` (trunk once, batched tail, hash masks), unseeded;
+* ``ours (torch)``: ``dropwise.surgery.engine.MCEngine`` (trunk once, batched tail, hash masks), unseeded;
 * ``ours (torch.compile)``: the same with the tail through ``torch.compile`` (``--compile``);
-* ``ours (ONNX Runtime)``: ``surgery.mc_export.export_mc_onnx`` under default session options.
+* ``ours (ONNX Runtime)``: ``dropwise.surgery.mc_export.export_mc_onnx`` under default session options.
 
 Networks: ``a`` MLP 64-256-256-10, p = 0.5 after each hidden layer; ``b`` 64-1024-1024-1024 trunk and a
 1024-10 head, the only dropout (p = 0.5) before the head; ``c`` the zoo MNIST CNN (``cnn_mnist``, random
@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dropwise.surgery.engine import MCEngine
+from dropwise.surgery.summaries import classification_summaries
 from torch import nn
-
-from surgery.engine import MCEngine
-from surgery.summaries import classification_summaries
 
 TORCH_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
@@ -75,7 +74,7 @@ def network(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, list[str] |
         model = nn.Sequential(*layers, nn.Dropout(0.5), nn.Linear(1024, 10))
         return model.eval(), torch.randn(batch, 64), None
     if name in ("c", "c+"):
-        from models.zoo import build
+        from dropwise.models.zoo import build
 
         model = build("cnn_mnist").eval()
         sites = (
@@ -176,8 +175,7 @@ def methods(
     if with_onnx and x.device.type == "cpu":
         import numpy as np
         import onnxruntime as ort
-
-        from surgery.mc_export import export_mc_onnx
+        from dropwise.surgery.mc_export import export_mc_onnx
 
         path = export_mc_onnx(model, x, workdir / "mc.onnx", sites=sites, return_samples=False)
         options = ort.SessionOptions()

@@ -77,8 +77,7 @@ if ls is not None:
         def setup(self, device: str) -> None:
             """Load the same package dropwise serves (weights verified by sha256)."""
             import torch
-
-            from surgery.package import load_package
+            from dropwise.package import load_package
 
             self.torch = torch
             self.model = load_package(self.package).model.to(device).train()
@@ -140,10 +139,9 @@ def build_repository(root: Path, cnn_name: str = CNN_NAME) -> tuple[Path, tuple[
     Returns the repository and the CNN's input shape (without the batch dimension).
     """
     import torch
-
-    from models.data import load_dataset
-    from models.zoo import ZOO, build
-    from surgery.package import save_package
+    from dropwise.models.data import load_dataset
+    from dropwise.models.zoo import ZOO, build
+    from dropwise.package import save_package
 
     torch.manual_seed(0)
     cnn = ZOO[cnn_name]
@@ -159,7 +157,7 @@ def build_repository(root: Path, cnn_name: str = CNN_NAME) -> tuple[Path, tuple[
         labels=data.labels,
         preprocessing="untrained weights: serving benchmark only",
     )
-    from models.zoo.mlp import dropout_mlp
+    from dropwise.models.zoo.mlp import dropout_mlp
 
     kwargs = {"in_features": 64, "hidden": [256, 256], "out_features": 10, "p_input": 0.0, "p_hidden": 0.5}
     save_package(
@@ -169,7 +167,7 @@ def build_repository(root: Path, cnn_name: str = CNN_NAME) -> tuple[Path, tuple[
         task="classification",
         input_shape=[64],
         input_dtype="float32",
-        architecture={"factory": "models.zoo.mlp:dropout_mlp", "kwargs": kwargs},
+        architecture={"factory": "dropwise.models.zoo.mlp:dropout_mlp", "kwargs": kwargs},
         labels=[str(i) for i in range(10)],
         preprocessing="untrained weights: serving benchmark only",
     )
@@ -242,7 +240,7 @@ def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterato
     command = [
         sys.executable,
         "-c",
-        "from surgery.cli import main; main()",
+        "from dropwise.cli import main; main()",
         "serve",
         "--repository",
         str(repository),

@@ -1,6 +1,6 @@
 """Training loop for the reference networks: seeds, AdamW or SGD, early stopping, max-norm, DropBlock, Cutout.
 
-One function, :func:`train_model`, trains any ``nn.Module`` on a :class:`models.data.Dataset` from a
+One function, :func:`train_model`, trains any ``nn.Module`` on a :class:`dropwise.models.data.Dataset` from a
 :class:`TrainConfig`:
 
 - everything random is seeded from ``config.seed`` (weights, shuffling, dropout masks, Cutout);
@@ -26,19 +26,17 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from dropwise.models.data import Dataset
+from dropwise.models.layers import Cutout, DropBlockSchedule, max_norm_
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-
-from models.data import Dataset
-from models.layers import Cutout, DropBlockSchedule, max_norm_
 
 QUICK_BATCHES = 3
 """Optimiser steps taken with ``quick=True``."""
@@ -125,11 +123,13 @@ def _predict(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _stochastic_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that sample at inference when put in training mode (torch dropout and ``models.layers``)."""
+    """Modules that sample at inference when put in training mode (torch dropout and ``dropwise.models.layers``)."""
     out = []
     for m in model.modules():
         family = (
-            type(m).__module__.startswith("models.layers") and hasattr(m, "p") and not isinstance(m, Cutout)
+            type(m).__module__.startswith("dropwise.models.layers")
+            and hasattr(m, "p")
+            and not isinstance(m, Cutout)
         )
         if isinstance(m, nn.modules.dropout._DropoutNd) or family:
             out.append(m)
@@ -216,7 +216,7 @@ def train_model(
     """Train ``model`` in place on ``dataset`` and return its metrics (see the module docstring).
 
     The model must already be built under the seed (see :func:`seed_everything`) for full reproducibility;
-    :func:`train_zoo` does so.
+    ``dropwise.zoo_training.train_zoo`` does so.
     """
     task = dataset.task
     start = time.perf_counter()
@@ -299,63 +299,3 @@ def train_model(
     return TrainResult(
         metrics=metrics, epochs=len(history), best_epoch=best_epoch, seconds=seconds, history=history
     )
-
-
-def train_zoo(
-    names: list[str] | None,
-    repository: Path,
-    quick: bool = False,
-    *,
-    seed: int | None = None,
-    progress: bool = True,
-    on_package: Callable[[Path], None] | None = None,
-) -> list[Path]:
-    """Train the named reference networks (all of ``models.zoo.ZOO`` when None) and write one package each.
-
-    Returns the package directories (``<repository>/<name>/<version>``), a new version per call;
-    ``on_package`` is called with each directory as soon as it is written.
-
-    Raises:
-        KeyError: for a name not in the zoo (message lists the known names).
-    """
-    from models.data import load_dataset
-    from models.zoo import ZOO, build
-    from surgery.package import save_package
-
-    selected = list(ZOO) if not names else list(names)
-    unknown = [n for n in selected if n not in ZOO]
-    if unknown:
-        raise KeyError(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(ZOO)}")
-    paths = []
-    for name in selected:
-        spec = ZOO[name]
-        config = spec.train if seed is None else spec.train.model_copy(update={"seed": seed})
-        dataset = load_dataset(spec.dataset)
-        seed_everything(config.seed)
-        model = build(name)
-        result = train_model(model, dataset, config, quick=quick, progress=progress, desc=name)
-        training: dict[str, Any] = {
-            **config.model_dump(mode="json"),
-            "dataset": dataset.name,
-            "split": dataset.split,
-            "quick": quick,
-            "history": result.history,
-        }
-        path = save_package(
-            repository,
-            name,
-            model,
-            task=spec.task,
-            input_shape=dataset.input_shape,
-            input_dtype=dataset.input_dtype,
-            preprocessing=dataset.preprocessing,
-            labels=dataset.labels,
-            architecture={"factory": spec.factory, "kwargs": spec.kwargs},
-            training=training,
-            metrics=result.metrics,
-            target=dataset.target,
-        )
-        paths.append(path)
-        if on_package is not None:
-            on_package(path)
-    return paths

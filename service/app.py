@@ -7,24 +7,22 @@ JSON 500 without a traceback.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from dropwise.service.errors import PayloadTooLarge, ServiceError
+from dropwise.service.inference import InferenceService
+from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.routes import health, native, v2
+from dropwise.service.settings import Settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.errors import PayloadTooLarge, ServiceError
-from service.inference import InferenceService
-from service.metrics import ServiceMetrics
-from service.settings import Settings
 
 log = logging.getLogger("dropwise.app")
 
@@ -131,11 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _include_v2(app: FastAPI) -> None:
-    if importlib.util.find_spec("service.routes.v2") is None:
-        log.warning("service.routes.v2 not found: the Open Inference Protocol routes are not served")
-        return
-    module = importlib.import_module("service.routes.v2")
-    app.include_router(module.router)
+    app.include_router(v2.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -168,8 +162,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.inference = service
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
-
-    from service.routes import health, native
 
     app.include_router(health.router)
     app.include_router(native.router)

@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
-from service.metrics import ServiceMetrics
-from service.runtimes.base import MCGroup, Outputs, Runtime
-from service.settings import Settings
+from dropwise.service.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.runtimes.base import MCGroup, Outputs, Runtime
+from dropwise.service.settings import Settings
 
 log = logging.getLogger("dropwise.batcher")
 

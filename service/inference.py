@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-from service.batcher import Job, ModelBatcher
-from service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
-from service.metrics import ServiceMetrics
-from service.repository import ModelRepository
-from service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec, Runtime
-from service.settings import Settings
+from dropwise.service.batcher import Job, ModelBatcher
+from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
+from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.repository import ModelRepository
+from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec, Runtime
+from dropwise.service.settings import Settings
 
 log = logging.getLogger("dropwise.service")
 

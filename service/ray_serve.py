@@ -5,7 +5,7 @@ the single-process service is what each replica serves; Ray Serve's proxy spread
 Replicas and GPUs per replica are deployment options (`num_replicas`, `num_gpus`).
 
     from ray import serve
-    from service.ray_serve import build_deployment
+    from dropwise.service.ray_serve import build_deployment
     serve.run(build_deployment(Settings(repository=Path("model_repository")), num_replicas=2))
 
 Requires the `ray` extra (`pip install -e '.[cpu,ray]'`).
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.app import create_app
-from service.settings import Settings
+from dropwise.service.app import create_app
+from dropwise.service.settings import Settings
 
 
 def build_deployment(

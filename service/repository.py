@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service.runtimes.base import PackageSpec, Runtime
-from surgery.package import LoadedPackage, Manifest, PackageError, list_models, list_versions, load_package
+from dropwise.package import LoadedPackage, Manifest, PackageError, list_models, list_versions, load_package
+from dropwise.service.runtimes.base import PackageSpec, Runtime
 
 log = logging.getLogger("dropwise.repository")
 
@@ -69,11 +69,11 @@ class ModelRepository:
     def load_runtime(self, spec: PackageSpec, backend: str, device: str, **options: Any) -> Runtime:
         """Build and load the runtime of one package version on `backend` and `device`."""
         if backend == "torch":
-            from service.runtimes.torch_runtime import TorchRuntime
+            from dropwise.service.runtimes.torch_runtime import TorchRuntime
 
             runtime: Runtime = TorchRuntime(spec, device=device, **options)
         elif backend == "onnxruntime":
-            from service.runtimes.onnx_runtime import OnnxRuntime
+            from dropwise.service.runtimes.onnx_runtime import OnnxRuntime
 
             runtime = OnnxRuntime(spec, device=device, **options)
         else:

@@ -1,6 +1,6 @@
 """Decode and encode Open Inference Protocol (KServe V2 / Triton REST) bodies.
 
-Pure functions, no FastAPI: the route module ``service.routes.v2`` calls them.
+Pure functions, no FastAPI: the route module ``dropwise.service.routes.v2`` calls them.
 
 Supported on the way in: a JSON request, optionally followed by the binary tensor data extension (the JSON
 header length travels in the ``Inference-Header-Content-Length`` header and each binary input carries

@@ -1,36 +1,34 @@
 """Surgery on any ``nn.Module`` around the dropout family.
 
-Public API: ``find_sites`` / ``register_site_type`` / ``Site`` (surgery.sites), ``fold`` (surgery.fold),
-``to_mc`` (surgery.mc), ``split`` / ``SplitModel`` (surgery.split), ``recalibrate_batchnorm``
-(surgery.batchnorm), ``mc_predict`` / ``MCEngine`` / ``MCResult`` (surgery.engine), ``export_mc_onnx``
-(surgery.mc_export). Each import is guarded so that a sibling module that is missing or broken in a partial
-checkout does not break the others.
+Public API: ``find_sites`` / ``register_site_type`` / ``Site`` (sites), ``fold`` (fold), ``to_mc`` (mc),
+``split`` / ``SplitModel`` (split), ``recalibrate_batchnorm`` (batchnorm), ``mc_predict`` / ``MCEngine`` /
+``MCResult`` (engine), ``export_mc_onnx`` (mc_export).
 """
 
 from __future__ import annotations
 
-import importlib
+from dropwise.surgery.batchnorm import BatchNormReport, recalibrate_batchnorm
+from dropwise.surgery.engine import MCEngine, MCResult, mc_predict
+from dropwise.surgery.fold import FoldReport, fold
+from dropwise.surgery.mc import NoStochasticSiteError, to_mc
+from dropwise.surgery.mc_export import export_mc_onnx
+from dropwise.surgery.sites import Site, find_sites, register_site_type
+from dropwise.surgery.split import SplitModel, split
 
-__all__: list[str] = []
-
-
-def _export(module: str, *names: str) -> None:
-    try:
-        mod = importlib.import_module(f"{__name__}.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{module}":
-            raise
-        return
-    for name in names:
-        globals()[name] = getattr(mod, name)
-        __all__.append(name)
-
-
-_export("sites", "Site", "find_sites", "register_site_type")
-_export("fold", "FoldReport", "fold")
-_export("mc", "NoStochasticSiteError", "to_mc")
-_export("split", "SplitModel", "split")
-_export("batchnorm", "BatchNormReport", "recalibrate_batchnorm")
-
-_export("engine", "MCEngine", "MCResult", "mc_predict")
-_export("mc_export", "export_mc_onnx")
+__all__ = [
+    "BatchNormReport",
+    "FoldReport",
+    "MCEngine",
+    "MCResult",
+    "NoStochasticSiteError",
+    "Site",
+    "SplitModel",
+    "export_mc_onnx",
+    "find_sites",
+    "fold",
+    "mc_predict",
+    "recalibrate_batchnorm",
+    "register_site_type",
+    "split",
+    "to_mc",
+]

@@ -32,12 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
-from tqdm import tqdm
-
-from surgery.export import DEFAULT_OUTPUT_NAME, ExportError, export_deterministic
-from surgery.package import (
+from dropwise.package import (
     MANIFEST,
     LoadedPackage,
     Manifest,
@@ -50,7 +45,8 @@ from surgery.package import (
     update_manifest,
     validate_name,
 )
-from surgery.parity import (
+from dropwise.surgery.export import DEFAULT_OUTPUT_NAME, ExportError, export_deterministic
+from dropwise.surgery.parity import (
     DEFAULT_ALPHA,
     DEFAULT_TOLERANCE,
     PARITY_FILE,
@@ -61,7 +57,11 @@ from surgery.parity import (
     spread_matches,
     z_test,
 )
-from surgery.providers import create_session, resolve_providers
+from dropwise.surgery.providers import create_session, resolve_providers
+from dropwise.surgery.sites import site_records
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
@@ -155,7 +155,7 @@ def _dataset_name(manifest: Manifest) -> str | None:
     for value in (manifest.training.get("dataset"), extra.get("dataset")):
         if isinstance(value, str):
             return value
-    from models.zoo import ZOO
+    from dropwise.models.zoo import ZOO
 
     spec = ZOO.get(manifest.name)
     if spec is not None and (spec.factory, spec.kwargs) == (
@@ -172,7 +172,7 @@ def _parity_inputs(
     """`count` real inputs (test split of `dataset` or the package's); standard normal for float input."""
     name = dataset or _dataset_name(manifest)
     if name is not None:
-        from models.data import load_dataset
+        from dropwise.models.data import load_dataset
 
         x = load_dataset(name).test[0]
         if x.shape[0] < count:
@@ -261,8 +261,8 @@ def _mc_mean_std(session: Any, feeds: dict[str, np.ndarray], task: str) -> tuple
 
 
 def _export_mc(model: nn.Module, example: torch.Tensor, path: Path, input_name: str, task: str) -> None:
-    """`surgery.mc_export.export_mc_onnx` with the per-sample outputs included; checks the graph's names."""
-    from surgery.mc_export import export_mc_onnx
+    """`dropwise.surgery.mc_export.export_mc_onnx` with the per-sample outputs included; checks the graph's names."""
+    from dropwise.surgery.mc_export import export_mc_onnx
 
     try:
         export_mc_onnx(model, example, path, input_name=input_name, task=task, return_samples=True)
@@ -328,8 +328,8 @@ FoldFunction = Callable[[nn.Module, torch.Tensor], nn.Module]
 
 
 def default_fold(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """`surgery.fold.fold`, with its self-check against the eval output, as a `ConvertError` on failure."""
-    from surgery.fold import FoldError, fold
+    """`dropwise.surgery.fold.fold`, with its self-check against the eval output, as a `ConvertError` on failure."""
+    from dropwise.surgery.fold import FoldError, fold
 
     try:
         return fold(model, example)
@@ -349,7 +349,7 @@ def head_dropout(surgery: Sequence[str]) -> float | None:
 
 
 def _to_mc(model: nn.Module, example: torch.Tensor, head_p: float | None) -> nn.Module:
-    from surgery.mc import NoStochasticSiteError, to_mc
+    from dropwise.surgery.mc import NoStochasticSiteError, to_mc
 
     try:
         return to_mc(model, example_input=example, add_dropout_before_head=head_p)
@@ -369,8 +369,8 @@ def convert_package(
 
     The package is converted in place (existing ONNX files and report are replaced) and its weights are not
     changed; ``options.recalibrate_bn`` is refused here because it changes the weights (use :func:`convert`).
-    `fold_fn` replaces `surgery.fold.fold` for networks that need their own folding; whatever it returns is
-    checked against the unfolded network's eval output like the default. `dataset` (a `models.data` name)
+    `fold_fn` replaces `dropwise.surgery.fold.fold` for networks that need their own folding; whatever it returns is
+    checked against the unfolded network's eval output like the default. `dataset` (a `dropwise.models.data` name)
     supplies the parity inputs when the manifest names none.
 
     When the MC graph cannot be exported, the deterministic graph and the report are still written, the
@@ -386,7 +386,7 @@ def convert_package(
     if options.recalibrate_bn:
         raise ConvertError("convert_package never changes weights: recalibrate with convert(), a new version")
     resolve_providers(options.device)
-    loaded = load_package(package_dir, allow_modules=["models.", *(allow_modules or [])])
+    loaded = load_package(package_dir, allow_modules=["dropwise.models.", *(allow_modules or [])])
     manifest, model, path = loaded.manifest, loaded.model, loaded.path
     assert model is not None
     input_name = manifest.input.name
@@ -514,8 +514,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def spec_from_dataset(factory: str, kwargs: dict[str, Any], dataset: str) -> SourceSpec:
-    """A `SourceSpec` for `factory` whose input, task and labels come from a `models.data` dataset."""
-    from models.data import load_dataset
+    """A `SourceSpec` for `factory` whose input, task and labels come from a `dropwise.models.data` dataset."""
+    from dropwise.models.data import load_dataset
 
     try:
         ds = load_dataset(dataset)
@@ -540,8 +540,8 @@ def _recalibrate(model: nn.Module, dataset: str | None) -> bool:
         return False
     if dataset is None:
         raise ConvertError("--recalibrate-bn needs the training data: the dataset of this model is unknown")
-    from models.data import load_dataset
-    from surgery.batchnorm import recalibrate_batchnorm
+    from dropwise.models.data import load_dataset
+    from dropwise.surgery.batchnorm import recalibrate_batchnorm
 
     recalibrate_batchnorm(model, load_dataset(dataset).train[0])
     model.eval()
@@ -568,6 +568,7 @@ def _save(
         architecture={"factory": spec.factory, "kwargs": spec.kwargs},
         preprocessing=spec.preprocessing,
         labels=spec.labels,
+        sites=site_records(model),
         surgery=surgery,
         training={**training, **({"dataset": spec.dataset} if spec.dataset else {})},
         metrics=metrics,
@@ -612,7 +613,7 @@ def _from_package(
 
 
 def _zoo_spec(zoo_name: str) -> SourceSpec:
-    from models.zoo import ZOO
+    from dropwise.models.zoo import ZOO
 
     spec = ZOO[zoo_name]
     base = spec_from_dataset(spec.factory, dict(spec.kwargs), spec.dataset)
@@ -640,9 +641,9 @@ def convert(
         repository: where new packages go (default ``model_repository``; for a package source, its own).
         name: package name (default: the zoo name, the source package's name, or the factory's name).
         options: what to apply and check.
-        allow_modules: module prefixes a factory may be imported from besides ``models.`` (code execution).
+        allow_modules: module prefixes a factory may be imported from besides ``dropwise.models.`` (code execution).
         factory_kwargs: keyword arguments for a ``module:factory`` source.
-        dataset: a `models.data` dataset giving a factory source its input spec, labels and parity inputs.
+        dataset: a `dropwise.models.data` dataset giving a factory source its input spec, labels and parity inputs.
         on_package: called with the package directory before conversion starts (for progress messages).
 
     Raises:
@@ -650,7 +651,7 @@ def convert(
     """
     options = options or ConvertOptions()
     resolve_providers(options.device)  # a bad or unusable device fails before any work
-    allow_modules = ["models.", *(allow_modules or [])]
+    allow_modules = ["dropwise.models.", *(allow_modules or [])]
     if name is not None:
         validate_name(name)
     repo = Path(repository) if repository is not None else None
@@ -683,7 +684,7 @@ def convert(
             repo or DEFAULT_REPOSITORY, name or source.split(":")[1], model, spec, surgery, {}
         )
     else:
-        from models.zoo import ZOO, build
+        from dropwise.models.zoo import ZOO, build
 
         if source not in ZOO:
             raise ConvertError(

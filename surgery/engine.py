@@ -3,21 +3,21 @@
 MC dropout (Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation") averages T stochastic forward
 passes. Only the layers from the first stochastic site on differ between passes, so the engine
 
-1. splits the model (``surgery.split``) before its first CHOSEN site: a deterministic trunk and a tail;
+1. splits the model (``dropwise.surgery.split``) before its first CHOSEN site: a deterministic trunk and a tail;
 2. runs the trunk once per request (eval mode, no autograd);
 3. repeats the tail's inputs T times (sample-major rows ``n = t * B + b``) and runs the tail once for all
    samples, in chunks of at most ``chunk_rows`` rows (cache-sized by default, within a memory budget);
-4. replaces every chosen site of the tail by its hash-mask form (`surgery.masks.HashMaskSite`): masks
+4. replaces every chosen site of the tail by its hash-mask form (`dropwise.surgery.masks.HashMaskSite`): masks
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
    Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
-   forward) run their own train-mode forward (`surgery.masks.TrainModeSite`) with torch's random draws
-   routed to the same hash (`surgery.masks.KeyedRandom`): per-example draws stay keyed per row, and
-   ``models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the whole
+   forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random draws
+   routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws stay keyed per row, and
+   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the whole
    batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
    (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
    functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
-5. summarises the per-sample outputs ``[T, B, K]`` (``surgery.summaries``, DESIGN section 3).
+5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, DESIGN section 3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
 the longest shared trunk). BatchNorm always uses its running statistics and is never updated. The engine
@@ -57,7 +57,7 @@ _MAX_SEED = 1 << 63
 
 @dataclass
 class MCResult:
-    """MC-dropout summaries of one request (DESIGN section 3; see ``surgery.summaries``).
+    """MC-dropout summaries of one request (DESIGN section 3; see ``dropwise.surgery.summaries``).
 
     Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
@@ -236,7 +236,7 @@ class MCEngine:
         channels_last: give the tail its 4-D inputs in channels-last memory format (same values; on the
             CPU torch's NCHW max-pooling of odd-sized maps was measured 40x slower than channels-last).
             Default: on for CPU models.
-        exportable: use the int64 mask path that ``torch.onnx.export`` accepts (``surgery.mc_export``).
+        exportable: use the int64 mask path that ``torch.onnx.export`` accepts (``dropwise.surgery.mc_export``).
     """
 
     def __init__(
@@ -299,7 +299,7 @@ class MCEngine:
         """Whether a seeded request's result can never depend on its batch companions.
 
         True when every chosen site is a hash-mask site or a `masks.TrainModeSite` whose
-        ``rows_independent`` holds (``models.layers`` DropBlock2d / DropConnect / FractalJoin with every
+        ``rows_independent`` holds (``dropwise.models.layers`` DropBlock2d / DropConnect / FractalJoin with every
         draw keyed per row). When False, `run_batch` still works, but a seeded request reproduces only for
         an identical batch: run such requests one per call.
         """

@@ -3,13 +3,13 @@
 MODEL is one of:
 
 - a package directory (a version directory with ``manifest.json``, or a model directory: latest version),
-  or a repository together with ``--name`` (``surgery.package.load_package``: sha256-verified, safetensors,
+  or a repository together with ``--name`` (``dropwise.package.load_package``: sha256-verified, safetensors,
   never unpickles);
-- a zoo name (``models.zoo.ZOO``), with ``--weights``;
+- a zoo name (``dropwise.models.zoo.ZOO``), with ``--weights``;
 - a ``package.module:factory`` reference, with ``--weights file.safetensors`` (the user's explicit reference
   is the consent to import that module; ``--kwargs`` gives the factory's JSON keyword arguments).
 
-Packages written by ``fold`` / ``mc`` follow the convention of ``surgery.convert``: the weights and the
+Packages written by ``fold`` / ``mc`` follow the convention of ``dropwise.surgery.convert``: the weights and the
 architecture describe the source network (so anything that rebuilds it gets a correct model), and the
 manifest's ``surgery`` list records the rewrite (``"fold"``, ``"mc"``, ``"mc:head_dropout=0.3"``), which
 ``apply_surgery`` replays exactly (both rewrites are deterministic functions of the weights). ``sites`` in the
@@ -126,7 +126,7 @@ def example_input(resolved: ResolvedModel, batch: int = 2) -> torch.Tensor | Non
 
 
 def _from_package(path: Path, name: str | None, version: int | None, allow: list[str]) -> ResolvedModel:
-    from .package import PackageError, load_package
+    from dropwise.package import PackageError, load_package
 
     try:
         pkg = load_package(path, name, version, allow_modules=allow)
@@ -170,7 +170,7 @@ def resolve_model(
     Raises:
         LoadingError: with a one-line message for anything the user can fix.
     """
-    allow = ["models.", *(allow_modules or [])]
+    allow = ["dropwise.models.", *(allow_modules or [])]
     if input_dtype is not None and input_dtype not in ("float32", "int64"):
         raise LoadingError(f"--input-dtype must be float32 or int64, got {input_dtype!r}")
     if task is not None and task not in ("classification", "regression"):
@@ -184,7 +184,7 @@ def resolve_model(
         if name is not None or version is not None:
             raise LoadingError("--name / --version apply to a package repository only")
         if _FACTORY.match(source):
-            from .package import PackageError, resolve_factory
+            from dropwise.package import PackageError, resolve_factory
 
             try:
                 factory = resolve_factory(source, [*allow, source.split(":")[0]])
@@ -206,7 +206,7 @@ def resolve_model(
             default_name = source.split(":")[1]
             shape, dtype, task_ = None, "float32", "classification"
         elif _ZOO_NAME.match(source) and not path.exists():
-            from models.zoo import ZOO, build
+            from dropwise.models.zoo import ZOO, build
 
             if source not in ZOO:
                 raise LoadingError(
@@ -218,7 +218,7 @@ def resolve_model(
             model = build(source)
             architecture = {"factory": spec.factory, "kwargs": dict(spec.kwargs)}
             default_name = source
-            from models.data import load_dataset
+            from dropwise.models.data import load_dataset
 
             ds = load_dataset(spec.dataset)
             shape, dtype, task_ = tuple(ds.input_shape), ds.input_dtype, spec.task
@@ -261,7 +261,7 @@ def save_rewritten(
     example: Any = None,
 ) -> Path:
     """Write a package for ``rewritten`` = ``step`` applied to ``resolved`` (see the module docstring)."""
-    from .package import PackageError, save_package, validate_name
+    from dropwise.package import PackageError, save_package, validate_name
     from .sites import find_sites
 
     if resolved.architecture is None:

@@ -530,7 +530,7 @@ class KeyedRandom(TorchFunctionMode):
 def _row_local_layers() -> tuple[type, ...]:
     """Layers whose train-mode forward treats rows independently apart from its random draws."""
     try:
-        from models.layers import DropBlock2d, DropConnectConv2d, DropConnectLinear, FractalJoin
+        from dropwise.models.layers import DropBlock2d, DropConnectConv2d, DropConnectLinear, FractalJoin
     except ImportError:  # surgery used without the models package: no layer is known to be row-local
         return ()
     return (DropBlock2d, DropConnectConv2d, DropConnectLinear, FractalJoin)
@@ -542,12 +542,12 @@ class TrainModeSite(torch.nn.Module):
     Runs the wrapped module's own forward with ITS OWN ``training`` flag set (children keep theirs, so a
     BatchNorm inside stays in eval) and its random draws routed to the counter-based hash by
     `KeyedRandom`: the layer's own sampling logic (DropBlock's valid-region seeds, DropConnect's
-    per-example weight masks, FractalJoin's survivor rule) with hash-based draws. A ``models.layers``
+    per-example weight masks, FractalJoin's survivor rule) with hash-based draws. A ``dropwise.models.layers``
     ``DropBlock2d`` runs with ``normalize="sample"`` (its rescale counted per sample instead of over the
     whole batch; both preserve the expectation), so its rows do not depend on each other.
 
     ``rows_independent``: whether a seeded row's output can depend only on that row (its seed, row index
-    and sample), never on the rest of the batch. True when the wrapped module is a ``models.layers``
+    and sample), never on the rest of the batch. True when the wrapped module is a ``dropwise.models.layers``
     DropBlock2d, DropConnect layer or FractalJoin (a module site, not a functional one) AND every draw
     seen so far was keyed per row (a ``per_example=False`` DropConnect mask, or a DropConnect over a
     ``[B, L, F]`` input, draws one mask for the whole batch). Other modules (timm / torchvision DropBlock,

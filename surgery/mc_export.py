@@ -4,9 +4,9 @@ MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes t
 
 * inputs: the model input (``input_name``, dynamic batch), ``samples`` (int64 scalar T, read at run
   time) and ``seed`` (int64 scalar, OPTIONAL: it has an initializer -1, so callers may leave it out);
-* the trunk (``surgery.split``) runs once on the B rows; its live tensors are expanded to T * B rows
-  (sample-major, ``n = t * B + b``) and the rewritten tail of `surgery.engine.MCEngine` runs once;
-* masks come from the same counter-based hash as the torch engine (`surgery.masks`, int64 path):
+* the trunk (``dropwise.surgery.split``) runs once on the B rows; its live tensors are expanded to T * B rows
+  (sample-major, ``n = t * B + b``) and the rewritten tail of `dropwise.surgery.engine.MCEngine` runs once;
+* masks come from the same counter-based hash as the torch engine (`dropwise.surgery.masks`, int64 path):
   a run with ``seed >= 0`` reproduces ``MCEngine(model, x)(x, samples=T, seed=seed)`` exactly (same masks,
   outputs equal up to float rounding);
 * ``seed < 0`` or absent: a fresh 62-bit seed is drawn IN THE GRAPH from the mask output of an ONNX
@@ -16,7 +16,7 @@ MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes t
   advances with every use: every run and every session gets a different seed (verified in
   ``tests/test_mc_onnx.py``). No ``Bernoulli`` node (inverted in ONNX Runtime) and no unseeded
   ``RandomUniformLike`` (identical streams in two sessions of one process) is used;
-* outputs: the summaries of ``surgery.summaries`` by name (classification: ``mean_probs``,
+* outputs: the summaries of ``dropwise.surgery.summaries`` by name (classification: ``mean_probs``,
   ``predictive_entropy``, ``expected_entropy``, ``mutual_information``, ``variation_ratio``, ``std``;
   regression: ``mean``, ``std``), then ``sample_outputs`` ``[T, B, K]`` when ``return_samples``, then
   ``seed_used`` (int64 scalar: feed it back as ``seed`` to reproduce the run).
@@ -24,7 +24,7 @@ MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes t
 The data-dependent T is exported by ``torch.onnx.export`` (dynamo) as an unbacked size taken from the
 ``samples`` tensor. The tail runs on all T * B rows at once (no chunking inside the graph), so every tail op
 must take a run-time row count: per-example ``DropConnectConv2d`` switches to its im2col + batched-matmul form
-while exporting (`models.layers.drop_connect.per_example_conv2d`; ONNX Conv's ``group`` is a constant).
+while exporting (`dropwise.models.layers.drop_connect.per_example_conv2d`; ONNX Conv's ``group`` is a constant).
 """
 
 from __future__ import annotations

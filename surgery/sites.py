@@ -1,6 +1,6 @@
 """Find the stochastic sites of any ``nn.Module``: every place where randomness enters at train time.
 
-A *site* is either a module of a known stochastic type (torch's dropout modules, our ``models.layers``,
+A *site* is either a module of a known stochastic type (torch's dropout modules, our ``dropwise.models.layers``,
 timm / torchvision / Hugging Face transformers drop-path and DropBlock classes recognised by class name and
 module path without importing those libraries, or a type the user registered with ``register_site_type``)
 or a functional call inside some module's ``forward`` (``F.dropout*``, ``F.alpha_dropout``,
@@ -44,10 +44,11 @@ __all__ = [
     "module_sites",
     "plain_copy",
     "register_site_type",
+    "site_records",
     "site_type_of",
 ]
 
-#: How a site is removed by ``surgery.fold``: ``delete`` (eval is the identity), ``scale`` (eval multiplies
+#: How a site is removed by ``dropwise.surgery.fold``: ``delete`` (eval is the identity), ``scale`` (eval multiplies
 #: by ``eval_scale``, folded into an adjacent affine op), ``mean_rule`` (DropConnect: plain layer with qW),
 #: ``mean_join`` (FractalNet join: deterministic mean), ``freeze`` (deterministic but not affine: kept in
 #: eval form), ``none`` (cannot be folded).
@@ -72,7 +73,7 @@ class Site:
             ``attention_dropout`` or a user-registered kind.
         p: drop probability (DropBlock: the TARGET probability; the current one is in ``details``).
         switch: how it is switched on (see the module docstring).
-        foldable: whether ``surgery.fold`` removes it exactly.
+        foldable: whether ``dropwise.surgery.fold`` removes it exactly.
         fold_rule: one of ``FOLD_RULES`` plus a short explanation.
         module_class: ``module.path.ClassName`` of the site module (functional: of the gating module).
         function: functional sites only, e.g. ``"dropout#0"`` (function name and call ordinal).
@@ -180,7 +181,7 @@ def _set_drop_prob_to_target(module: nn.Module) -> None:
     module.drop_prob = float(module.p)
 
 
-_OURS = "models.layers"
+_OURS = "dropwise.models.layers"
 
 _BUILTIN: list[SiteType] = [
     SiteType(nn.Dropout, "dropout", _attr("p")),
@@ -306,7 +307,7 @@ _FOLD_TEXT = {
 class FrozenEval(nn.Module):
     """Holds a module that must always run in its (deterministic) eval form; ``train()`` keeps it eval.
 
-    Used by ``surgery.fold`` for sites whose eval rule is deterministic but not affine (DropConnect with
+    Used by ``dropwise.surgery.fold`` for sites whose eval rule is deterministic but not affine (DropConnect with
     Gaussian moment matching). ``find_sites`` does not look inside it.
     """
 
@@ -370,7 +371,7 @@ _MC_ATTRIBUTES = ("train", "mc_sites", "head_dropout_added")
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without the MC state that ``surgery.mc.to_mc`` installs (its sticky ``train()``), so that
+    """A deep copy without the MC state that ``dropwise.surgery.mc.to_mc`` installs (its sticky ``train()``), so that
     ``train()`` / ``eval()`` on the copy mean what they say."""
     work = copy.deepcopy(model)
     for module in work.modules():
@@ -583,3 +584,8 @@ def forward_reads_training(module: nn.Module) -> bool:
     except (OSError, TypeError):
         return False
     return "self.training" in source or "dropout(" in source
+
+
+def site_records(model: nn.Module, example_input: Any = None) -> list[dict[str, Any]]:
+    """``find_sites`` as JSON-able records, the form a model package's manifest stores."""
+    return [site.to_dict() for site in find_sites(model, example_input)]

@@ -19,7 +19,7 @@ size gives finite values (NaN logits count as 0, infinite ones as the largest fi
 never appears because entropies are written as
 ``-sum p * log p`` with ``log p`` finite. Standard deviations are population standard deviations
 (divisor T, not T - 1), so T = 1 gives 0 rather than NaN. Only plain tensor operations are used, so the
-functions export to ONNX with ``torch.onnx.export`` (the MC graph of ``surgery.mc_export`` embeds them) and
+functions export to ONNX with ``torch.onnx.export`` (the MC graph of ``dropwise.surgery.mc_export`` embeds them) and
 serve the torch runtime unchanged.
 """
 

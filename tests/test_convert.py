@@ -15,12 +15,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import nn
-
-from models.zoo import ZOO
-from surgery.cli import main
-from surgery.convert import (
+from dropwise.models.zoo import ZOO
+from dropwise.package import PackageError, load_package
+from dropwise.surgery.convert import (
     DETERMINISTIC_FILE,
     MC_FILE,
     ConvertError,
@@ -29,9 +26,12 @@ from surgery.convert import (
     convert_package,
     default_fold,
 )
-from surgery.export import random_nodes
-from surgery.package import PackageError, load_package
-from surgery.parity import PARITY_FILE, ParityReport, bonferroni_threshold, compare, z_test
+from dropwise.surgery.export import random_nodes
+from dropwise.surgery.parity import PARITY_FILE, ParityReport, bonferroni_threshold, compare, z_test
+from safetensors.torch import save_file
+from torch import nn
+
+from dropwise.cli import main
 
 # Each zoo network is exported twice (deterministic + MC) once per session: about 130 CPU-seconds in all. The
 # generous timeout only absorbs a machine shared with other jobs; it is not a performance bound.
@@ -229,8 +229,11 @@ def test_cli_converts_zoo_weights_into_a_new_package(converted: _Converted, tmp_
     [
         (["no_such_network"], "is not a package directory, a zoo name"),
         (["mlp_digits", "--weights", "missing.safetensors"], "weights file not found"),
-        (["models.zoo.mlp:dropout_mlp"], "needs --weights"),
-        (["models.zoo.mlp:dropout_mlp", "--weights", "w.safetensors", "--kwargs", "[1]"], "JSON object"),
+        (["dropwise.models.zoo.mlp:dropout_mlp"], "needs --weights"),
+        (
+            ["dropwise.models.zoo.mlp:dropout_mlp", "--weights", "w.safetensors", "--kwargs", "[1]"],
+            "JSON object",
+        ),
         (["os:system", "--weights", "w.safetensors", "--dataset", "digits"], "not in the allow-list"),
         (["mlp_digits", "--name", "../evil"], "invalid model name"),
         (["mlp_digits", "--samples", "1"], "at least 2"),
@@ -250,7 +253,7 @@ def test_cli_errors_are_one_line(
 
 
 def _cuda_available() -> bool:
-    from surgery.providers import cuda_usable
+    from dropwise.surgery.providers import cuda_usable
 
     return cuda_usable()[0]
 
@@ -308,8 +311,8 @@ def test_compare_uses_the_output_scale() -> None:
 
 
 def test_head_dropout_recorded_by_dropwise_mc_is_exported(tmp_path: Path) -> None:
-    from models.zoo.mlp import dropout_mlp
-    from surgery.package import save_package
+    from dropwise.models.zoo.mlp import dropout_mlp
+    from dropwise.package import save_package
 
     kwargs = {"in_features": 64, "hidden": [32], "out_features": 10, "p_input": 0.0, "p_hidden": 0.0}
     torch.manual_seed(0)
@@ -320,7 +323,7 @@ def test_head_dropout_recorded_by_dropwise_mc_is_exported(tmp_path: Path) -> Non
         task="classification",
         input_shape=(64,),
         input_dtype="float32",
-        architecture={"factory": "models.zoo.mlp:dropout_mlp", "kwargs": kwargs},
+        architecture={"factory": "dropwise.models.zoo.mlp:dropout_mlp", "kwargs": kwargs},
         surgery=["mc:head_dropout=0.3"],
         training={"dataset": "digits"},
     )
@@ -331,7 +334,7 @@ def test_head_dropout_recorded_by_dropwise_mc_is_exported(tmp_path: Path) -> Non
 
 
 def test_spread_guard_flags_a_degenerate_mc_graph() -> None:
-    from surgery.parity import spread_matches
+    from dropwise.surgery.parity import spread_matches
 
     torch_std = np.full((8, 10), 0.04)
     assert spread_matches(torch_std, torch_std * 1.3)

@@ -1,12 +1,11 @@
-"""models.data: package-shipped datasets, fixed seeded stratified splits, value ranges."""
+"""dropwise.models.data: package-shipped datasets, fixed seeded stratified splits, value ranges."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from models.data import DATASETS, SPLIT_SEED, _split_indices, load_dataset
+from dropwise.models.data import DATASETS, SPLIT_SEED, _split_indices, load_dataset
 
 SIZES = {"digits": 1797, "digits_tokens": 1797, "mnist": 5000, "diabetes": 442}
 

@@ -13,9 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from models.layers import (
+from dropwise.models.layers import (
     ClassicDropout,
     DropBlock2d,
     DropConnectLinear,
@@ -23,8 +21,9 @@ from models.layers import (
     EmbeddingDropout,
     FractalJoin,
 )
-from surgery.engine import MCEngine, mc_predict
-from surgery.masks import KeyedRandom, keep_mask, quantised_p, row_keys, sample_keys, threshold
+from dropwise.surgery.engine import MCEngine, mc_predict
+from dropwise.surgery.masks import KeyedRandom, keep_mask, quantised_p, row_keys, sample_keys, threshold
+from torch import nn
 
 Z = 5.0
 
@@ -326,7 +325,7 @@ def test_drop_block_row_does_not_depend_on_its_batch_companions() -> None:
 @pytest.mark.parametrize("shape", [(6, 1), (6, 3, 5), (2, 6, 7)])
 def test_keyed_uniforms_follow_the_int64_hash(shape: tuple[int, ...]) -> None:
     # eager draws take the in-place int32 hash; the export path the int64 one: same 24-bit uniforms
-    from surgery.masks import _C4, _C5, _mixed_constant, mix32, site_keys
+    from dropwise.surgery.masks import _C4, _C5, _mixed_constant, mix32, site_keys
 
     keys = _keys(3, 2, seed=4)  # N = 6 sample-rows
     with KeyedRandom(keys, 2) as random:

@@ -14,16 +14,15 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper
-from torch import nn
-
-from surgery.export import (
+from dropwise.surgery.export import (
     ExportError,
     assert_deterministic,
     export_deterministic,
     random_nodes,
     with_min_batch,
 )
+from onnx import TensorProto, helper
+from torch import nn
 
 
 class _TokenModel(nn.Module):

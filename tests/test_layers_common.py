@@ -6,9 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
-
-from models.layers import (
+from dropwise.models.layers import (
     ClassicDropout,
     Cutout,
     DropBlock2d,
@@ -18,6 +16,7 @@ from models.layers import (
     EmbeddingDropout,
     FractalJoin,
 )
+from torch import nn
 
 
 class _Join(nn.Module):

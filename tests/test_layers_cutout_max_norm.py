@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
+from dropwise.models.layers import Cutout, DropConnectLinear, MaxNorm, cutout, max_norm_
 from torch import nn
-
-from models.layers import Cutout, DropConnectLinear, MaxNorm, cutout, max_norm_
 
 SIGMAS = 5.0
 

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dropwise.models.layers import DropBlock2d, DropBlockSchedule, drop_block2d, drop_block_gamma
 from torch import nn
-
-from models.layers import DropBlock2d, DropBlockSchedule, drop_block2d, drop_block_gamma
 
 SIGMAS = 5.0
 

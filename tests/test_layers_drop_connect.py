@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from models.layers import (
+from dropwise.models.layers import (
     DropConnectConv2d,
     DropConnectLinear,
     drop_connect_conv2d,
     drop_connect_linear,
     gaussian_nodes,
 )
-from models.layers._common import bernoulli_mask
-from models.layers.drop_connect import per_example_conv2d
+from dropwise.models.layers._common import bernoulli_mask
+from dropwise.models.layers.drop_connect import per_example_conv2d
+from torch import nn
 
 SIGMAS = 5.0
 

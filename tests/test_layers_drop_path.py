@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from models.layers import DropPath, FractalJoin, drop_path, fractal_join, linear_decay
+from dropwise.models.layers import DropPath, FractalJoin, drop_path, fractal_join, linear_decay
 
 SIGMAS = 5.0
 

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
+from dropwise.models.layers import ClassicDropout, EmbeddingDropout, classic_dropout, embedding_dropout
 from torch import nn
-
-from models.layers import ClassicDropout, EmbeddingDropout, classic_dropout, embedding_dropout
 
 SIGMAS = 5.0  # bounds below are 5 standard deviations of the statistic under a correct implementation
 

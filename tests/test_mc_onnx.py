@@ -10,12 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from dropwise.models.layers import DropBlock2d, DropConnectConv2d, DropConnectLinear
+from dropwise.surgery.engine import MCEngine
+from dropwise.surgery.mc_export import export_mc_onnx, output_names
+from dropwise.surgery.summaries import CLASSIFICATION_OUTPUTS
 from torch import nn
-
-from models.layers import DropBlock2d, DropConnectConv2d, DropConnectLinear
-from surgery.engine import MCEngine
-from surgery.mc_export import export_mc_onnx, output_names
-from surgery.summaries import CLASSIFICATION_OUTPUTS
 
 ort = pytest.importorskip("onnxruntime")
 

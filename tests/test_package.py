@@ -1,4 +1,4 @@
-"""surgery.package: round trip, checksums, names, versions, factory allow-list, never unpickling."""
+"""dropwise.package: round trip, checksums, names, versions, factory allow-list, never unpickling."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
-from models.data import load_dataset
-from models.zoo import ZOO, build
-from surgery.package import (
+from dropwise.models.data import load_dataset
+from dropwise.models.zoo import ZOO, build
+from dropwise.package import (
     MANIFEST,
     WEIGHTS,
     PackageError,
@@ -27,6 +25,7 @@ from surgery.package import (
     validate_version,
     verify_package,
 )
+from safetensors import safe_open
 
 
 def _save(
@@ -177,7 +176,7 @@ def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(PackageError, match="invalid model name"):
         save_package(
             tmp_path, name, torch.nn.Linear(2, 2), task="regression", input_shape=[2], input_dtype="float32",
-            architecture={"factory": "models.zoo.mlp:dropout_mlp"},
+            architecture={"factory": "dropwise.models.zoo.mlp:dropout_mlp"},
         )  # fmt: skip
     assert not any(tmp_path.iterdir())
 
@@ -189,15 +188,15 @@ def test_bad_versions_are_refused(version: object) -> None:
 
 
 def test_factory_allow_list(tmp_path: Path) -> None:
-    assert resolve_factory("models.zoo.mlp:dropout_mlp") is not None
+    assert resolve_factory("dropwise.models.zoo.mlp:dropout_mlp") is not None
     for ref in ("os:system", "subprocess:run", "modelsevil.x:y", "models_x.y:z"):
         with pytest.raises(PackageError, match="allow-list"):
             resolve_factory(ref)
-    for ref in ("os.system", "models.zoo.mlp:dropout_mlp()", "models/zoo:x", ":x"):
+    for ref in ("os.system", "dropwise.models.zoo.mlp:dropout_mlp()", "models/zoo:x", ":x"):
         with pytest.raises(PackageError, match="invalid factory"):
             resolve_factory(ref)
     with pytest.raises(PackageError, match="does not name a callable"):
-        resolve_factory("models.zoo.mlp:nothing_here")
+        resolve_factory("dropwise.models.zoo.mlp:nothing_here")
     # opt-in for a user module
     assert resolve_factory("torch.nn:Identity", allow_modules=["torch.nn"]) is torch.nn.Identity
     path = save_package(

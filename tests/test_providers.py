@@ -8,10 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
-
-from surgery.export import export_deterministic
-from surgery.providers import (
+from dropwise.surgery.export import export_deterministic
+from dropwise.surgery.providers import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     ProviderError,
@@ -21,6 +19,7 @@ from surgery.providers import (
     installed_packages,
     resolve_providers,
 )
+from torch import nn
 
 HAS_CUDA_PROVIDER = CUDA_PROVIDER in ort.get_available_providers() and cuda_usable()[0]
 

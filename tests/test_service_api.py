@@ -14,13 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from dropwise.package import load_package
+from dropwise.service.app import create_app
+from dropwise.service.schemas import PREDICT_EXAMPLES
+from dropwise.service.settings import Settings
 from fastapi.testclient import TestClient
 from test_service_fixtures import build_service_repository
-
-from service.app import create_app
-from service.schemas import PREDICT_EXAMPLES
-from service.settings import Settings
-from surgery.package import load_package
 
 
 @pytest.fixture(scope="module")

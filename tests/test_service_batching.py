@@ -15,11 +15,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from dropwise.service.app import create_app
+from dropwise.service.settings import Settings
 from prometheus_client.parser import text_string_to_metric_families
 from test_service_fixtures import build_service_repository
-
-from service.app import create_app
-from service.settings import Settings
 
 URL = "/v1/models/mlp_digits/predict"
 

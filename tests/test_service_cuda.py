@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dropwise.service.app import create_app
+from dropwise.service.settings import Settings
 from fastapi.testclient import TestClient
 from test_service_fixtures import build_onnx_repository, build_service_repository
-
-from service.app import create_app
-from service.settings import Settings
 
 pytestmark = [
     pytest.mark.cuda,

@@ -25,14 +25,14 @@ import torch
 SERVICE_MODELS = ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes")
 _BUILT: dict[str, Path] = {}
 ROOT = Path(__file__).resolve().parents[1]
-#: the installed console script (`python -m surgery.cli` would define a second `UserError` class)
+#: the installed console script (`python -m dropwise.cli` would define a second `UserError` class)
 DROPWISE = str(Path(sys.executable).with_name("dropwise"))
 
 
 def _add_onnx(package_dir: Path, mc: bool = True) -> None:
     """Add `model.onnx` and, when asked and the MC exporter is installed, `model.mc.onnx` to a package."""
-    from surgery.export import export_deterministic
-    from surgery.package import add_file, load_package
+    from dropwise.package import add_file, load_package
+    from dropwise.surgery.export import export_deterministic
 
     loaded = load_package(package_dir)
     manifest = loaded.manifest
@@ -46,7 +46,7 @@ def _add_onnx(package_dir: Path, mc: bool = True) -> None:
         add_file(package_dir, "model.onnx", scratch / "model.onnx")
     if mc and "model.mc.onnx" not in manifest.files:
         try:
-            from surgery.mc_export import export_mc_onnx
+            from dropwise.surgery.mc_export import export_mc_onnx
         except ImportError:
             return
         export_mc_onnx(
@@ -64,7 +64,7 @@ def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path
     """A repository with the three `SERVICE_MODELS` (one version each, torch weights), built once."""
     if "repo" in _BUILT:
         return _BUILT["repo"]
-    from surgery.package import list_versions
+    from dropwise.package import list_versions
 
     repo = root / "service_repository"
     source: Path | None = None
@@ -79,7 +79,7 @@ def build_service_repository(request: pytest.FixtureRequest, root: Path) -> Path
             version = list_versions(source / name)[-1]
             shutil.copytree(source / name / str(version), repo / name / str(version))
         else:
-            from models.training import train_zoo
+            from dropwise.zoo_training import train_zoo
 
             train_zoo([name], repo, quick=True, progress=False)
     _BUILT["repo"] = repo
@@ -94,7 +94,7 @@ def build_onnx_repository(request: pytest.FixtureRequest, root: Path) -> Path:
     """
     if "onnx" in _BUILT:
         return _BUILT["onnx"]
-    from surgery.package import list_versions
+    from dropwise.package import list_versions
 
     source = build_service_repository(request, root)
     repo = root / "service_onnx_repository"

@@ -20,10 +20,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_serve_url(quick_repository: Path):
+    from dropwise.service.ray_serve import build_deployment
+    from dropwise.service.settings import Settings
     from ray import serve
-
-    from service.ray_serve import build_deployment
-    from service.settings import Settings
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
@@ -45,10 +44,9 @@ def ray_serve_url(quick_repository: Path):
 
 
 def test_two_replicas_answer_like_the_in_process_app(ray_serve_url: str, quick_repository: Path) -> None:
+    from dropwise.service.app import create_app
+    from dropwise.service.settings import Settings
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
 
     body = {"inputs": [[0.25] * 64, [0.5] * 64], "mode": "mc", "samples": 16, "seed": 7}
     with httpx.Client(base_url=ray_serve_url, timeout=60) as client:

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
+from dropwise.service.inference import ModelInfo
 from test_service_fixtures import build_onnx_repository, build_service_repository, running_server
 from test_service_v2_codec import mutations
 from tritonclient.utils import InferenceServerException
-
-from service.inference import ModelInfo
 
 MAX_SAMPLES = 64
 MAX_BODY = 256 * 1024

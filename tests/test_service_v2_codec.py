@@ -9,10 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from tritonclient.http._utils import _get_inference_request
-from tritonclient.utils import serialize_byte_tensor
-
-from service.v2_codec import (
+from dropwise.service.v2_codec import (
     V2CodecError,
     datatype_of,
     decode_body,
@@ -20,6 +17,8 @@ from service.v2_codec import (
     encode_response,
     parse_header_length,
 )
+from tritonclient.http._utils import _get_inference_request
+from tritonclient.utils import serialize_byte_tensor
 
 NUMERIC = [
     ("FP32", np.float32),

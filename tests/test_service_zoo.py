@@ -13,13 +13,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from dropwise.service.app import create_app
+from dropwise.service.repository import ModelRepository
+from dropwise.service.runtimes.base import MCGroup
+from dropwise.service.runtimes.torch_runtime import TorchRuntime
+from dropwise.service.settings import Settings
 from fastapi.testclient import TestClient
-
-from service.app import create_app
-from service.repository import ModelRepository
-from service.runtimes.base import MCGroup
-from service.runtimes.torch_runtime import TorchRuntime
-from service.settings import Settings
 
 
 def _inputs(info: dict, n: int, seed: int) -> list:

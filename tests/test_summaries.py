@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from surgery.summaries import (
+from dropwise.surgery.summaries import (
     CLASSIFICATION_OUTPUTS,
     SummaryHead,
     classification_summaries,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dropwise.surgery import recalibrate_batchnorm
 from torch import nn
-
-from surgery import recalibrate_batchnorm
 
 
 @pytest.fixture(autouse=True, scope="module")

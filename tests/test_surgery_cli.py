@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dropwise.models.zoo import ZOO, build
+from dropwise.models.zoo.mlp import dropout_mlp
+from dropwise.package import load_package, save_package
+from dropwise.surgery.loading import apply_surgery, resolve_model
 from safetensors.torch import save_file
 
-from models.zoo import ZOO, build
-from models.zoo.mlp import dropout_mlp
-from surgery.cli import main
-from surgery.loading import apply_surgery, resolve_model
-from surgery.package import load_package, save_package
+from dropwise.cli import main
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,7 +110,10 @@ def test_mc_from_factory_reference(weights: Path, tmp_path: Path, capsys: pytest
     [
         (["inspect", "no_such_net"], "not a package directory"),
         (["fold", "cnn_mnist", "-o", "OUT"], "needs --weights"),
-        (["fold", "models.zoo.mlp:dropout_mlp", "-w", "x.pt", "-o", "OUT"], "weights file not found"),
+        (
+            ["fold", "dropwise.models.zoo.mlp:dropout_mlp", "-w", "x.pt", "-o", "OUT"],
+            "weights file not found",
+        ),
         (["mc", "os:getcwd", "-w", "W", "-o", "OUT"], "not an nn.Module"),
         (["inspect", "cnn_mnist", "--input-shape", "a,b"], "--input-shape"),
     ],

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dropwise.models.layers import ClassicDropout, DropConnectConv2d, DropConnectLinear, DropPath, FractalJoin
+from dropwise.surgery import find_sites, fold
+from dropwise.surgery.fold import ActivatedLinear, MeanJoin, Removed, Scale
 from torch import nn
-
-from models.layers import ClassicDropout, DropConnectConv2d, DropConnectLinear, DropPath, FractalJoin
-from surgery import find_sites, fold
-from surgery.fold import ActivatedLinear, MeanJoin, Removed, Scale
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dropwise.models.layers import ClassicDropout, DropBlock2d, DropBlockSchedule, DropPath
+from dropwise.surgery import NoStochasticSiteError, to_mc
+from dropwise.surgery.mc import HeadDropoutLinear
 from torch import nn
-
-from models.layers import ClassicDropout, DropBlock2d, DropBlockSchedule, DropPath
-from surgery import NoStochasticSiteError, to_mc
-from surgery.mc import HeadDropoutLinear
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -151,7 +150,7 @@ class _Head(nn.Module):
 
 
 def test_surgery_on_an_mc_model_sees_real_train_and_eval() -> None:
-    from surgery import find_sites, fold, split
+    from dropwise.surgery import find_sites, fold, split
 
     model = nn.Sequential(nn.Linear(4, 4), _Head()).eval()
     x = torch.randn(8, 4)

@@ -8,9 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from models.layers import (
+from dropwise.models.layers import (
     ClassicDropout,
     DropBlock2d,
     DropConnectLinear,
@@ -18,8 +16,9 @@ from models.layers import (
     EmbeddingDropout,
     FractalJoin,
 )
-from surgery import find_sites, register_site_type
-from surgery.sites import _USER, SiteType
+from dropwise.surgery import find_sites, register_site_type
+from dropwise.surgery.sites import _USER, SiteType
+from torch import nn
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dropwise.models.layers import DropPath
+from dropwise.surgery import split, to_mc
 from torch import fx, nn
-
-from models.layers import DropPath
-from surgery import split, to_mc
 
 
 @pytest.fixture(autouse=True, scope="module")

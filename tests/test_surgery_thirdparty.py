@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from surgery import find_sites, fold, split, to_mc  # noqa: E402
+from dropwise.surgery import find_sites, fold, split, to_mc  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

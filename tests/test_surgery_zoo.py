@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dropwise.models.zoo import ZOO, build
+from dropwise.surgery import find_sites, fold, split, to_mc
 from torch import nn
-
-from models.zoo import ZOO, build
-from surgery import find_sites, fold, split, to_mc
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""models.training: quick steps train, seeds reproduce, max-norm, DropBlock schedule, Cutout, early
+"""dropwise.models.training: quick steps train, seeds reproduce, max-norm, DropBlock schedule, Cutout, early
 stopping; and the ``dropwise train`` command."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from dropwise.models.data import load_dataset
+from dropwise.models.layers import DropBlock2d
+from dropwise.models.training import CutoutConfig, TrainConfig, seed_everything, train_model
+from dropwise.models.zoo import ZOO, build
+from dropwise.package import load_package
 from torch import Tensor, nn
 
-from models.data import load_dataset
-from models.layers import DropBlock2d
-from models.training import CutoutConfig, TrainConfig, seed_everything, train_model, train_zoo
-from models.zoo import ZOO, build
-from surgery.package import load_package
+from dropwise.zoo_training import train_zoo
 
 NAMES = list(ZOO)
 
@@ -138,7 +139,7 @@ def test_train_zoo_refuses_unknown_names(tmp_path: Path) -> None:
 
 
 def test_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from surgery.cli import main
+    from dropwise.cli import main
 
     code = main(
         [
@@ -160,7 +161,7 @@ def test_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_train_command_exports_through_the_convert_pipeline(tmp_path: Path) -> None:
     import json
 
-    from surgery.cli import main
+    from dropwise.cli import main
 
     args = ["train", "embedding_digits_tokens", "--quick", "--no-progress", "--repository", str(tmp_path)]
     assert main(args) == 0

@@ -1,13 +1,11 @@
-"""models.zoo: every reference network builds, runs, is fx-traceable, and the zoo covers the whole family."""
+"""dropwise.models.zoo: every reference network builds, runs, is fx-traceable, and the zoo covers the whole family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import fx, nn
-
-from models.data import load_dataset
-from models.layers import (
+from dropwise.models.data import load_dataset
+from dropwise.models.layers import (
     ClassicDropout,
     DropBlock2d,
     DropConnectConv2d,
@@ -17,9 +15,10 @@ from models.layers import (
     FractalJoin,
     linear_decay,
 )
-from models.zoo import ZOO, ZooSpec, build
-from models.zoo.fractalnet import FractalBlock, FractalNet
-from surgery.package import build_from_architecture
+from dropwise.models.zoo import ZOO, ZooSpec, build
+from dropwise.models.zoo.fractalnet import FractalBlock, FractalNet
+from dropwise.package import build_from_architecture
+from torch import fx, nn
 
 NAMES = list(ZOO)
 
@@ -32,7 +31,7 @@ class _FamilyLeafTracer(fx.Tracer):
     """Treat the family's layers as leaves (their own argument checks are not symbolic)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("models.layers") or super().is_leaf_module(m, qualname)
+        return type(m).__module__.startswith("dropwise.models.layers") or super().is_leaf_module(m, qualname)
 
 
 @pytest.mark.parametrize("name", NAMES)

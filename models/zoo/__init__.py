@@ -1,5 +1,5 @@
 """Reference networks that together use every member of the dropout family (see ``registry.ZOO``)."""
 
-from models.zoo.registry import ZOO, ZooSpec, build
+from dropwise.models.zoo.registry import ZOO, ZooSpec, build
 
 __all__ = ["ZOO", "ZooSpec", "build"]

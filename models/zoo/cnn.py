@@ -12,9 +12,8 @@ an input transform and not part of the network.
 
 from __future__ import annotations
 
+from dropwise.models.layers import DropBlock2d
 from torch import nn
-
-from models.layers import DropBlock2d
 
 
 def _conv_bn(in_c: int, out_c: int) -> list[nn.Module]:

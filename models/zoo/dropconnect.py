@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from dropwise.models.layers import DropConnectConv2d, DropConnectLinear
 from torch import nn
-
-from models.layers import DropConnectConv2d, DropConnectLinear
 
 
 def dropconnect_mlp(

@@ -7,9 +7,8 @@ positions (mask ``[B, 1, E] / q``); eval ``x``; MC as train. A dropout head (inv
 
 from __future__ import annotations
 
+from dropwise.models.layers import EmbeddingDropout
 from torch import nn
-
-from models.layers import EmbeddingDropout
 
 
 def embedding_classifier(

@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from dropwise.models.layers import FractalJoin
 from torch import Tensor, nn
-
-from models.layers import FractalJoin
 
 
 def _conv_unit(in_c: int, out_c: int) -> nn.Sequential:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from dropwise.models.layers import ClassicDropout
 from torch import nn
-
-from models.layers import ClassicDropout
 
 
 def _dropout(p: float, kind: Literal["inverted", "classic"]) -> nn.Module:

@@ -11,9 +11,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dropwise.models.training import CutoutConfig, TrainConfig
 from torch import nn
-
-from models.training import CutoutConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ ZOO: dict[str, ZooSpec] = dict(
     [
         _spec(
             name="mlp_digits",
-            factory="models.zoo.mlp:dropout_mlp",
+            factory="dropwise.models.zoo.mlp:dropout_mlp",
             kwargs={
                 "in_features": 64,
                 "hidden": [256, 256],
@@ -55,7 +54,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="mlp_classic_digits",
-            factory="models.zoo.mlp:dropout_mlp",
+            factory="dropwise.models.zoo.mlp:dropout_mlp",
             kwargs={
                 "in_features": 64,
                 "hidden": [256, 256],
@@ -72,7 +71,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="dropconnect_mlp_digits",
-            factory="models.zoo.dropconnect:dropconnect_mlp",
+            factory="dropwise.models.zoo.dropconnect:dropconnect_mlp",
             kwargs={"in_features": 64, "hidden": [128, 128], "out_features": 10, "p": 0.5},
             dataset="digits",
             task="classification",
@@ -82,7 +81,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="dropconnect_cnn_digits",
-            factory="models.zoo.dropconnect:dropconnect_cnn",
+            factory="dropwise.models.zoo.dropconnect:dropconnect_cnn",
             kwargs={"image_shape": [1, 8, 8], "channels": [16, 32], "out_features": 10, "p": 0.2},
             dataset="digits",
             task="classification",
@@ -92,7 +91,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="cnn_mnist",
-            factory="models.zoo.cnn:dropblock_cnn",
+            factory="dropwise.models.zoo.cnn:dropblock_cnn",
             kwargs={
                 "in_channels": 1,
                 "channels": [16, 32, 64],
@@ -114,7 +113,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="resnet_mnist",
-            factory="models.zoo.resnet:stochastic_depth_resnet",
+            factory="dropwise.models.zoo.resnet:stochastic_depth_resnet",
             kwargs={
                 "in_channels": 1,
                 "widths": [24, 48],
@@ -132,7 +131,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="resnet_classic_digits",
-            factory="models.zoo.resnet:stochastic_depth_resnet",
+            factory="dropwise.models.zoo.resnet:stochastic_depth_resnet",
             kwargs={
                 "in_channels": 1,
                 "widths": [16, 32],
@@ -152,7 +151,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="fractal_mnist",
-            factory="models.zoo.fractalnet:fractalnet",
+            factory="dropwise.models.zoo.fractalnet:fractalnet",
             kwargs={
                 "in_channels": 1,
                 "widths": [16, 32],
@@ -169,7 +168,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="embedding_digits_tokens",
-            factory="models.zoo.embedding:embedding_classifier",
+            factory="dropwise.models.zoo.embedding:embedding_classifier",
             kwargs={
                 "vocab_size": 17,
                 "seq_len": 64,
@@ -187,7 +186,7 @@ ZOO: dict[str, ZooSpec] = dict(
         ),
         _spec(
             name="mlp_diabetes",
-            factory="models.zoo.mlp:dropout_mlp",
+            factory="dropwise.models.zoo.mlp:dropout_mlp",
             kwargs={
                 "in_features": 10,
                 "hidden": [64, 64],

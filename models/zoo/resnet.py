@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dropwise.models.layers import DropPath, linear_decay
 from torch import Tensor, nn
-
-from models.layers import DropPath, linear_decay
 
 
 class BasicBlock(nn.Module):

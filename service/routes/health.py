@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from dropwise.service.inference import InferenceService
+from dropwise.service.metrics import CONTENT_TYPE, ServiceMetrics
+from dropwise.service.schemas import Health
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-
-from service.inference import InferenceService
-from service.metrics import CONTENT_TYPE, ServiceMetrics
-from service.schemas import Health
 
 router = APIRouter(tags=["health"])
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Body, Path, Request
-
-from service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
-from service.schemas import (
+from dropwise.service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
+from dropwise.service.schemas import (
     PREDICT_EXAMPLES,
     ErrorBody,
     InputSpecOut,
@@ -19,6 +17,7 @@ from service.schemas import (
     PredictResponse,
     Uncertainty,
 )
+from fastapi import APIRouter, Body, Path, Request
 
 router = APIRouter(prefix="/v1", tags=["native"])
 

@@ -2,7 +2,7 @@
 
 Health, server and model metadata, model readiness and inference. The official Triton HTTP client sends no
 Content-Type and by default puts tensors after the JSON header (``Inference-Header-Content-Length``), so the
-infer route reads the raw body and decodes it with :mod:`service.v2_codec` instead of a pydantic model.
+infer route reads the raw body and decodes it with :mod:`dropwise.service.v2_codec` instead of a pydantic model.
 
 Per-request settings travel in the request's ``parameters``: ``mode`` ("deterministic" | "mc"),
 ``samples`` (T), ``seed``, ``return_samples``, plus the protocol's own ``binary_data_output`` and
@@ -18,12 +18,9 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
-
-from service.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServiceError
-from service.inference import MODES, InferenceRequest, InferenceService, ModelInfo
-from service.v2_codec import (
+from dropwise.service.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServiceError
+from dropwise.service.inference import MODES, InferenceRequest, InferenceService, ModelInfo
+from dropwise.service.v2_codec import (
     DecodedRequest,
     V2CodecError,
     datatype_of,
@@ -32,6 +29,8 @@ from service.v2_codec import (
     encode_response,
     parse_header_length,
 )
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 __all__ = ["SERVER_EXTENSIONS", "router"]
 

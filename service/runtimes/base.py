@@ -1,10 +1,10 @@
 """The runtime contract: how the service runs one model package on one backend.
 
 A runtime follows LitServe's decode / predict / encode split. The service decodes and validates the request
-(`service.inference`), the runtime *predicts* on a whole dynamic batch, and encodes the raw network output
+(`dropwise.service.inference`), the runtime *predicts* on a whole dynamic batch, and encodes the raw network output
 into named numpy outputs (`probabilities`, `predictions` or `mean`, and for MC the uncertainty summaries).
-Two runtimes implement it: `service.runtimes.torch_runtime.TorchRuntime` and
-`service.runtimes.onnx_runtime.OnnxRuntime`.
+Two runtimes implement it: `dropwise.service.runtimes.torch_runtime.TorchRuntime` and
+`dropwise.service.runtimes.onnx_runtime.OnnxRuntime`.
 """
 
 from __future__ import annotations
@@ -126,10 +126,9 @@ def encode_deterministic(raw: np.ndarray, spec: PackageSpec) -> Outputs:
 
 
 def encode_mc(samples: Any, spec: PackageSpec, return_samples: bool) -> Outputs:
-    """Encode T stochastic passes `[T, B, K]` (torch tensor) with `surgery.summaries` into named outputs."""
+    """Encode T stochastic passes `[T, B, K]` (torch tensor) with `dropwise.surgery.summaries` into named outputs."""
     import torch
-
-    from surgery.summaries import classification_summaries, regression_summaries
+    from dropwise.surgery.summaries import classification_summaries, regression_summaries
 
     samples = samples if isinstance(samples, torch.Tensor) else torch.from_numpy(np.asarray(samples))
     samples = samples.detach().float().cpu()

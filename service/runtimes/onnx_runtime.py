@@ -1,14 +1,14 @@
 """The ONNX Runtime runtime: deterministic predictions from `model.onnx`, MC from `model.mc.onnx`.
 
-The MC graph (`surgery.mc_export`) takes the input, `samples` (int64 scalar T) and `seed` (int64 scalar)
-and answers the summaries of `surgery.summaries` by name (`mean_probs`, ..., or regression `mean`, `std`),
+The MC graph (`dropwise.surgery.mc_export`) takes the input, `samples` (int64 scalar T) and `seed` (int64 scalar)
+and answers the summaries of `dropwise.surgery.summaries` by name (`mean_probs`, ..., or regression `mean`, `std`),
 optionally `sample_outputs` [T, B, K]. Its masks hash (seed, row within the request, sample, site,
 position), so each request runs as its own call and its result does not depend on its batch company.
 
-Sessions are opened through `surgery.providers.create_session`, which detects ONNX Runtime's silent CPU
+Sessions are opened through `dropwise.surgery.providers.create_session`, which detects ONNX Runtime's silent CPU
 fallback; the provider that really runs is what the service reports. The deterministic graph has one input
 (named as in the manifest) and one output `output` (logits, or the standardised regression value), see
-`surgery.export`.
+`dropwise.surgery.export`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.runtimes.base import MCGroup, Outputs, PackageSpec, encode_deterministic, standardised_to_target
+from dropwise.service.runtimes.base import (
+    MCGroup,
+    Outputs,
+    PackageSpec,
+    encode_deterministic,
+    standardised_to_target,
+)
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
@@ -53,8 +58,8 @@ class OnnxRuntime:
 
     def load(self) -> None:
         """Verify the package, open the sessions and warm up; raises when `model.onnx` is missing."""
-        from surgery.package import load_package
-        from surgery.providers import create_session
+        from dropwise.package import load_package
+        from dropwise.surgery.providers import create_session
 
         loaded = load_package(self.spec.path, build=False)  # checksums of every file, nothing unpickled
         path = Path(loaded.path)

@@ -1,10 +1,10 @@
 """The torch runtime: a package's network on CPU or CUDA, deterministic and MC-dropout.
 
-Deterministic predictions run the network in eval mode. MC predictions go through `surgery.engine.MCEngine`
+Deterministic predictions run the network in eval mode. MC predictions go through `dropwise.surgery.engine.MCEngine`
 (trunk once, tail for every sample in one batched pass, per-row hash masks): the MC requests of a dynamic
 batch, whatever their T, share one trunk pass, and a seeded request gets the same masks whatever else
 shares its batch. Sites without a hash-mask form (DropBlock, DropConnect, FractalJoin) run their own
-train-mode code with draws keyed per row, and `models.layers.DropBlock2d` rescales per sample inside the
+train-mode code with draws keyed per row, and `dropwise.models.layers.DropBlock2d` rescales per sample inside the
 engine, so they share the trunk pass too whenever the engine reports ``rows_independent`` (every draw
 keyed per row, no layer that couples rows). Only models with a site that couples rows (one DropConnect
 mask for the whole batch, another library's batch-wide DropBlock, functional dropout) run each request in
@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from service.runtimes.base import (
+from dropwise.package import load_package
+from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
     PackageSpec,
@@ -38,7 +37,7 @@ from service.runtimes.base import (
     encode_mc,
     standardised_to_target,
 )
-from surgery.package import load_package
+from torch import nn
 
 log = logging.getLogger("dropwise.torch_runtime")
 
@@ -117,7 +116,7 @@ class TorchRuntime:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
         assert self.model is not None
         try:
-            from surgery.engine import MCEngine
+            from dropwise.surgery.engine import MCEngine
         except ImportError:
             self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
             return

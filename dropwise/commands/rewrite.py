@@ -1,8 +1,8 @@
 """``dropwise fold MODEL --output DIR`` and ``dropwise mc MODEL --output DIR``.
 
-Both write a model package (safetensors + sha256-verified manifest, ``surgery.package``) whose manifest
+Both write a model package (safetensors + sha256-verified manifest, ``dropwise.package``) whose manifest
 records the rewrite in ``surgery`` (``"fold"``, ``"mc"``) and the rewritten model's sites; see
-``surgery.loading`` for MODEL and for how the rewrite is stored and replayed.
+``dropwise.surgery.loading`` for MODEL and for how the rewrite is stored and replayed.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def resolve(
     *,
     require_weights: bool = True,
 ) -> tuple[Any, Any]:
-    """``surgery.loading.resolve_model``, errors as ``UserError``; returns (resolved, example input)."""
-    from surgery.cli import UserError
-    from surgery.loading import LoadingError, example_input, resolve_model
+    """``dropwise.surgery.loading.resolve_model``, errors as ``UserError``; returns (resolved, example input)."""
+    from dropwise.errors import UserError
+    from dropwise.surgery.loading import LoadingError, example_input, resolve_model
 
     try:
         resolved = resolve_model(
@@ -86,9 +86,9 @@ def fold_command(
     allow_module: ModelOptions.allow_module = None,
 ) -> None:
     """Fold MODEL for deterministic inference (checked against its eval output) and write a package."""
-    from surgery.cli import UserError
-    from surgery.fold import FoldError, fold
-    from surgery.loading import LoadingError, save_rewritten
+    from dropwise.errors import UserError
+    from dropwise.surgery.fold import FoldError, fold
+    from dropwise.surgery.loading import LoadingError, save_rewritten
 
     resolved, example = resolve(model, weights, name, version, kwargs, input_shape, input_dtype, allow_module)
     try:
@@ -121,9 +121,9 @@ def mc_command(
     allow_module: ModelOptions.allow_module = None,
 ) -> None:
     """Convert MODEL for MC dropout (sites stochastic, everything else eval) and write a package."""
-    from surgery.cli import UserError
-    from surgery.loading import LoadingError, save_rewritten
-    from surgery.mc import to_mc
+    from dropwise.errors import UserError
+    from dropwise.surgery.loading import LoadingError, save_rewritten
+    from dropwise.surgery.mc import to_mc
 
     resolved, example = resolve(model, weights, name, version, kwargs, input_shape, input_dtype, allow_module)
     try:

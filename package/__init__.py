@@ -12,7 +12,7 @@ Safety rules, all enforced on load:
 - names match ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`` (so no path separators and no ``..``), versions are
   positive integers (the latest by default);
 - the architecture's ``module:factory`` is imported only when the module lies under an allow-listed prefix
-  (``models.`` by default), because importing a module named by a manifest is code execution. Callers opt in
+  (``dropwise.models.`` by default), because importing a module named by a manifest is code execution. Callers opt in
   to their own modules with ``allow_modules=``.
 """
 
@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FORMAT = "dropwise-package/1"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DEFAULT_ALLOWED_MODULES: tuple[str, ...] = ("models.",)
+DEFAULT_ALLOWED_MODULES: tuple[str, ...] = ("dropwise.models.",)
 _FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -227,7 +227,7 @@ def resolve_factory(factory: str, allow_modules: Sequence[str] | None = None) ->
 
     Args:
         factory: ``"package.module:function"``.
-        allow_modules: module prefixes that may be imported (default ``("models.",)``). Pass your own
+        allow_modules: module prefixes that may be imported (default ``("dropwise.models.",)``). Pass your own
             prefixes to opt in to user modules; importing a module runs its code.
 
     Raises:
@@ -384,7 +384,7 @@ def load_package(
             chosen), or a repository when ``name`` is given.
         name: model name inside the repository.
         version: positive integer; the latest when None.
-        allow_modules: factory module prefixes that may be imported (default ``("models.",)``).
+        allow_modules: factory module prefixes that may be imported (default ``("dropwise.models.",)``).
         build: when False, only verify and return the manifest (``model`` is None).
 
     Raises:
@@ -435,28 +435,6 @@ def state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _sites_of(model: nn.Module) -> list[dict[str, Any]]:
-    """Sites found by ``surgery.sites.find_sites`` when that module exists, as JSON-able dicts."""
-    try:
-        from surgery.sites import find_sites  # type: ignore[import-not-found]
-    except ImportError:
-        return []
-    out = []
-    for site in find_sites(model):
-        if hasattr(site, "to_dict"):
-            record = site.to_dict()
-        elif hasattr(site, "model_dump"):
-            record = site.model_dump(mode="json")
-        elif hasattr(site, "__dataclass_fields__"):
-            import dataclasses
-
-            record = dataclasses.asdict(site)
-        else:
-            record = dict(site)
-        out.append(json.loads(json.dumps(record, default=str)))
-    return out
-
-
 def save_package(
     repository: str | Path,
     name: str,
@@ -469,7 +447,7 @@ def save_package(
     preprocessing: str = "",
     input_name: str = "input",
     labels: Sequence[str] | None = None,
-    sites: list[dict[str, Any]] | None = None,
+    sites: Sequence[Mapping[str, Any]] = (),
     surgery: Iterable[str] = (),
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
@@ -481,8 +459,8 @@ def save_package(
 
     ``input_shape`` excludes the batch dimension (recorded as ``-1``). The version is the next free one
     when None; an existing version is never overwritten. The directory is written under a temporary name
-    and renamed into place, so readers never see half a package. ``sites`` defaults to what
-    ``surgery.sites.find_sites`` reports (an empty list while that module does not exist).
+    and renamed into place, so readers never see half a package. ``sites`` are the JSON-able site records
+    the caller found (``dropwise.surgery.sites.site_records``); the package format does not look for them.
     """
     validate_name(name)
     repository = Path(repository)
@@ -506,7 +484,7 @@ def save_package(
         architecture=architecture
         if isinstance(architecture, Architecture)
         else Architecture.model_validate(architecture),
-        sites=sites if sites is not None else _sites_of(model),
+        sites=[json.loads(json.dumps(dict(r), default=str)) for r in sites],
         surgery=list(surgery),
         training=dict(training or {}),
         metrics=dict(metrics or {}),

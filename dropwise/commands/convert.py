@@ -2,7 +2,7 @@
 
 SOURCE is a package directory, a zoo name (with ``--weights``, or the latest package of that name in the
 repository), or a ``module:factory`` reference with ``--weights`` and ``--dataset``. Importing a module
-outside ``models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
+outside ``dropwise.models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
 2 with one line on stderr for a usage error or a failed parity check (the report is still written into the
 package, with ``passed: false``).
 """
@@ -18,7 +18,7 @@ import typer
 
 
 def _parse_kwargs(text: str | None) -> dict[str, Any]:
-    from surgery.cli import UserError
+    from dropwise.errors import UserError
 
     if text is None:
         return {}
@@ -87,12 +87,12 @@ def convert(
     """Convert a trained network into a model package with verified ONNX graphs."""
     if not verbose:
         quiet_libraries()
-    from surgery.cli import UserError
-    from surgery.convert import ConvertError, ConvertOptions, report_json, report_summary
-    from surgery.convert import convert as run_convert
-    from surgery.export import ExportError
-    from surgery.package import PackageError
-    from surgery.providers import ProviderError
+    from dropwise.errors import UserError
+    from dropwise.package import PackageError
+    from dropwise.surgery.convert import ConvertError, ConvertOptions, report_json, report_summary
+    from dropwise.surgery.convert import convert as run_convert
+    from dropwise.surgery.export import ExportError
+    from dropwise.surgery.providers import ProviderError
 
     try:
         options = ConvertOptions(

@@ -1,7 +1,7 @@
 """``dropwise train [NAME ...]``: train reference networks and write them as model packages.
 
-Each network trains with its recipe from ``models.zoo.ZOO`` (seeded, early stopping, progress bar) and is
-written through ``surgery.package.save_package`` as ``<repository>/<name>/<version>/`` (safetensors weights
+Each network trains with its recipe from ``dropwise.models.zoo.ZOO`` (seeded, early stopping, progress bar) and is
+written through ``dropwise.package.save_package`` as ``<repository>/<name>/<version>/`` (safetensors weights
 and a manifest with architecture, hyper-parameters, split and metrics). A summary line per network follows.
 Unless ``--no-export`` is given, each package then goes through the same pipeline as ``dropwise convert``
 (fold, deterministic and MC ONNX graphs, parity report); a parity failure exits non-zero.
@@ -18,7 +18,7 @@ DEFAULT_REPOSITORY = Path("model_repository")
 
 
 def _summary(path: Path) -> str:
-    from surgery.package import load_package
+    from dropwise.package import load_package
 
     manifest = load_package(path, build=False).manifest
     m = manifest.metrics
@@ -56,9 +56,9 @@ def train(
     ] = True,
 ) -> None:
     """Train reference networks (all by default) and write them as model packages."""
-    from models.training import train_zoo
-    from models.zoo import ZOO
-    from surgery.cli import UserError
+    from dropwise.errors import UserError
+    from dropwise.models.zoo import ZOO
+    from dropwise.zoo_training import train_zoo
 
     unknown = [n for n in names or [] if n not in ZOO]
     if unknown:
@@ -73,7 +73,7 @@ def train(
             failed.extend(_export(path, progress=progress))
 
     if export:
-        from surgery.commands.convert import quiet_libraries
+        from dropwise.commands.convert import quiet_libraries
 
         quiet_libraries()
     train_zoo(
@@ -85,13 +85,13 @@ def train(
 
 def _export(path: Path, *, progress: bool) -> list[str]:
     """Run the convert pipeline on a freshly written package; the failures as `name: reason` lines."""
-    from surgery.convert import ConvertOptions, convert_package
+    from dropwise.surgery.convert import ConvertOptions, convert_package
 
     report = convert_package(path, ConvertOptions(progress=progress))
     if report.passed:
         typer.echo(f"  {path.parent.name}: model.onnx and model.mc.onnx written, parity passed")
         return []
-    return [f"{path.parent.name}: {', '.join(map(str, report.failures)) or 'see parity.json'}"]
+    return [f"{path.parent.name}: {'; '.join(report.failures()) or 'see parity.json'}"]
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,7 @@
 With no `--repository` it serves the default `./model_repository`; when that holds no package yet, the
 reference networks are trained into it first (with progress bars), so `dropwise serve` alone gives a
 working service. Every option can also come from a `DROPWISE_*` environment variable (see
-`service.settings.Settings`); a flag given on the command line wins.
+`dropwise.service.settings.Settings`); a flag given on the command line wins.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-from service.settings import DEFAULT_REPOSITORY, Settings
+from dropwise.service.settings import DEFAULT_REPOSITORY, Settings
 
 
 def _has_packages(repository: Path) -> bool:
-    from surgery.package import list_models
+    from dropwise.package import list_models
 
     return bool(list_models(repository))
 
@@ -38,7 +38,7 @@ def ensure_default_repository(
 
 
 def _train_default(repository: Path, *, quick: bool, progress: bool) -> None:
-    from models.training import train_zoo
+    from dropwise.zoo_training import train_zoo
 
     print(
         f"dropwise: no model packages in {repository}; training the reference networks there "
@@ -54,10 +54,10 @@ def _train_default(repository: Path, *, quick: bool, progress: bool) -> None:
 def _export_onnx(repository: Path) -> None:
     """Add both ONNX graphs (and the parity report) to the latest packages that lack `model.onnx`."""
     try:
-        from surgery.convert import convert_package
+        from dropwise.surgery.convert import convert_package
     except ImportError:  # the torch backend serves the packages without them
         return
-    from surgery.package import list_models, load_package, package_path
+    from dropwise.package import list_models, load_package, package_path
 
     for name in list_models(repository):
         path = package_path(repository, name)
@@ -77,7 +77,7 @@ def build_settings(**flags: Any) -> Settings:
     """Settings from the environment, overridden by the command-line flags that were given."""
     from pydantic import ValidationError
 
-    from surgery.cli import UserError
+    from dropwise.errors import UserError
 
     given = {key: value for key, value in flags.items() if value is not None}
     try:
@@ -119,8 +119,8 @@ def serve(
     """Serve deterministic and MC-dropout predictions over HTTP (native /v1 API and Open Inference /v2)."""
     import uvicorn
 
-    from service.app import create_app
-    from surgery.cli import UserError
+    from dropwise.errors import UserError
+    from dropwise.service.app import create_app
 
     settings = build_settings(
         repository=repository,

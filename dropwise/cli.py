@@ -1,18 +1,18 @@
 """The `dropwise` command line: one Typer app, each subcommand in its own module.
 
-Subcommands are registered from small modules (`surgery.commands.*`, `service.cli`) so that each part owns
+Subcommands are registered from small modules (`dropwise.commands.*`, `dropwise.commands.serve`) so that each part owns
 its command. Errors a user can cause (bad path, bad name, failed parity) exit non-zero with one line on
 stderr, never a traceback.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
-from surgery.errors import UserError
+from dropwise.commands import convert, inspect, rewrite, serve, train
+from dropwise.errors import UserError
 
 app = typer.Typer(
     name="dropwise",
@@ -28,19 +28,13 @@ def _root() -> None:
     """Model surgery around the dropout family, ONNX export, and an MC-dropout prediction service."""
 
 
-# module path -> each module defines `register(app: typer.Typer) -> None`
-COMMAND_MODULES = (
-    "surgery.commands.train",
-    "surgery.commands.inspect",
-    "surgery.commands.rewrite",
-    "surgery.commands.convert",
-    "service.cli",
-)
+# each module defines `register(app: typer.Typer) -> None`
+COMMAND_MODULES = (train, inspect, rewrite, convert, serve)
 
 
 def _register_all() -> None:
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(app)
+    for module in COMMAND_MODULES:
+        module.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """``dropwise inspect MODEL``: list a model's stochastic sites as a table (``--json`` for machines).
 
 MODEL: a package directory (or repository with ``--name``), a zoo name, or ``module:factory`` (see
-``surgery.loading``). Functional and attention dropout inside ``forward`` are found by running one example
+``dropwise.surgery.loading``). Functional and attention dropout inside ``forward`` are found by running one example
 batch (shape from the package manifest or ``--input-shape``).
 """
 
@@ -51,7 +51,7 @@ def inspect_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the sites as JSON.")] = False,
 ) -> None:
     """List the stochastic sites of MODEL (kind, p, how each is switched on, how it folds)."""
-    from surgery.sites import find_sites
+    from dropwise.surgery.sites import find_sites
 
     resolved, example = resolve(
         model, weights, name, version, kwargs, input_shape, input_dtype, allow_module, require_weights=False

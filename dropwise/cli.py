@@ -12,7 +12,7 @@ import sys
 import typer
 
 from dropwise.commands import convert, inspect, rewrite, serve, train
-from dropwise.errors import UserError
+from dropwise.errors import DropwiseError, UserError
 
 app = typer.Typer(
     name="dropwise",
@@ -38,30 +38,27 @@ def _register_all() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; every ``DropwiseError`` and usage error ends as one line on stderr."""
     _register_all()
     try:
         result = app(args=argv, standalone_mode=False)
-    except UserError as exc:
+    except DropwiseError as exc:
         print(f"dropwise: error: {exc}", file=sys.stderr)
         return 2
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        return int(code or 0)
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument, bad value
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"dropwise: error: {message}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
     except typer.Abort:
         print("dropwise: aborted", file=sys.stderr)
         return 1
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
-    # with standalone_mode=False click returns a `typer.Exit` code instead of raising it
+    # with standalone_mode=False click returns the code of a `typer.Exit` instead of raising it
     return result if isinstance(result, int) else 0
 
 
-__all__ = ["UserError", "app", "main"]
+__all__ = ["DropwiseError", "UserError", "app", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,10 +1,20 @@
-"""Errors a user can cause from the command line: printed as one line, never a traceback."""
+"""The one error base of dropwise.
+
+Every failure a user can cause (a bad path, a refused package, a model without sites, failed parity)
+raises a subclass of :class:`DropwiseError`. The command line catches ``DropwiseError`` once and prints it
+as one line (exit status 2); the service renders its own subclass, ``ServiceError``, through registered
+exception handlers. Library callers can catch ``DropwiseError`` to handle all of them.
+"""
 
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """An error caused by the user's input: `dropwise` prints it as one line and exits with status 2."""
+class DropwiseError(Exception):
+    """Base of every error dropwise raises for bad input or a refused operation."""
 
 
-__all__ = ["UserError"]
+class UserError(DropwiseError):
+    """An error in what the user asked the command line for: printed as one line, exit status 2."""
+
+
+__all__ = ["DropwiseError", "UserError"]

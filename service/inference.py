@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 from dropwise.service.batcher import Job, ModelBatcher
-from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
+from dropwise.service.body_parsing import as_numeric_array
+from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ServiceError
 from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec, Runtime
@@ -163,6 +164,11 @@ class InferenceService:
                     await slot.batcher.stop()
         self._started = False
 
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown of every batcher at once (see `ModelBatcher.drain`)."""
+        batchers = [slot.batcher for versions in self._models.values() for slot in versions.values()]
+        await asyncio.gather(*(b.drain(grace_s) for b in batchers if b is not None))
+
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
         """True when at least one model is served and every version found is loaded."""
@@ -180,6 +186,10 @@ class InferenceService:
             return self._slot(name, version).batcher is not None
         except ServiceError:
             return False
+
+    def has_model(self, name: str) -> bool:
+        """Whether `name` is a model of the repository (loaded or not)."""
+        return name in self._models
 
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
@@ -222,22 +232,24 @@ class InferenceService:
             )
         return versions[version]
 
+    def admit(self, name: str, version: int | None = None) -> None:
+        """Refuse up front, before the body is read or parsed: unknown model (404), not loaded or shutting
+        down (503), queue full (429 with Retry-After)."""
+        slot = self._slot(name, version)
+        if slot.batcher is None:
+            raise ModelNotReady(f"model {name!r} is not loaded: {slot.error or 'loading'}")
+        slot.batcher.admit()
+
     # ---------------------------------------------------------------- inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Validate, queue and run one request; raises a `ServiceError` subclass on any failure."""
         started = time.perf_counter()
         mode_label = request.mode if request.mode in MODES else "invalid"
-        status = "error"
         try:
-            result = await self._infer(request, started)
-            status = "200"
-            return result
-        except ServiceError as exc:
-            status = str(exc.status)
-            raise
-        finally:
+            return await self._infer(request, started)
+        finally:  # answers are counted by the app's middleware; this is the inference latency
             model_label = request.model if request.model in self._models else "_unknown"
-            self.metrics.observe_request(model_label, mode_label, status, time.perf_counter() - started)
+            self.metrics.observe_latency(model_label, mode_label, time.perf_counter() - started)
 
     async def _infer(self, request: InferenceRequest, started: float) -> InferenceResult:
         slot = self._slot(request.model, request.version)
@@ -263,10 +275,15 @@ class InferenceService:
                     field="return_samples",
                 )
             samples = self._check_samples(request.samples)
+            limit = self.settings.max_mc_sample_rows
+            if x.shape[0] * samples > limit:
+                raise PayloadTooLarge(
+                    f"{x.shape[0]} rows x T={samples} = {x.shape[0] * samples} sample-rows exceeds the limit of "
+                    f"{limit} sample-rows per MC request (max_mc_sample_rows); send fewer rows or a smaller T",
+                    field="samples",
+                )
             seed = self._check_seed(request.seed)
-            group = MCGroup(
-                rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples)
-            )
+            group = MCGroup(rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples))
         timeout = self.settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
@@ -317,18 +334,13 @@ _FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.flo
 _INT_DTYPES = {"int64": np.int64, "int32": np.int32}
 
 
-def validate_inputs(
-    inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs"
-) -> np.ndarray:
+def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs") -> np.ndarray:
     """Check an input batch against the package's input spec and return it in the model's dtype.
 
-    Raises `InvalidInput` naming `field_name` for a wrong shape, dtype, NaN/Inf, or an index outside the
-    model's vocabulary (token models).
+    Raises `InvalidInput` naming `field_name` for booleans, a wrong shape, dtype, NaN/Inf, or an index
+    outside the model's vocabulary (token models).
     """
-    try:
-        x = np.asarray(inputs)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"inputs are not a rectangular numeric array: {exc}", field=field_name) from None
+    x = as_numeric_array(inputs, field_name=field_name)
     expected = spec.sample_shape
     wanted = f"[batch, {', '.join(map(str, expected))}]"
     if x.dtype == object or x.dtype.kind in "USV":
@@ -366,9 +378,7 @@ def validate_inputs(
             )
         return np.ascontiguousarray(x)
     if x.dtype.kind not in "iuf":
-        raise InvalidInput(
-            f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name
-        )
+        raise InvalidInput(f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name)
     x = x.astype(_FLOAT_DTYPES.get(spec.input_dtype, np.float32))
     if not np.all(np.isfinite(x)):
         raise InvalidInput("inputs contain NaN or Inf", field=field_name)

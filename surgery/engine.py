@@ -27,7 +27,7 @@ works on its own deep copy of the model: rebuild it after changing the weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,11 +343,19 @@ class MCEngine:
         return torch.device("cpu")
 
     @torch.inference_mode()
-    def tail_outputs(self, live: Sequence[Tensor], index: Tensor, keys: Tensor) -> Tensor:
-        """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``."""
+    def tail_outputs(
+        self, live: Sequence[Tensor], index: Tensor, keys: Tensor, check: Callable[[], None] | None = None
+    ) -> Tensor:
+        """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``.
+
+        ``check`` is called before every chunk; an exception it raises abandons the computation (a server
+        uses it to stop work whose deadline has passed).
+        """
         outputs = []
         total = int(index.shape[0])
         for start in range(0, total, self.chunk_rows):
+            if check is not None:
+                check()
             stop = min(start + self.chunk_rows, total)
             idx = index[start:stop]
             self.context.keys = keys[start:stop]
@@ -371,12 +379,14 @@ class MCEngine:
         samples_per_request: Sequence[int],
         seeds: Sequence[int | None],
         return_samples: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> list[MCResult]:
         """Several requests batched along dimension 0 of ``x``, each with its own T and seed.
 
         The trunk runs once for all rows; the tail runs once (chunked) for all ``sum_r T_r * B_r``
         sample-rows. A ``None`` seed draws a fresh one from torch's global generator (reported in the
-        result). Returns one `MCResult` per request, in order.
+        result). ``check`` is called before each tail chunk (see `tail_outputs`). Returns one `MCResult` per
+        request, in order.
         """
         args = _as_args(x)
         rows = [int(r) for r in rows_per_request]
@@ -397,7 +407,7 @@ class MCEngine:
         self.tail.eval()
         live = self.trunk(*args)
         index, keys = self.layout(rows, samples, resolved)
-        out = self.tail_outputs(live, index, keys)
+        out = self.tail_outputs(live, index, keys, check)
         results = []
         offset = 0
         for n_rows, n_samples, seed in zip(rows, samples, resolved, strict=True):

@@ -9,7 +9,7 @@ Two runtimes implement it: `dropwise.service.runtimes.torch_runtime.TorchRuntime
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -97,11 +97,14 @@ class Runtime(Protocol):
         """One deterministic (eval-mode) pass over a batch `x` [B, ...] -> named outputs with batch dim B."""
         ...
 
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def predict_mc(
+        self, x: np.ndarray, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         """MC-dropout for several requests stacked in `x` (rows in `groups` order) -> one output dict each.
 
         Requests with different T share the trunk pass. Each dict holds `probabilities` (or `mean`), the MC
-        summaries, and `samples` [T, rows, K] when that group asked for it.
+        summaries, and `samples` [T, rows, K] when that group asked for it. `check` is called between chunks
+        of work; an exception it raises abandons the computation (the batcher stops work past its deadline).
         """
         ...
 

@@ -13,7 +13,7 @@ fallback; the provider that really runs is what the service reports. The determi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +102,18 @@ class OnnxRuntime:
         (raw,) = self._session.run(None, {self._input: x})[:1]
         return encode_deterministic(np.asarray(raw), self.spec)
 
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed)."""
+    def predict_mc(
+        self, x: np.ndarray, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
+        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed); `check` runs
+        before each call and may raise to abandon the rest."""
         if self._mc_session is None:
             raise RuntimeError(f"{self.spec.name}: no {MC_FILE} in the package")
         results: list[Outputs] = []
         start = 0
         for group in groups:
+            if check is not None:
+                check()
             rows = x[start : start + group.rows]
             start += group.rows
             feeds = {self.spec.input_name: rows, "samples": np.array(group.samples, dtype=np.int64)}

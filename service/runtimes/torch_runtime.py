@@ -160,10 +160,13 @@ class TorchRuntime:
                 m.generator = gen
 
     @torch.inference_mode()
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC outputs of several requests stacked in `x` (see the module docstring)."""
+    def predict_mc(
+        self, x: np.ndarray, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
+        """MC outputs of several requests stacked in `x` (see the module docstring); `check` runs before
+        every chunk of the engine's tail (or every request of the fallback) and may raise to abandon."""
         if self.engine is None:
-            return self._predict_mc_fallback(x, groups)
+            return self._predict_mc_fallback(x, groups, check)
         tensor = self._tensor(x)
         if self.shares_trunk:
             results = self.engine.run_batch(
@@ -172,13 +175,14 @@ class TorchRuntime:
                 [g.samples for g in groups],
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
+                check=check,
             )
         else:
             results, start = [], 0
             for g in groups:
                 part = tensor[start : start + g.rows]
                 start += g.rows
-                results += self.engine.run_batch(part, [g.rows], [g.samples], [g.seed], g.return_samples)
+                results += self.engine.run_batch(part, [g.rows], [g.samples], [g.seed], g.return_samples, check=check)
         return [self._encode_result(r, g.return_samples) for r, g in zip(results, groups, strict=True)]
 
     def _encode_result(self, result: Any, return_samples: bool) -> Outputs:
@@ -209,12 +213,16 @@ class TorchRuntime:
             out["samples"] = standardised_to_target(arr(result.samples), self.spec)
         return out
 
-    def _predict_mc_fallback(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def _predict_mc_fallback(
+        self, x: np.ndarray, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
         assert self.model is not None
         results: list[Outputs] = []
         start = 0
         for group in groups:
+            if check is not None:
+                check()
             rows = self._tensor(x[start : start + group.rows])
             start += group.rows
             expanded = rows.unsqueeze(0).expand(group.samples, *rows.shape).reshape(-1, *rows.shape[1:])

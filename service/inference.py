@@ -123,6 +123,7 @@ class InferenceService:
         self.repository = ModelRepository(settings.repository)
         self._models: dict[str, dict[int, _Loaded]] = {}
         self._started = False
+        self._loading = "scanning the repository"  #: what start() is doing (for /readyz)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -132,8 +133,12 @@ class InferenceService:
             self._models[name] = {}
             for version, spec in versions.items():
                 self._models[name][version] = _Loaded(spec=spec, runtime=None, batcher=None)
+        total = sum(len(versions) for versions in self._models.values())
+        done = 0
         for name, versions in self._models.items():
             for version, slot in versions.items():
+                self._loading = f"loading {name} v{version} ({done + 1} of {total} model versions)"
+                done += 1
                 try:
                     runtime = await asyncio.to_thread(
                         self.repository.load_runtime, slot.spec, self.settings.backend, self.settings.device
@@ -173,6 +178,19 @@ class InferenceService:
             and not self.repository.errors
             and all(slot.batcher is not None for slot in slots)
         )
+
+    def waiting_for(self) -> str | None:
+        """Why the service is not ready, in a few words (None when it is)."""
+        if not self._started:
+            return self._loading
+        if self.ready():
+            return None
+        if self.repository.errors:
+            return f"packages that failed verification: {', '.join(sorted(self.repository.errors))}"
+        failed = [name for name, versions in self._models.items() if any(s.error for s in versions.values())]
+        if failed:
+            return f"models that failed to load: {', '.join(sorted(failed))}"
+        return f"model packages in {self.settings.repository} (none found)"
 
     def model_ready(self, name: str, version: int | None = None) -> bool:
         """Whether a given model version is loaded (False for unknown models)."""

@@ -97,7 +97,8 @@ def test_linear_shared_mask_when_not_per_example() -> None:
     layer = DropConnectLinear(10, 6, p=0.5, per_example=False, generator=_gen(5)).train()
     x = torch.randn(1, 10, generator=_gen(6)).expand(8, -1)
     y = layer(x)
-    assert torch.equal(y, y[:1].expand_as(y))
+    # one mask for the whole batch: identical rows give identical outputs (up to BLAS row blocking)
+    assert torch.allclose(y, y[:1].expand_as(y), rtol=0.0, atol=1e-6)
 
 
 def test_linear_train_expectation_is_the_mean_rule() -> None:

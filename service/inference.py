@@ -264,9 +264,7 @@ class InferenceService:
                 )
             samples = self._check_samples(request.samples)
             seed = self._check_seed(request.seed)
-            group = MCGroup(
-                rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples)
-            )
+            group = MCGroup(rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples))
         timeout = self.settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
@@ -317,9 +315,7 @@ _FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.flo
 _INT_DTYPES = {"int64": np.int64, "int32": np.int32}
 
 
-def validate_inputs(
-    inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs"
-) -> np.ndarray:
+def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs") -> np.ndarray:
     """Check an input batch against the package's input spec and return it in the model's dtype.
 
     Raises `InvalidInput` naming `field_name` for a wrong shape, dtype, NaN/Inf, or an index outside the
@@ -366,9 +362,7 @@ def validate_inputs(
             )
         return np.ascontiguousarray(x)
     if x.dtype.kind not in "iuf":
-        raise InvalidInput(
-            f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name
-        )
+        raise InvalidInput(f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name)
     x = x.astype(_FLOAT_DTYPES.get(spec.input_dtype, np.float32))
     if not np.all(np.isfinite(x)):
         raise InvalidInput("inputs contain NaN or Inf", field=field_name)

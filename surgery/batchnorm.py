@@ -61,8 +61,7 @@ class BatchNormReport:
     def __str__(self) -> str:
         head = f"{'layer':<32} {'var before':>11} {'var after':>11} {'rel change':>11} {'mean shift':>11}"
         rows = [
-            f"{c.name:<32} {c.var_before:>11.4g} {c.var_after:>11.4g} {c.relative_change:>+11.3%} "
-            f"{c.mean_shift:>11.4g}"
+            f"{c.name:<32} {c.var_before:>11.4g} {c.var_after:>11.4g} {c.relative_change:>+11.3%} {c.mean_shift:>11.4g}"
             for c in self.layers
         ]
         return "\n".join([head, *rows, f"{self.batches} batches, {self.samples} samples"])
@@ -83,9 +82,7 @@ def _inputs(batch: Any) -> Any:
     return batch
 
 
-def _run(
-    model: nn.Module, data: Any, batch_size: int, max_batches: int | None, device: Any
-) -> tuple[int, int]:
+def _run(model: nn.Module, data: Any, batch_size: int, max_batches: int | None, device: Any) -> tuple[int, int]:
     """One pass over the data; returns (batches, samples)."""
     batches = samples = 0
     for batch in _batches(data, batch_size):

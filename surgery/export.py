@@ -77,9 +77,7 @@ def assert_deterministic(model: onnx.ModelProto) -> None:
     """Raise `ExportError` naming every Dropout or random node found in `model`."""
     found = random_nodes(model)
     if found:
-        raise ExportError(
-            f"the deterministic graph still has {len(found)} random node(s): {'; '.join(found)}"
-        )
+        raise ExportError(f"the deterministic graph still has {len(found)} random node(s): {'; '.join(found)}")
 
 
 def with_min_batch(example_input: torch.Tensor, min_batch: int = 2) -> torch.Tensor:
@@ -183,9 +181,7 @@ def export_deterministic(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        proto = export_graph(
-            model, example_input, input_name=input_name, output_names=[output_name], opset=opset
-        )
+        proto = export_graph(model, example_input, input_name=input_name, output_names=[output_name], opset=opset)
     finally:
         for module, training in modes.items():
             module.train(training)

@@ -21,9 +21,7 @@ from ._common import bernoulli_mask, check_probability
 __all__ = ["ClassicDropout", "classic_dropout"]
 
 
-def classic_dropout(
-    x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None
-) -> Tensor:
+def classic_dropout(x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None) -> Tensor:
     """Non-inverted dropout: ``m * x`` when ``training`` (``m ~ Bernoulli(1 - p)``), else ``(1 - p) * x``."""
     p = check_probability(p)
     q = 1.0 - p

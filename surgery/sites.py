@@ -7,7 +7,7 @@ or a functional call inside some module's ``forward`` (``F.dropout*``, ``F.alpha
 ``F.feature_alpha_dropout``, ``torch.dropout``, ``scaled_dot_product_attention`` with ``dropout_p > 0``).
 Functional sites are found only when an example input is given: the model is run once in train mode on a
 deep copy under a ``torch.overrides.TorchFunctionMode`` while forward hooks track which module is running.
-Semantics of each member (train / eval / MC): ``/work/shared/DESIGN.md`` section 2; ``p`` is the DROP
+Semantics of each member (train / eval / MC): ``docs/DESIGN.md`` §2; ``p`` is the DROP
 probability everywhere.
 
 Each ``Site`` records how it is switched on:

@@ -11,9 +11,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from dropwise.service.batcher import Job, ModelBatcher
@@ -25,7 +24,6 @@ from dropwise.service.settings import Settings
 
 log = logging.getLogger("dropwise.service")
 
-Mode = Literal["deterministic", "mc"]
 MODES: tuple[str, ...] = ("deterministic", "mc")
 MAX_SEED = 2**63 - 1
 
@@ -173,13 +171,6 @@ class InferenceService:
             and not self.repository.errors
             and all(slot.batcher is not None for slot in slots)
         )
-
-    def model_ready(self, name: str, version: int | None = None) -> bool:
-        """Whether a given model version is loaded (False for unknown models)."""
-        try:
-            return self._slot(name, version).batcher is not None
-        except ServiceError:
-            return False
 
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
@@ -367,8 +358,3 @@ def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name
     if not np.all(np.isfinite(x)):
         raise InvalidInput("inputs contain NaN or Inf", field=field_name)
     return np.ascontiguousarray(x)
-
-
-def stack_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate several requests' inputs along the batch dimension."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

@@ -287,9 +287,11 @@ def test_tritonclient_reads_config_statistics_and_controls_the_repository(repo: 
 
 
 # ------------------------------------------------------------------------------------------ swap under load
-async def _drive(base: str, clients: int, stop: asyncio.Event) -> list[tuple[int, int | None, str]]:
+Answer = tuple[int, int | None, str]
+
+
+async def _drive(base: str, clients: int, stop: asyncio.Event, results: list[Answer]) -> None:
     """Requests from `clients` concurrent clients until `stop`: (status, version, kind) per answer."""
-    results: list[tuple[int, int | None, str]] = []
     x = np.asarray(digits(2, 7), dtype=np.float32)
     v2_body = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
 
@@ -317,13 +319,19 @@ async def _drive(base: str, clients: int, stop: asyncio.Event) -> list[tuple[int
                     results.append((-1, None, f"{kind}: {exc!r}"))
 
     await asyncio.gather(*(client(i) for i in range(clients)))
-    return results
+
+
+async def _until(condition: object, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        await asyncio.sleep(0.05)
 
 
 async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8) -> dict[str, object]:
     stop = asyncio.Event()
-    load = asyncio.create_task(_drive(base, clients, stop))
-    await asyncio.sleep(1.5)
+    results: list[Answer] = []
+    load = asyncio.create_task(_drive(base, clients, stop, results))
+    await _until(lambda: len(results) >= 40)  # the old version under load first
     started = time.monotonic()
     await asyncio.to_thread(swap)  # type: ignore[arg-type]
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
@@ -333,9 +341,10 @@ async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8
                 break
             await asyncio.sleep(0.05)
     swapped_after = time.monotonic() - started
-    await asyncio.sleep(1.5)
+    mark = len(results)
+    await _until(lambda: len(results) >= mark + 40)  # then the new one
     stop.set()
-    results = await load
+    await load
     failures = [r for r in results if r[0] != 200]
     versions = [r[1] for r in results if r[0] == 200]
     return {

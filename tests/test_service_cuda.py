@@ -91,7 +91,7 @@ def test_each_model_computes_on_its_own_cuda_stream(repo: Path) -> None:
     settings = Settings(repository=repo, backend="torch", device="cuda")
     with TestClient(create_app(settings)) as client:
         service = client.app.state.inference  # type: ignore[attr-defined]
-        runtimes = [service._slot(name, None).runtime for name in SERVICE_MODELS]
+        runtimes = [service.control.lookup(name, None).runtime for name in SERVICE_MODELS]
         streams = [runtime.stream for runtime in runtimes]
         assert all(stream is not None for stream in streams)
         assert len({stream.cuda_stream for stream in streams}) == len(streams)

@@ -408,6 +408,12 @@ def load_package(
         )
     if not build:
         return LoadedPackage(manifest=manifest, model=None, path=package_dir)
+    if WEIGHTS not in manifest.files:
+        raise PackageError(
+            f"{package_dir}: no {WEIGHTS}, only graph files ({', '.join(sorted(manifest.files))}): there is "
+            "no torch network to rebuild (a package converted from an ONNX file); serve it with the "
+            "onnxruntime backend"
+        )
     state = load_weights(package_dir, manifest)
     model = build_from_architecture(manifest.architecture, allow_modules)
     try:
@@ -503,6 +509,61 @@ def save_package(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def save_graph_package(
+    repository: str | Path,
+    name: str,
+    files: Mapping[str, bytes],
+    *,
+    task: Literal["classification", "regression"],
+    input_shape: Sequence[int],
+    input_dtype: Literal["float32", "int64"],
+    architecture: Architecture | Mapping[str, Any],
+    input_name: str = "input",
+    sites: Sequence[Mapping[str, Any]] = (),
+    surgery: Iterable[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a package of graph files only (no ``weights.safetensors``), e.g. converted from an ONNX file.
+
+    Same rules as `save_package` (next free version, atomic rename, every file hashed in the manifest).
+    `load_package` refuses to build a model from it (nothing to rebuild a torch network from).
+    """
+    validate_name(name)
+    for filename in files:
+        validate_filename(filename)
+        if filename == WEIGHTS:
+            raise PackageError(f"{WEIGHTS} is written by save_package only")
+    model_dir = Path(repository) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    existing = list_versions(model_dir)
+    version = existing[-1] + 1 if existing else 1
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task=task,
+        input=InputSpec(name=input_name, shape=[-1, *input_shape], dtype=input_dtype),
+        architecture=architecture
+        if isinstance(architecture, Architecture)
+        else Architecture.model_validate(architecture),
+        sites=[json.loads(json.dumps(dict(r), default=str)) for r in sites],
+        surgery=list(surgery),
+        versions=versions_installed(),
+        **dict(extra or {}),
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_dir))
+    try:
+        for filename, data in files.items():
+            (tmp / filename).write_bytes(data)
+        manifest.files = {filename: sha256_file(tmp / filename) for filename in files}
+        _write_manifest(tmp, manifest)
+        tmp.chmod(0o755)
+        os.replace(tmp, model_dir / str(version))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model_dir / str(version)
 
 
 def add_file(package_dir: str | Path, filename: str, data_or_path: bytes | str | Path) -> str:

@@ -11,9 +11,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from dropwise.service.batcher import Job, ModelBatcher
@@ -25,7 +24,6 @@ from dropwise.service.settings import Settings
 
 log = logging.getLogger("dropwise.service")
 
-Mode = Literal["deterministic", "mc"]
 MODES: tuple[str, ...] = ("deterministic", "mc")
 MAX_SEED = 2**63 - 1
 
@@ -174,13 +172,6 @@ class InferenceService:
             and all(slot.batcher is not None for slot in slots)
         )
 
-    def model_ready(self, name: str, version: int | None = None) -> bool:
-        """Whether a given model version is loaded (False for unknown models)."""
-        try:
-            return self._slot(name, version).batcher is not None
-        except ServiceError:
-            return False
-
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
         return [self.info(name) for name in sorted(self._models)]
@@ -264,9 +255,7 @@ class InferenceService:
                 )
             samples = self._check_samples(request.samples)
             seed = self._check_seed(request.seed)
-            group = MCGroup(
-                rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples)
-            )
+            group = MCGroup(rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples))
         timeout = self.settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
@@ -317,9 +306,7 @@ _FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.flo
 _INT_DTYPES = {"int64": np.int64, "int32": np.int32}
 
 
-def validate_inputs(
-    inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs"
-) -> np.ndarray:
+def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs") -> np.ndarray:
     """Check an input batch against the package's input spec and return it in the model's dtype.
 
     Raises `InvalidInput` naming `field_name` for a wrong shape, dtype, NaN/Inf, or an index outside the
@@ -366,15 +353,8 @@ def validate_inputs(
             )
         return np.ascontiguousarray(x)
     if x.dtype.kind not in "iuf":
-        raise InvalidInput(
-            f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name
-        )
+        raise InvalidInput(f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name)
     x = x.astype(_FLOAT_DTYPES.get(spec.input_dtype, np.float32))
     if not np.all(np.isfinite(x)):
         raise InvalidInput("inputs contain NaN or Inf", field=field_name)
     return np.ascontiguousarray(x)
-
-
-def stack_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate several requests' inputs along the batch dimension."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dropwise.package import LoadedPackage, Manifest, PackageError, list_models, list_versions, load_package
+from dropwise.package import Manifest, PackageError, list_models, list_versions, load_package
 from dropwise.service.runtimes.base import PackageSpec, Runtime
 
 log = logging.getLogger("dropwise.repository")
@@ -60,11 +60,6 @@ class ModelRepository:
                     continue
                 found.setdefault(name, {})[version] = spec_from_manifest(loaded.manifest, loaded.path)
         return found
-
-    @staticmethod
-    def load_package(spec: PackageSpec) -> LoadedPackage:
-        """Verify and rebuild the torch model of a package (safetensors only)."""
-        return load_package(spec.path)
 
     def load_runtime(self, spec: PackageSpec, backend: str, device: str, **options: Any) -> Runtime:
         """Build and load the runtime of one package version on `backend` and `device`."""

@@ -154,11 +154,7 @@ def sample_keys(keys: Tensor, samples: int | Tensor, start: int = 0) -> Tensor:
     repeated S times along dimension 0. ``samples`` may be a 0-d int64 tensor (run-time T in export).
     """
     if isinstance(samples, Tensor):
-        t = (
-            torch.arange(samples.item(), dtype=torch.int64, device=keys.device)
-            if samples.dim() == 0
-            else samples
-        )
+        t = torch.arange(samples.item(), dtype=torch.int64, device=keys.device) if samples.dim() == 0 else samples
     else:
         t = torch.arange(start, start + samples, dtype=torch.int64, device=keys.device)
     codes = mix32((t & _M32) ^ _C2)
@@ -326,9 +322,7 @@ def onnx_translation_table() -> dict[Any, Any]:
         keys = op.Unsqueeze(op.Cast(site_k, to=TensorProto.UINT32), op.Constant(value_ints=[1]))
         words = mix_u32(op.BitwiseXor(keys, const_u32(codes, "codes")))
         lo = op.Unsqueeze(op.BitwiseAnd(words, const_u32(0xFFFF, "lo")), op.Constant(value_ints=[2]))
-        hi = op.Unsqueeze(
-            op.BitShift(words, const_u32(16, "s16h"), direction="RIGHT"), op.Constant(value_ints=[2])
-        )
+        hi = op.Unsqueeze(op.BitShift(words, const_u32(16, "s16h"), direction="RIGHT"), op.Constant(value_ints=[2]))
         halves = op.Reshape(op.Concat(lo, hi, axis=2), op.Constant(value_ints=[-1, 2 * n_words]))
         if 2 * n_words != n_positions:
             halves = op.Slice(
@@ -555,9 +549,7 @@ class TrainModeSite(torch.nn.Module):
     draws are not routed to the hash) are False. Meaningful once a pass has run (the engine runs one).
     """
 
-    def __init__(
-        self, module: torch.nn.Module, context: MaskContext, site: int, *, functional: bool = False
-    ) -> None:
+    def __init__(self, module: torch.nn.Module, context: MaskContext, site: int, *, functional: bool = False) -> None:
         super().__init__()
         self.module = module
         self.context = context

@@ -121,9 +121,7 @@ def test_seeds_and_rows_give_different_masks_same_key_same_mask() -> None:
 # ---------------------------------------------------------------- engine vs naive MC
 
 
-def _naive_samples(
-    model: nn.Module, x: torch.Tensor, n_samples: int, stochastic: list[nn.Module]
-) -> torch.Tensor:
+def _naive_samples(model: nn.Module, x: torch.Tensor, n_samples: int, stochastic: list[nn.Module]) -> torch.Tensor:
     """Plain MC: T forward passes with the chosen modules in train mode (torch's own random draws)."""
     model.eval()
     for module in stochastic:
@@ -161,9 +159,7 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         nn.Dropout(0.6),
         nn.Linear(16, 4),
     )
-    cnn = nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.4), nn.Flatten(), nn.Linear(6 * 25, 3)
-    )
+    cnn = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.4), nn.Flatten(), nn.Linear(6 * 25, 3))
     classic = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), ClassicDropout(0.5), nn.Linear(12, 3))
     emb = nn.Sequential(nn.Linear(5, 8), EmbeddingDropout(0.4), nn.Flatten(), nn.Linear(24, 3))
     paths = nn.Sequential(
@@ -274,9 +270,7 @@ def test_train_mode_sites_use_keyed_draws_reproducible_per_row(name: str) -> Non
     engine = MCEngine(model, x)
     assert any(type(m).__name__ == "TrainModeSite" for m in engine.replaced)
     alone = engine(x, samples=16, seed=8, return_samples=True)
-    _, inside = engine.run_batch(
-        torch.cat([torch.randn(2, 6), x]), [2, 4], [3, 16], [1, 8], return_samples=True
-    )
+    _, inside = engine.run_batch(torch.cat([torch.randn(2, 6), x]), [2, 4], [3, 16], [1, 8], return_samples=True)
     torch.testing.assert_close(inside.samples, alone.samples)
     assert alone.samples.std(0).min() > 0
     assert not torch.allclose(engine(x, samples=16, seed=9, return_samples=True).samples, alone.samples)

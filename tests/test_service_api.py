@@ -129,9 +129,7 @@ def test_regression_answers_mean_and_std_in_target_units(client: TestClient, rep
     assert target is not None
     np.testing.assert_allclose(det["mean"], raw * target.std + target.mean, rtol=1e-5)
     assert "probabilities" not in det and "predictions" not in det
-    mc = client.post(
-        "/v1/models/mlp_diabetes/predict", json={"inputs": x, "mode": "mc", "samples": 32}
-    ).json()
+    mc = client.post("/v1/models/mlp_diabetes/predict", json={"inputs": x, "mode": "mc", "samples": 32}).json()
     assert np.asarray(mc["mean"]).shape == (4, 1) and np.asarray(mc["uncertainty"]["std"]).shape == (4, 1)
     assert min(v[0] for v in mc["uncertainty"]["std"]) > 0
     assert set(mc["uncertainty"]) == {"std"}
@@ -141,9 +139,7 @@ def test_token_model_accepts_ids_and_refuses_out_of_vocabulary(client: TestClien
     info = client.get("/v1/models/embedding_digits_tokens").json()
     assert info["input"]["dtype"] == "int64"
     length = info["input"]["shape"][1]
-    ok = client.post(
-        "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * length], "mode": "mc"}
-    )
+    ok = client.post("/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * length], "mode": "mc"})
     assert ok.status_code == 200
     as_floats = client.post("/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1.0] * length]})
     assert as_floats.status_code == 200
@@ -178,9 +174,7 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("body", "status", "field"), BAD_BODIES)
-def test_bad_bodies_answer_4xx_naming_the_field(
-    client: TestClient, body: dict, status: int, field: str
-) -> None:
+def test_bad_bodies_answer_4xx_naming_the_field(client: TestClient, body: dict, status: int, field: str) -> None:
     for path in ("/v1/models/mlp_digits/predict", "/v1/models/mlp_digits/versions/{v}/predict"):
         version = client.get("/v1/models/mlp_digits").json()["version"]
         r = client.post(path.format(v=version), json=body)
@@ -191,9 +185,7 @@ def test_bad_bodies_answer_4xx_naming_the_field(
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_nan_and_inf_are_refused(client: TestClient, literal: str) -> None:
     raw = '{"inputs": [[' + ", ".join([literal] + ["1"] * 63) + "]]}"
-    r = client.post(
-        "/v1/models/mlp_digits/predict", content=raw, headers={"content-type": "application/json"}
-    )
+    r = client.post("/v1/models/mlp_digits/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and _field(r) == "inputs"
     assert "NaN or Inf" in r.json()["error"]["message"]
 
@@ -237,9 +229,7 @@ def test_body_limit_by_content_length_and_stream(repo: Path) -> None:
                 yield json.dumps([1.0] * 64).encode() + b","
             yield b"[1]]}"
 
-        r = c.post(
-            "/v1/models/mlp_digits/predict", content=chunks(), headers={"content-type": "application/json"}
-        )
+        r = c.post("/v1/models/mlp_digits/predict", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and _field(r) == "body"
         r = c.post("/v2/models/mlp_digits/infer", content=b"x" * 5000)
         assert r.status_code == 413 and isinstance(r.json()["error"], str)
@@ -310,7 +300,5 @@ def test_unexpected_exception_answers_json_500_without_traceback(repo: Path) -> 
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/boom")
         assert r.status_code == 500
-        assert r.json() == {
-            "error": {"message": "internal server error", "field": None, "type": "ServiceError"}
-        }
+        assert r.json() == {"error": {"message": "internal server error", "field": None, "type": "ServiceError"}}
         assert "secret" not in r.text

@@ -52,8 +52,7 @@ def test_seeded_mc_result_does_not_depend_on_batch_company(repo: Path) -> None:
     async def body(client: httpx.AsyncClient) -> tuple[dict, list[dict]]:
         alone = (await client.post(URL, json=target)).json()
         others = [
-            {"inputs": _x(1 + i % 3, 100 + i), "mode": "mc", "samples": 4 + 4 * (i % 5), "seed": i}
-            for i in range(24)
+            {"inputs": _x(1 + i % 3, 100 + i), "mode": "mc", "samples": 4 + 4 * (i % 5), "seed": i} for i in range(24)
         ]
         jobs = [client.post(URL, json=b) for b in others[:12]]
         jobs += [client.post(URL, json=target) for _ in range(3)]
@@ -93,10 +92,7 @@ def test_mc_requests_with_different_t_share_one_batch(repo: Path) -> None:
     settings = Settings(repository=repo, max_queue_delay_ms=100, max_batch_size=64)
 
     async def body(client: httpx.AsyncClient) -> list[dict]:
-        jobs = [
-            client.post(URL, json={"inputs": _x(1, 7), "mode": "mc", "samples": t, "seed": 1})
-            for t in (2, 8, 32)
-        ]
+        jobs = [client.post(URL, json={"inputs": _x(1, 7), "mode": "mc", "samples": t, "seed": 1}) for t in (2, 8, 32)]
         return [a.json() for a in await asyncio.gather(*jobs)]
 
     answers = _run(settings, body)
@@ -107,9 +103,7 @@ def test_mc_requests_with_different_t_share_one_batch(repo: Path) -> None:
 
 
 def test_full_queue_answers_429_with_retry_after(repo: Path) -> None:
-    settings = Settings(
-        repository=repo, queue_capacity=2, max_batch_size=32, max_queue_delay_ms=0, max_samples=512
-    )
+    settings = Settings(repository=repo, queue_capacity=2, max_batch_size=32, max_queue_delay_ms=0, max_samples=512)
     heavy = {"inputs": _x(32, 3), "mode": "mc", "samples": 512, "seed": 1}
 
     async def body(client: httpx.AsyncClient) -> list[httpx.Response]:
@@ -153,10 +147,7 @@ def test_metrics_count_requests_latency_queue_batches_and_samples(repo: Path) ->
     async def body(client: httpx.AsyncClient) -> str:
         await asyncio.gather(*[client.post(URL, json={"inputs": _x(2, i)}) for i in range(3)])
         await asyncio.gather(
-            *[
-                client.post(URL, json={"inputs": _x(1, i), "mode": "mc", "samples": 8 * (i + 1)})
-                for i in range(2)
-            ]
+            *[client.post(URL, json={"inputs": _x(1, i), "mode": "mc", "samples": 8 * (i + 1)}) for i in range(2)]
         )
         await client.post(URL, json={"inputs": [[1.0]]})
         await client.post(URL, json={"inputs": _x(1, 0), "mode": "mc", "samples": 65})

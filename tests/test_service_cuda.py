@@ -48,15 +48,11 @@ def test_torch_runtime_on_cuda_matches_cpu(
     assert auto_det["device"] == "cuda"
 
 
-def test_onnxruntime_on_cuda_provider(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_onnxruntime_on_cuda_provider(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(
-            "onnxruntime-gpu is not installed (CUDAExecutionProvider unavailable): install the gpu extra"
-        )
+        pytest.skip("onnxruntime-gpu is not installed (CUDAExecutionProvider unavailable): install the gpu extra")
     repo = build_onnx_repository(request, tmp_path_factory.mktemp("svc"))
     info, det, mc = _answers(repo, "onnxruntime", "cuda")
     assert info["provider"] == "CUDAExecutionProvider" and info["device"] == "cuda"

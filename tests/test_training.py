@@ -34,9 +34,7 @@ def test_one_quick_step_trains_every_network(name: str) -> None:
     before = {k: v.clone() for k, v in build(name).state_dict().items()}
     model, metrics = _quick(name, seed=0)
     after = model.state_dict()
-    changed = [
-        k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])
-    ]
+    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
     assert changed, "no parameter moved"
     assert not model.training
     assert metrics["epochs"] == 1 and metrics["seconds"] > 0
@@ -78,9 +76,7 @@ class _Recorder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10)
-        )
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
         self.seen: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:

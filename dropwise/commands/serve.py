@@ -83,32 +83,22 @@ def build_settings(**flags: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise UserError(f"invalid settings: {problems}") from None
 
 
 def serve(
     repository: Annotated[
         Path | None,
-        typer.Option(
-            "--repository", "-r", help="Model repository (default ./model_repository, trained if empty)."
-        ),
+        typer.Option("--repository", "-r", help="Model repository (default ./model_repository, trained if empty)."),
     ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Bind address (env DROPWISE_HOST; default 127.0.0.1).")
-    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (env DROPWISE_HOST; default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env DROPWISE_PORT; default 8000).")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto | cpu | cuda (env DROPWISE_DEVICE; default auto).")
-    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (env DROPWISE_DEVICE; default auto).")] = None,
     backend: Annotated[
         str | None, typer.Option(help="torch | onnxruntime (env DROPWISE_BACKEND; default torch).")
     ] = None,
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="Rows per batch (env DROPWISE_MAX_BATCH_SIZE).")
-    ] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Rows per batch (env DROPWISE_MAX_BATCH_SIZE).")] = None,
     max_queue_delay_ms: Annotated[
         float | None, typer.Option(help="Longest wait to fill a batch (env DROPWISE_MAX_QUEUE_DELAY_MS).")
     ] = None,
@@ -137,18 +127,14 @@ def serve(
     if repository is None and repo == DEFAULT_REPOSITORY:
         ensure_default_repository(repo, backend=settings.backend, quick=quick_train)
     elif not _has_packages(repo):
-        raise UserError(
-            f"no model packages in {repo} (expected <repository>/<model>/<version>/manifest.json)"
-        )
+        raise UserError(f"no model packages in {repo} (expected <repository>/<model>/<version>/manifest.json)")
     if settings.device == "cuda" and settings.backend == "torch":
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
     app = create_app(settings)
-    print(
-        f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs)", file=sys.stderr
-    )
+    print(f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 

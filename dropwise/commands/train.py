@@ -43,9 +43,7 @@ def train(
     quick: Annotated[
         bool, typer.Option("--quick", help="One epoch of a few batches (for tests; metrics meaningless).")
     ] = False,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Override every network's training seed.")
-    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override every network's training seed.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     export: Annotated[
         bool,
@@ -76,9 +74,7 @@ def train(
         from dropwise.commands.convert import quiet_libraries
 
         quiet_libraries()
-    train_zoo(
-        list(names or []) or None, repository, quick=quick, seed=seed, progress=progress, on_package=written
-    )
+    train_zoo(list(names or []) or None, repository, quick=quick, seed=seed, progress=progress, on_package=written)
     if failed:
         raise UserError(f"parity failed for {'; '.join(failed)} (packages written; see their parity.json)")
 

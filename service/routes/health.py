@@ -28,9 +28,7 @@ async def readyz(request: Request) -> JSONResponse:
     service: InferenceService = request.app.state.inference
     models = {info.name: info.ready for info in service.models()}
     ready = service.ready()
-    body = Health(
-        status="ready" if ready else "not ready", models=models, errors=dict(service.repository.errors)
-    )
+    body = Health(status="ready" if ready else "not ready", models=models, errors=dict(service.repository.errors))
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

@@ -212,9 +212,7 @@ class _Plan:
                 field="parameters",
             )
         if _strict_int(params, "sequence_id") or _strict_bool(params, "sequence_start"):
-            raise InvalidInput(
-                "sequence batching is not supported: the models are stateless", field="sequence_id"
-            )
+            raise InvalidInput("sequence batching is not supported: the models are stateless", field="sequence_id")
         _strict_int(params, "priority")
         mode = params.get("mode", "deterministic")
         if mode not in MODES:
@@ -252,9 +250,7 @@ class _Plan:
                 raise InvalidInput(
                     f"unknown output(s) {missing} for mode {mode!r}; available: {available}", field="outputs"
                 )
-            self.outputs = [
-                (o.name, self.binary_default if o.binary is None else o.binary) for o in requested
-            ]
+            self.outputs = [(o.name, self.binary_default if o.binary is None else o.binary) for o in requested]
         else:
             self.outputs = [(n, self.binary_default) for n in available]
 
@@ -272,8 +268,7 @@ class _Plan:
         expected = _datatype_for(info.input_dtype)
         if tensor.datatype != expected:
             raise InvalidInput(
-                f"input {tensor.name!r} has datatype {tensor.datatype}; "
-                f"model {info.name!r} expects {expected}",
+                f"input {tensor.name!r} has datatype {tensor.datatype}; model {info.name!r} expects {expected}",
                 field="datatype",
             )
         self.inputs = tensor.data
@@ -282,9 +277,7 @@ class _Plan:
 def _compression(request: Request, size: int) -> str | None:
     if size < _COMPRESS_MIN_BYTES:
         return None
-    accepted = [
-        part.split(";")[0].strip().lower() for part in request.headers.get("accept-encoding", "").split(",")
-    ]
+    accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept-encoding", "").split(",")]
     for name in ("gzip", "deflate"):
         if name in accepted:
             return name
@@ -372,12 +365,8 @@ router.add_api_route(
 router.add_api_route("/v2/health/live", live, methods=["GET"], summary="Server liveness")
 router.add_api_route("/v2/health/ready", ready, methods=["GET"], summary="Server readiness")
 router.add_api_route("/v2", server_metadata, methods=["GET"], summary="Server metadata")
-router.add_api_route(
-    "/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)"
-)
-router.add_api_route(
-    "/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata"
-)
+router.add_api_route("/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)")
+router.add_api_route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata")
 router.add_api_route(
     "/v2/models/{model}/ready", model_ready, methods=["GET"], summary="Model readiness (latest version)"
 )

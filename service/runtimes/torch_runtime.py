@@ -115,11 +115,8 @@ class TorchRuntime:
     def _build_engine(self, example: torch.Tensor) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
         assert self.model is not None
-        try:
-            from dropwise.surgery.engine import MCEngine
-        except ImportError:
-            self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
-            return
+        from dropwise.surgery.engine import MCEngine
+
         try:
             engine = MCEngine(self.model, example, task=self.spec.task)
             engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split

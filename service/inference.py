@@ -7,7 +7,6 @@ It owns the loaded runtimes (one per model version) and their dynamic batchers, 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -15,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dropwise.service.batcher import Job, ModelBatcher
+from dropwise.service.batcher import Job
 from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_control import LoadedVersion, ModelControl
 from dropwise.service.repository import ModelRepository
-from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec, Runtime
+from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec
 from dropwise.service.settings import Settings
 
 log = logging.getLogger("dropwise.service")
@@ -104,73 +104,37 @@ class ModelInfo:
         return names
 
 
-@dataclass
-class _Loaded:
-    spec: PackageSpec
-    runtime: Runtime | None
-    batcher: ModelBatcher | None
-    error: str | None = None
-
-
 class InferenceService:
-    """Loads every package of a repository, batches requests per model version and runs them."""
+    """Serves the model versions `ModelControl` loads: batches requests per version and runs them."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.repository = ModelRepository(settings.repository)
-        self._models: dict[str, dict[int, _Loaded]] = {}
-        self._started = False
+        self.control = ModelControl(settings, self.metrics, self.repository)
+
+    @property
+    def _models(self) -> dict[str, dict[int, LoadedVersion]]:
+        return self.control.models
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Scan the repository, load every version (in a thread) and start one batcher per version."""
-        specs = await asyncio.to_thread(self.repository.scan)
-        for name, versions in specs.items():
-            self._models[name] = {}
-            for version, spec in versions.items():
-                self._models[name][version] = _Loaded(spec=spec, runtime=None, batcher=None)
-        for name, versions in self._models.items():
-            for version, slot in versions.items():
-                try:
-                    runtime = await asyncio.to_thread(
-                        self.repository.load_runtime, slot.spec, self.settings.backend, self.settings.device
-                    )
-                except Exception as exc:  # a broken package must not take the others down
-                    log.exception("failed to load %s version %s", name, version)
-                    slot.error = f"{type(exc).__name__}: {exc}"
-                    continue
-                slot.runtime = runtime
-                slot.batcher = ModelBatcher(runtime, self.settings, self.metrics, name=name, version=version)
-                slot.batcher.start()
-                log.info(
-                    "loaded %s v%s: %s on %s (%s)",
-                    name,
-                    version,
-                    runtime.backend,
-                    runtime.device,
-                    runtime.provider,
-                )
-        self._started = True
+        """Load every model's chosen versions, warmed up, one batcher each (see `ModelControl`)."""
+        await self.control.start()
 
     async def stop(self) -> None:
         """Stop every batcher (pending requests are answered with 503)."""
-        for versions in self._models.values():
-            for slot in versions.values():
-                if slot.batcher is not None:
-                    await slot.batcher.stop()
-        self._started = False
+        await self.control.stop()
 
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
-        """True when at least one model is served and every version found is loaded."""
-        slots = [slot for versions in self._models.values() for slot in versions.values()]
-        return (
-            self._started
-            and bool(slots)
-            and not self.repository.errors
-            and all(slot.batcher is not None for slot in slots)
-        )
+        """True when at least one model is served, nothing is loading, and every model found serves a version.
+
+        A refused or failing new version of a model that still serves an older one does not make the
+        server unready (it is listed by `/readyz` and the repository index); a model with no servable
+        version does.
+        """
+        return self.control.ready()
 
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
@@ -178,13 +142,14 @@ class InferenceService:
 
     def info(self, name: str, version: int | None = None) -> ModelInfo:
         """Describe one model version (latest when `version` is None); raises `ModelNotFound`."""
-        slot = self._slot(name, version)
+        slot = self._slot(name, version, describe=True)
         spec = slot.spec
         runtime = slot.runtime
+        settings = slot.settings
         return ModelInfo(
             name=spec.name,
             version=spec.version,
-            versions=tuple(sorted(self._models[name])),
+            versions=tuple(sorted(self._models.get(name, {spec.version: slot}))),
             task=spec.task,
             input_name=spec.input_name,
             input_shape=spec.input_shape,
@@ -192,26 +157,30 @@ class InferenceService:
             preprocessing=spec.preprocessing,
             labels=spec.labels,
             sites=spec.sites,
-            backend=runtime.backend if runtime else self.settings.backend,
-            device=runtime.device if runtime else "unloaded",
-            provider=runtime.provider if runtime else (slot.error or "unloaded"),
-            ready=slot.batcher is not None,
-            mc_available=bool(runtime and runtime.supports_mc),
-            max_samples=self.settings.max_samples,
-            default_samples=min(self.settings.default_samples, self.settings.max_samples),
+            backend=runtime.backend,
+            device=runtime.device,
+            provider=runtime.provider,
+            ready=slot.serving,
+            mc_available=bool(runtime.supports_mc),
+            max_samples=settings.max_samples,
+            default_samples=min(settings.default_samples, settings.max_samples),
         )
 
-    def _slot(self, name: str, version: int | None) -> _Loaded:
+    def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}", field="version")
+        if version is None:
+            slot = self.control.lookup(name, None)
+        else:
+            slot = self.control.describe(name, version) if describe else self.control.lookup(name, version)
+        if slot is not None:
+            return slot
         versions = self._models.get(name)
         if not versions:
             raise ModelNotFound(f"unknown model {name!r}", field="model")
-        if version is None:
-            return versions[max(versions)]
-        if isinstance(version, bool) or not isinstance(version, int) or version not in versions:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
-            )
-        return versions[version]
+        raise ModelNotFound(
+            f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
+        )
 
     # ---------------------------------------------------------------- inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
@@ -219,6 +188,7 @@ class InferenceService:
         started = time.perf_counter()
         mode_label = request.mode if request.mode in MODES else "invalid"
         status = "error"
+        result: InferenceResult | None = None
         try:
             result = await self._infer(request, started)
             status = "200"
@@ -227,14 +197,32 @@ class InferenceService:
             status = str(exc.status)
             raise
         finally:
+            elapsed = time.perf_counter() - started
             model_label = request.model if request.model in self._models else "_unknown"
-            self.metrics.observe_request(model_label, mode_label, status, time.perf_counter() - started)
+            self.metrics.observe_request(model_label, mode_label, status, elapsed)
+            self._count(request, result, elapsed)
+
+    def _count(self, request: InferenceRequest, result: InferenceResult | None, elapsed: float) -> None:
+        """Add one answered request to its model version's statistics (none for unknown models)."""
+        if result is not None:
+            slot = self.control.describe(result.model, result.version)
+            queue_s = result.timings.get("queue_ms", 0.0) / 1000.0
+            compute_s = result.timings.get("compute_ms", 0.0) / 1000.0
+        else:
+            try:
+                slot = self._slot(request.model, request.version, describe=True)
+            except ServiceError:
+                return
+            queue_s = compute_s = 0.0
+        if slot is not None:
+            slot.statistics.record_request(result is not None, elapsed, queue_s, compute_s)
 
     async def _infer(self, request: InferenceRequest, started: float) -> InferenceResult:
         slot = self._slot(request.model, request.version)
-        if slot.batcher is None or slot.runtime is None:
-            raise ModelNotReady(f"model {request.model!r} is not loaded: {slot.error or 'loading'}")
+        if not slot.serving:
+            raise ModelNotReady(f"model {request.model!r} version {slot.spec.version} is not loaded")
         spec = slot.runtime.spec
+        settings = slot.settings
         if request.mode not in MODES:
             raise InvalidInput(f"mode must be one of {list(MODES)}, got {request.mode!r}", field="mode")
         x = validate_inputs(request.inputs, spec, max_rows=self.settings.max_rows_per_request)
@@ -253,10 +241,10 @@ class InferenceService:
                     "(its MC graph was exported without them)",
                     field="return_samples",
                 )
-            samples = self._check_samples(request.samples)
+            samples = self._check_samples(request.samples, settings)
             seed = self._check_seed(request.seed)
             group = MCGroup(rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples))
-        timeout = self.settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
+        timeout = settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
         job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
@@ -280,15 +268,14 @@ class InferenceService:
             },
         )
 
-    def _check_samples(self, samples: int | None) -> int:
+    @staticmethod
+    def _check_samples(samples: int | None, settings: Settings) -> int:
         if samples is None:
-            return min(self.settings.default_samples, self.settings.max_samples)
+            return min(settings.default_samples, settings.max_samples)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
             raise InvalidInput(f"samples must be an integer, got {samples!r}", field="samples")
-        if not 1 <= int(samples) <= self.settings.max_samples:
-            raise InvalidInput(
-                f"samples must be between 1 and {self.settings.max_samples}, got {samples}", field="samples"
-            )
+        if not 1 <= int(samples) <= settings.max_samples:
+            raise InvalidInput(f"samples must be between 1 and {settings.max_samples}, got {samples}", field="samples")
         return int(samples)
 
     @staticmethod

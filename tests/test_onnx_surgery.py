@@ -263,7 +263,10 @@ def test_cli_and_serving(files: dict[str, Path], tmp_path: Path) -> None:
         b = client.post("/v1/models/net/predict", json=req).json()
         assert a["probabilities"] == b["probabilities"]
         assert min(a["uncertainty"]["mutual_information"]) > 0.0
-    with TestClient(create_app(Settings(repository=repo, backend="torch", device="cpu"))) as client:
-        info = client.get("/v1/models/net").json()
-        assert not info["ready"]
-        assert "onnxruntime backend" in json.dumps(info)
+    # the torch backend refuses the graph-only package and says why (repository index reason)
+    torch_app = create_app(Settings(repository=repo, backend="torch", device="cpu", admin_token="t0k"))
+    with TestClient(torch_app) as client:
+        assert client.get("/v1/models/net").status_code == 404
+        index = client.post("/v2/repository/index", json={}, headers={"Authorization": "Bearer t0k"}).json()
+        (row,) = [r for r in index if r["name"] == "net"]
+        assert row["state"] == "UNAVAILABLE" and "serve it with the onnxruntime backend" in row["reason"]

@@ -17,7 +17,7 @@ passes. Only the layers from the first stochastic site on differ between passes,
    batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
    (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
    functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
-5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, DESIGN section 3).
+5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, docs/DESIGN.md §3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
 the longest shared trunk). BatchNorm always uses its running statistics and is never updated. The engine
@@ -57,7 +57,7 @@ _MAX_SEED = 1 << 63
 
 @dataclass
 class MCResult:
-    """MC-dropout summaries of one request (DESIGN section 3; see ``dropwise.surgery.summaries``).
+    """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
     Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and

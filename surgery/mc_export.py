@@ -107,21 +107,15 @@ def _seed_source(prefix: str) -> tuple[list[onnx.NodeProto], str]:
             [c + "ones"],
             value=helper.make_tensor("v", TensorProto.FLOAT, [2, 31], [1.0] * 62),
         ),
-        helper.make_node(
-            "Constant", [], [c + "ratio"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])
-        ),
-        helper.make_node(
-            "Constant", [], [c + "train"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])
-        ),
+        helper.make_node("Constant", [], [c + "ratio"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])),
+        helper.make_node("Constant", [], [c + "train"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
         helper.make_node("Dropout", [c + "ones", c + "ratio", c + "train"], [c + "kept", c + "mask"]),
         helper.make_node("Cast", [c + "mask"], [c + "bits"], to=TensorProto.INT64),
         helper.make_node(
             "Constant", [], [c + "weights"], value=helper.make_tensor("w", TensorProto.INT64, [31], weights)
         ),
         helper.make_node("Mul", [c + "bits", c + "weights"], [c + "weighted"]),
-        helper.make_node(
-            "Constant", [], [c + "axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])
-        ),
+        helper.make_node("Constant", [], [c + "axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])),
         helper.make_node("ReduceSum", [c + "weighted", c + "axis"], [c + "halves"], keepdims=0),
         helper.make_node(
             "Constant", [], [c + "scale"], value=helper.make_tensor("s", TensorProto.INT64, [2], [1, 1 << 31])

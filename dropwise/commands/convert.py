@@ -52,15 +52,11 @@ def convert(
         typer.Option("--repository", "-r", help="Repository for new packages (default: model_repository)."),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Package name (default from SOURCE).")] = None,
-    fold: Annotated[
-        bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")
-    ] = True,
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")] = True,
     mc: Annotated[bool, typer.Option("--mc/--no-mc", help="Export and verify the MC graph.")] = True,
     recalibrate_bn: Annotated[
         bool,
-        typer.Option(
-            "--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."
-        ),
+        typer.Option("--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."),
     ] = False,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Deterministic parity bound, relative to max(1, |output|).")
@@ -71,9 +67,7 @@ def convert(
         str | None,
         typer.Option("--dataset", help="Dataset (models.data): a factory's input spec; parity inputs."),
     ] = None,
-    kwargs: Annotated[
-        str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")
-    ] = None,
+    kwargs: Annotated[str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")] = None,
     allow_module: Annotated[
         list[str] | None,
         typer.Option("--allow-module", help="Trust a factory module prefix outside models. (runs its code)."),

@@ -164,3 +164,21 @@ def test_train_command_exports_through_the_convert_pipeline(tmp_path: Path) -> N
     package = load_package(tmp_path, "embedding_digits_tokens")
     assert {"model.onnx", "model.mc.onnx", "parity.json"} <= set(package.manifest.files)
     assert json.loads((package.path / "parity.json").read_text())["passed"] is True
+
+
+def test_train_command_reports_a_failed_parity_check_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bound no float32 export can meet makes parity fail: one line, exit 2, the package still written."""
+    import json
+
+    from dropwise.cli import main
+
+    args = ["train", "mlp_digits", "--quick", "--no-progress", "--repository", str(tmp_path), "--tolerance", "1e-12"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dropwise: error: parity failed for mlp_digits: ") and "\n" not in err
+    assert "Traceback" not in err
+    package = load_package(tmp_path, "mlp_digits")
+    report = json.loads((package.path / "parity.json").read_text())
+    assert report["passed"] is False and report["failures"]

@@ -121,9 +121,9 @@ def run(settings: Settings, replicas: int) -> None:
     def _stop(signum: int, _frame: Any) -> None:
         raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, _stop)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs a handler of its own that aborts
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_deployment(settings, num_replicas=replicas), name="dropwise", route_prefix="/")

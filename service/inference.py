@@ -136,6 +136,27 @@ class InferenceService:
         """
         return self.control.ready()
 
+    def waiting_for(self) -> str | None:
+        """Why the service is not ready, in a few words (None when it is): what `/readyz` reports."""
+        control = self.control
+        if control.ready():
+            return None
+        served = {name for name, versions in control.models.items() if versions}
+        if control.loading:
+            names = ", ".join(f"{name} v{version}" for name, version in sorted(control.loading))
+            total = len(control.found) if control.found else "?"
+            return f"loading {names} ({len(served)} of {total} models served)"
+        if not control.started:
+            return "scanning the repository" if not control.found else "loading the models"
+        missing = sorted(control.expected - control.unloaded - served)
+        if missing:
+            reasons = [f"{name}/{v}: {why}" for (name, v), (_, why) in sorted(control.failed.items())]
+            reasons += [f"{key}: {why}" for key, why in sorted(self.repository.errors.items())]
+            return f"models with no servable version: {', '.join(missing)}" + (
+                f" ({'; '.join(reasons)})" if reasons else ""
+            )
+        return f"model packages in {self.settings.repository} (none found)"
+
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
         return [self.info(name) for name in sorted(self._models)]

@@ -424,5 +424,25 @@ def mc_predict(
     task: str = "classification",
     return_samples: bool = False,
 ) -> MCResult:
-    """One-shot MC dropout (Gal & Ghahramani 2016) of batch ``x``: builds an `MCEngine` and calls it once."""
-    return MCEngine(model, x, sites, task=task)(x, samples=samples, seed=seed, return_samples=return_samples)
+    """One-shot MC dropout (Gal & Ghahramani 2016) of batch ``x``: builds an `MCEngine` and calls it once.
+
+    The engine is built on the first `EXAMPLE_ROWS` rows of ``x`` (finding sites, splitting and sizing the
+    chunks need an example, not the whole batch: building on 1000 rows cost more than the MC work itself),
+    then runs on all of ``x``. The result is the same as a prebuilt engine's.
+    """
+    engine = MCEngine(model, _example_slice(x), sites, task=task)
+    return engine(x, samples=samples, seed=seed, return_samples=return_samples)
+
+
+EXAMPLE_ROWS = 8
+"""Rows of the batch `mc_predict` builds its engine on."""
+
+
+def _example_slice(x: Any) -> Any:
+    """``x`` cut to its first `EXAMPLE_ROWS` rows (tensors whose dimension 0 is the batch; others as given)."""
+    args = _as_args(x)
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        return x
+    rows = args[0].shape[0]
+    cut = tuple(a[:EXAMPLE_ROWS] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == rows else a for a in args)
+    return cut[0] if isinstance(x, Tensor) else type(x)(cut)

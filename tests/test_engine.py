@@ -448,3 +448,22 @@ def test_bad_arguments_are_refused() -> None:
         MCEngine(model, x, sites=["nope"])
     with pytest.raises(ValueError):
         MCEngine(nn.Linear(3, 2), torch.randn(1, 3))
+
+
+def test_one_shot_builds_on_a_slice_and_matches_a_prebuilt_engine() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        DropBlock2d(0.2, block_size=3),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(4 * 6 * 6, 3),
+    ).eval()
+    x = torch.randn(40, 1, 6, 6)  # more rows than the slice the one-shot engine is built on
+    one_shot = mc_predict(model, x, samples=8, seed=5, return_samples=True)
+    prebuilt = MCEngine(model, x)(x, samples=8, seed=5, return_samples=True)
+    assert one_shot.samples.shape == (8, 40, 3)
+    torch.testing.assert_close(one_shot.samples, prebuilt.samples, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_shot.mean_probs, prebuilt.mean_probs, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,8 @@
 
 Covers model listing and description, deterministic and MC predictions checked against the network run
 directly, regression units, token models, seeds, errors for bad input on every route, body limits,
-readiness, the OpenAPI schema and the catch-all 500.
+readiness, the OpenAPI schema and the catch-all 500. Every app is pinned to `device="cpu"` because the
+tests assert it (`auto` picks a GPU wherever torch sees one); the GPU runs live in `test_service_cuda.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def client(repo: Path):
-    app = create_app(Settings(repository=repo, max_samples=64, max_rows_per_request=32))
+    app = create_app(Settings(repository=repo, device="cpu", max_samples=64, max_rows_per_request=32))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -217,7 +218,7 @@ def test_malformed_json_and_content(client: TestClient) -> None:
 
 
 def test_body_limit_by_content_length_and_stream(repo: Path) -> None:
-    app = create_app(Settings(repository=repo, max_body_bytes=4096))
+    app = create_app(Settings(repository=repo, device="cpu", max_body_bytes=4096))
     with TestClient(app) as c:
         big = {"inputs": _digits(30)}
         r = c.post("/v1/models/mlp_digits/predict", json=big)
@@ -242,7 +243,7 @@ def test_health_readiness_and_zero_models(client: TestClient, tmp_path: Path) ->
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert set(ready.json()["models"]) == {"mlp_digits", "embedding_digits_tokens", "mlp_diabetes"}
-    with TestClient(create_app(Settings(repository=tmp_path))) as empty:
+    with TestClient(create_app(Settings(repository=tmp_path, device="cpu"))) as empty:
         assert empty.get("/healthz").status_code == 200
         r = empty.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "not ready"
@@ -258,7 +259,7 @@ def test_tampered_package_keeps_readyz_false_and_others_serving(repo: Path, tmp_
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with TestClient(create_app(Settings(repository=copy))) as c:
+    with TestClient(create_app(Settings(repository=copy, device="cpu"))) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and any("sha256" in e for e in r.json()["errors"].values())
         assert c.post("/v1/models/mlp_digits/predict", json={"inputs": _digits(1)}).status_code == 200
@@ -291,7 +292,7 @@ def test_openapi_documents_native_routes_with_examples(client: TestClient) -> No
 
 
 def test_unexpected_exception_answers_json_500_without_traceback(repo: Path) -> None:
-    app = create_app(Settings(repository=repo))
+    app = create_app(Settings(repository=repo, device="cpu"))
 
     @app.get("/boom")
     async def boom() -> None:

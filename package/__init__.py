@@ -17,6 +17,7 @@ Safety rules, all enforced on load:
 """
 
 from dropwise.package.factory import DEFAULT_ALLOWED_MODULES, build_from_architecture, resolve_factory
+from dropwise.package.graph import save_graph_package
 from dropwise.package.io import (
     LoadedPackage,
     add_file,
@@ -65,6 +66,7 @@ __all__ = [
     "load_weights",
     "package_path",
     "resolve_factory",
+    "save_graph_package",
     "save_package",
     "sha256_file",
     "state_dict_for_safetensors",

@@ -168,6 +168,12 @@ def load_package(
         )
     if not build:
         return LoadedPackage(manifest=manifest, model=None, path=package_dir)
+    if WEIGHTS not in manifest.files:
+        raise PackageError(
+            f"{package_dir}: no {WEIGHTS}, only graph files ({', '.join(sorted(manifest.files))}): there is "
+            "no torch network to rebuild (a package converted from an ONNX file); serve it with the "
+            "onnxruntime backend"
+        )
     state = load_weights(package_dir, manifest)
     model = build_from_architecture(manifest.architecture, allow_modules)
     try:

@@ -44,7 +44,7 @@ from .masks import onnx_translation_table, row_keys, sample_keys
 from .sites import Site
 from .summaries import CLASSIFICATION_OUTPUTS, REGRESSION_OUTPUTS, SummaryHead
 
-__all__ = ["MCGraph", "export_mc_onnx", "output_names"]
+__all__ = ["MCGraph", "add_optional_seed", "export_mc_onnx", "output_names"]
 
 _SEED_BITS = 62  # two groups of 31 bits: each sums exactly even where a reduction goes through float64
 
@@ -126,7 +126,7 @@ def _seed_source(prefix: str) -> tuple[list[onnx.NodeProto], str]:
     return nodes, c + "drawn"
 
 
-def _add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
+def add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
     """Make ``seed`` optional (initializer -1) and route a fresh in-graph seed where it is negative."""
     graph = model.graph
     effective = f"{seed_name}_effective"
@@ -207,7 +207,7 @@ def export_mc_onnx(
                 "depends on the number of rows: ONNX Conv takes it only as a constant)."
             ) from exc
     proto = program.model_proto
-    proto = _add_optional_seed(proto)
+    proto = add_optional_seed(proto)
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))

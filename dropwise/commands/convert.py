@@ -1,7 +1,8 @@
 """``dropwise convert SOURCE``: fold, convert to MC, export both ONNX graphs and verify parity into a package.
 
 SOURCE is a package directory, a zoo name (with ``--weights``, or the latest package of that name in the
-repository), or a ``module:factory`` reference with ``--weights`` and ``--dataset``. Importing a module
+repository), a ``module:factory`` reference with ``--weights`` and ``--dataset``, or an ``.onnx`` file
+(surgery on its graph: ``dropwise/commands/convert_onnx.py``). Importing a module
 outside ``dropwise.models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
 2 with one line on stderr for a usage error or a failed parity check (the report is still written into the
 package, with ``passed: false``).
@@ -77,10 +78,38 @@ def convert(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Keep the exporter's and ONNX Runtime's own warnings.")
     ] = False,
+    # --- ONNX file sources only (dropwise/commands/convert_onnx.py) ---
+    task: Annotated[str, typer.Option("--task", help="ONNX source: classification or regression.")] = "classification",
+    add_dropout_before_head: Annotated[
+        float | None,
+        typer.Option("--add-dropout-before-head", help="ONNX source: insert Dropout(P) before the head."),
+    ] = None,
+    dropout_after: Annotated[
+        str | None,
+        typer.Option("--dropout-after", help="ONNX source: insert Dropout after NODE[,NODE] (with --p)."),
+    ] = None,
+    p: Annotated[float | None, typer.Option("--p", help="ONNX source: drop probability for --dropout-after.")] = None,
 ) -> None:
-    """Convert a trained network into a model package with verified ONNX graphs."""
+    """Convert a trained network (or an ONNX file) into a model package with verified ONNX graphs."""
     if not verbose:
         quiet_libraries()
+    from dropwise.commands.convert_onnx import convert_onnx, is_onnx_source
+
+    if is_onnx_source(source):
+        convert_onnx(
+            source,
+            repository=repository,
+            name=name,
+            task=task,
+            add_dropout_before_head=add_dropout_before_head,
+            dropout_after=dropout_after,
+            p=p,
+            samples=samples,
+            tolerance=tolerance,
+            device=device,
+            as_json=as_json,
+        )
+        return
     from dropwise.errors import UserError
     from dropwise.package import PackageError
     from dropwise.surgery.convert import ConvertError, ConvertOptions, report_json, report_summary

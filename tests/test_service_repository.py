@@ -151,6 +151,9 @@ def test_explicit_load_swaps_in_a_new_version_and_unload_stops_serving(repo: Pat
         assert client.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10]}).status_code == 200
 
         assert client.post("/v2/repository/models/no_such_model/load", headers=ADMIN).status_code == 400
+        override = {"parameters": {"config": '{"max_batch_size": 4}'}}
+        r = client.post(f"/v2/repository/models/{MODEL}/load", headers=ADMIN, json=override)
+        assert r.status_code == 400 and "unsupported parameter(s) ['config']" in r.json()["error"]
         assert client.post("/v2/repository/models/..%2Fetc/load", headers=ADMIN).status_code in (400, 404)
         assert client.post(f"/v2/repository/models/{MODEL}/load", headers=ADMIN).status_code == 200
         assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).json()["version"] == 2

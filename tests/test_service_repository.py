@@ -271,8 +271,14 @@ def test_invalid_serving_configuration_refuses_the_package(repo: Path) -> None:
 # ------------------------------------------------------------------------------------------ warm-up
 def test_each_version_is_warmed_up_before_it_serves(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="dropwise.model_control"), app_client(repo) as client:
-        stats = client.get(f"/v2/models/{MODEL}/stats").json()["model_stats"][0]
-        assert stats["execution_count"] == 0  # the warm-up passes ran on the runtime, not through the queue
+        for name in ("mlp_digits", "mlp_diabetes", "embedding_digits_tokens"):
+            served = client.app.state.inference.control.models[name][1]  # type: ignore[attr-defined]
+            modes = ["deterministic", "mc"] if served.runtime.supports_mc else ["deterministic"]
+            assert list(served.warm_up_s) == modes and all(t > 0 for t in served.warm_up_s.values())
+            warm = client.get(f"/v2/models/{name}/config").json()["parameters"]["warm_up"]["string_value"]
+            assert [part.split(":")[0] for part in warm.split(",")] == modes
+            stats = client.get(f"/v2/models/{name}/stats").json()["model_stats"][0]
+            assert stats["execution_count"] == 0  # the warm-up ran on the runtime, not through the queue
     warmed = [r.getMessage() for r in caplog.records if "warmed up" in r.getMessage()]
     assert len(warmed) == 3 and any(m.startswith(f"loaded {MODEL} v1") for m in warmed)
 

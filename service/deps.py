@@ -39,8 +39,12 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
+def _configured(secret: SecretStr | None) -> bool:
+    return secret is not None and bool(secret.get_secret_value())
+
+
 def _matches(token: str, secret: SecretStr | None) -> bool:
-    if secret is None:
+    if secret is None or not _configured(secret):
         return False
     return hmac.compare_digest(token.encode("utf-8"), secret.get_secret_value().encode("utf-8"))
 
@@ -48,7 +52,7 @@ def _matches(token: str, secret: SecretStr | None) -> bool:
 def require_api_token(request: Request) -> None:
     """Pass when no API token is configured, or the request carries it (or the admin token)."""
     settings = get_settings(request)
-    if settings.api_token is None:
+    if not _configured(settings.api_token):
         return
     token = _bearer(request)
     if token is None:
@@ -60,16 +64,19 @@ def require_api_token(request: Request) -> None:
 def require_admin(request: Request) -> None:
     """Pass only with the admin token; 403 when repository control is not enabled (no admin token)."""
     settings = get_settings(request)
-    if settings.admin_token is None:
+    if not _configured(settings.admin_token):
         raise Forbidden(
             "repository control is disabled on this server: start it with DROPWISE_ADMIN_TOKEN set and send "
             "'Authorization: Bearer <token>'"
         )
     token = _bearer(request)
     if token is None:
-        raise Unauthorized("repository control requires 'Authorization: Bearer <DROPWISE_ADMIN_TOKEN>'")
+        raise Unauthorized(
+            "missing admin token: repository control requires 'Authorization: Bearer <DROPWISE_ADMIN_TOKEN>'",
+            realm="dropwise-admin",
+        )
     if not _matches(token, settings.admin_token):
-        raise Unauthorized("invalid bearer token")
+        raise Unauthorized("invalid admin token", realm="dropwise-admin")
 
 
 ApiToken = Depends(require_api_token)

@@ -1,6 +1,7 @@
 """Running the app under uvicorn: safe binding, the access log, and graceful shutdown on SIGTERM.
 
-`serve(app, settings)` runs uvicorn with `GracefulServer`. On SIGTERM (or Ctrl-C) it
+`build_server(app, settings, drain)` (what `dropwise serve` runs, with its start-up gate as `app`) and
+`serve(app, settings)` run uvicorn with `GracefulServer`. On SIGTERM (or Ctrl-C) it
 
 1. stops accepting connections,
 2. drains the service (`InferenceService.drain`): new requests answer 503; requests waiting in a queue
@@ -19,14 +20,17 @@ import contextlib
 import copy
 import ipaddress
 import socket
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from dropwise.service.inference import InferenceService
 from dropwise.service.settings import Settings
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 from uvicorn.config import LOGGING_CONFIG
+
+if TYPE_CHECKING:  # kept light: `dropwise serve` imports this before torch and the app are loaded
+    from dropwise.service.inference import InferenceService
+    from fastapi import FastAPI
 
 from dropwise.errors import UserError
 
@@ -56,17 +60,21 @@ def check_bind(settings: Settings) -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server with the drain of the module docstring and exit status 0 after a signal."""
+    """uvicorn's server with the drain of the module docstring and exit status 0 after a signal.
 
-    def __init__(self, config: uvicorn.Config, service: InferenceService, grace_s: float) -> None:
+    `drain(grace_s)` is awaited after the listening sockets close and before uvicorn's own shutdown
+    (`InferenceService.drain` of the app being served).
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[float], Awaitable[None]], grace_s: float) -> None:
         super().__init__(config)
-        self.service = service
+        self.drain = drain
         self.grace_s = grace_s
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # stop accepting before draining
             server.close()
-        await self.service.drain(self.grace_s)
+        await self.drain(self.grace_s)
         await super().shutdown(sockets=sockets)
 
     @contextlib.contextmanager
@@ -83,8 +91,8 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run `app` (from `create_app(settings)`) until SIGTERM / Ctrl-C, then drain and exit."""
+def build_server(app: ASGIApp, settings: Settings, drain: Callable[[float], Awaitable[None]]) -> GracefulServer:
+    """A `GracefulServer` for `app` on the settings' host and port (refuses an unsafe bind first)."""
     check_bind(settings)
     config = uvicorn.Config(
         app,
@@ -95,7 +103,13 @@ def serve(app: FastAPI, settings: Settings) -> None:
         access_log=False,  # the app's own access log carries the request id
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
-    GracefulServer(config, app.state.inference, settings.shutdown_grace_s).run()
+    return GracefulServer(config, drain, settings.shutdown_grace_s)
 
 
-__all__ = ["GracefulServer", "check_bind", "is_loopback", "log_config", "serve"]
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run `app` (from `create_app(settings)`) until SIGTERM / Ctrl-C, then drain and exit."""
+    service: InferenceService = app.state.inference
+    build_server(app, settings, service.drain).run()
+
+
+__all__ = ["GracefulServer", "build_server", "check_bind", "is_loopback", "log_config", "serve"]

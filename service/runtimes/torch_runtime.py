@@ -16,6 +16,11 @@ form, and applies seeded inverted dropout to PyTorch's own `nn.Dropout` layers t
 (they stay in eval mode, so BatchNorm and the like are untouched). Every request gets its own
 `torch.Generator` seeded from the request's seed, so a request's masks never depend on what else shares
 its batch.
+
+On CUDA each runtime issues its work on a CUDA stream of its own (`dropwise.service.runtimes.streams.
+ComputeStream`), entered by the one compute thread that runs the model's batches: one model's result copy
+then waits only for its own kernels, not for every other model's work on the shared default stream. On the
+CPU it is a no-op.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dropwise.service.runtimes.base import (
     encode_mc,
     standardised_to_target,
 )
+from dropwise.service.runtimes.streams import ComputeStream
 from torch import nn
 
 log = logging.getLogger("dropwise.torch_runtime")
@@ -84,6 +90,8 @@ class TorchRuntime:
         self.provider = f"torch-{self.device}" + (
             f" ({torch.cuda.get_device_name(self._device)})" if self._device.type == "cuda" else ""
         )
+        self._compute = ComputeStream(self._device)
+        self.stream = self._compute.stream  #: the CUDA stream every batch of this model runs on (None on CPU)
         self.model: nn.Module | None = None
         self._stochastic: list[nn.Module] = []
         self._dropouts: list[nn.Dropout] = []
@@ -110,16 +118,18 @@ class TorchRuntime:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
         example = np.zeros((2, *self.spec.sample_shape), dtype=self.spec.input_dtype)
         self._build_engine(self._tensor(example))
+        self._compute.ready()  # weights and engine buffers were queued on the loading thread's stream
         self.predict_deterministic(example[:1])
+
+    def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """Enter this model's CUDA stream (the calling thread's current stream); nothing on the CPU."""
+        return self._compute()
 
     def _build_engine(self, example: torch.Tensor) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
         assert self.model is not None
-        try:
-            from dropwise.surgery.engine import MCEngine
-        except ImportError:
-            self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
-            return
+        from dropwise.surgery.engine import MCEngine
+
         try:
             engine = MCEngine(self.model, example, task=self.spec.task)
             engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split
@@ -138,7 +148,8 @@ class TorchRuntime:
     def predict_deterministic(self, x: np.ndarray) -> Outputs:
         """Eval-mode forward pass over the batch."""
         assert self.model is not None
-        raw = self.model(self._tensor(x)).float().cpu().numpy()
+        with self._on_stream():
+            raw = self.model(self._tensor(x)).float().cpu().numpy()
         return encode_deterministic(raw, self.spec)
 
     @contextlib.contextmanager
@@ -165,6 +176,12 @@ class TorchRuntime:
     ) -> list[Outputs]:
         """MC outputs of several requests stacked in `x` (see the module docstring); `check` runs before
         every chunk of the engine's tail (or every request of the fallback) and may raise to abandon."""
+        with self._on_stream():
+            return self._predict_mc(x, groups, check)
+
+    def _predict_mc(
+        self, x: np.ndarray, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         if self.engine is None:
             return self._predict_mc_fallback(x, groups, check)
         tensor = self._tensor(x)
@@ -175,6 +192,7 @@ class TorchRuntime:
                 [g.samples for g in groups],
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
+                to_host=True,  # one device-to-host copy per batch
                 check=check,
             )
         else:

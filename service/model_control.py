@@ -16,7 +16,9 @@ loop, so a request is either queued on the old version or looked up on the new o
 answering what it queued (and requests that name it explicitly) until its queue is empty and no batch
 runs; then it is stopped in the same event-loop step that makes it unreachable. A package that fails
 verification (bad checksum, missing file, invalid manifest or serving configuration) or fails to load is
-refused with a logged reason and listed by the repository index; the versions already served keep serving.
+refused with a logged reason and listed by the repository index; the versions already served keep serving
+(a served version whose files are damaged later keeps serving the copy verified when it was loaded; a
+version whose directory is removed is retired).
 """
 
 from __future__ import annotations
@@ -186,12 +188,13 @@ class ModelControl:
         return self.lookup(name, version) or self.retired.get((name, version))
 
     def ready(self) -> bool:
-        """Started, something served, nothing loading, and every model found serves at least one version."""
+        """Started, something served, and every model found serves at least one version.
+
+        A version loading beside a served one (a hot swap) does not make the server unready: the served
+        version answers meanwhile.
+        """
         return (
-            self.started
-            and bool(self.models)
-            and not self.loading
-            and all(self.models.get(name) for name in self.expected - self.unloaded)
+            self.started and bool(self.models) and all(self.models.get(name) for name in self.expected - self.unloaded)
         )
 
     def _refused_names(self) -> set[str]:
@@ -259,6 +262,9 @@ class ModelControl:
 
     def _entry(self, name: str, version: int, refused: dict[tuple[str, int], str]) -> IndexEntry:
         if version in self.models.get(name, {}):
+            if (name, version) in refused:
+                reason = f"serving the copy verified at load; the files on disk are refused: {refused[(name, version)]}"
+                return IndexEntry(name, version, "READY", reason)
             return IndexEntry(name, version, "READY")
         if (name, version) in self.loading:
             return IndexEntry(name, version, "LOADING")
@@ -309,6 +315,10 @@ class ModelControl:
     async def _reconcile(self, name: str, specs: dict[int, PackageSpec]) -> None:
         async with self._lock(name):
             current = self.models.get(name, {})
+            specs = dict(specs)
+            for version, slot in current.items():  # refused on disk now, but verified when it was loaded
+                if version not in specs and f"{name}/{version}" in self.repository.errors:
+                    specs[version] = slot.spec
             wanted = self._policy(specs).select(list(specs))
             new: dict[int, LoadedVersion] = {}
             for version in wanted:

@@ -165,6 +165,39 @@ def test_load_and_unload_are_refused_unless_control_is_explicit(repo: Path) -> N
             assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).status_code == 200
 
 
+def _wait_for(condition: object, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_poll_reloads_a_changed_serving_config_and_keeps_a_damaged_version_serving(repo: Path) -> None:
+    with app_client(repo, model_control="poll", poll_interval_s=0.1) as client:
+        assert client.get(f"/v1/models/{MODEL}").json()["max_samples"] == 256
+        set_serving_config(repo / MODEL / "1", {"max_samples": 12})  # a config change is a new package state
+        assert _wait_for(lambda: client.get(f"/v1/models/{MODEL}").json()["max_samples"] == 12)
+        r = client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1), "mode": "mc", "samples": 13})
+        assert r.status_code == 400
+
+        weights = repo / MODEL / "1" / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))  # damaged in place: refused on disk, the loaded copy keeps serving
+        assert _wait_for(lambda: "sha256" in index(client)[(MODEL, "1")]["reason"])
+        entry = index(client)[(MODEL, "1")]
+        assert entry["state"] == "READY" and entry["reason"].startswith("serving the copy verified at load")
+        assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+        shutil.rmtree(repo / "mlp_diabetes" / "1")  # removed: retired
+        assert _wait_for(lambda: client.get("/v2/models/mlp_diabetes/ready").status_code == 404)
+        assert client.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10]}).status_code == 404
+        assert client.get("/readyz").status_code == 200
+
+
 # ------------------------------------------------------------------------------------------ version policy
 def test_version_policy_all_and_specific(repo: Path) -> None:
     add_version(repo, MODEL, 2)
@@ -330,6 +363,15 @@ async def _until(condition: object, timeout: float = 120.0) -> None:
 async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8) -> dict[str, object]:
     stop = asyncio.Event()
     results: list[Answer] = []
+    readiness: list[int] = []
+
+    async def watch_readiness() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            while not stop.is_set():
+                readiness.append((await http.get("/readyz")).status_code)
+                await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_readiness())
     load = asyncio.create_task(_drive(base, clients, stop, results))
     await _until(lambda: len(results) >= 40)  # the old version under load first
     started = time.monotonic()
@@ -345,6 +387,7 @@ async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8
     await _until(lambda: len(results) >= mark + 40)  # then the new one
     stop.set()
     await load
+    await watcher
     failures = [r for r in results if r[0] != 200]
     versions = [r[1] for r in results if r[0] == 200]
     return {
@@ -354,6 +397,7 @@ async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8
         "after": versions.count(2),
         "swap_s": swapped_after,
         "last": versions[-clients:],
+        "readiness": readiness,
     }
 
 
@@ -383,5 +427,6 @@ def test_swap_under_load_loses_no_request(repo: Path, control: str) -> None:
         assert report["failures"] == [], report["failures"][:5]
         assert report["before"] > 20 and report["after"] > 20
         assert set(report["last"]) == {2}  # type: ignore[arg-type]
+        assert set(report["readiness"]) == {200}, report["readiness"]  # ready throughout the swap
         entries = httpx.post(f"{base}/v2/repository/index", headers=ADMIN).json()
         assert {(e["name"], e["version"], e["state"]) for e in entries} >= {(MODEL, "2", "READY")}

@@ -71,6 +71,8 @@ class LoadedVersion:
     fingerprint: str
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     serving: bool = True
+    #: seconds of the warm-up passes run before the version was served, by mode
+    warm_up_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,22 @@ def effective_settings(settings: Settings, config: ServingConfig) -> Settings:
     return settings.model_copy(update=config.overrides())
 
 
-def warm_up(runtime: Runtime) -> None:
-    """One deterministic pass and, when the runtime has an MC path, one seeded MC pass on zeros."""
+def warm_up(runtime: Runtime) -> dict[str, float]:
+    """One deterministic pass and, when the runtime has an MC path, one seeded MC pass on zeros.
+
+    Returns the seconds each pass took, by mode (`deterministic`, `mc`).
+    """
     spec = runtime.spec
     example = np.zeros((1, *(max(d, 1) for d in spec.sample_shape)), dtype=spec.input_dtype)
+    took: dict[str, float] = {}
+    start = time.perf_counter()
     runtime.predict_deterministic(example)
+    took["deterministic"] = time.perf_counter() - start
     if runtime.supports_mc:
+        start = time.perf_counter()
         runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])
+        took["mc"] = time.perf_counter() - start
+    return took
 
 
 class ModelControl:
@@ -360,7 +371,7 @@ class ModelControl:
             runtime = await asyncio.to_thread(
                 self.repository.load_runtime, spec, self.settings.backend, self.settings.device
             )
-            await asyncio.to_thread(warm_up, runtime)
+            warmed = await asyncio.to_thread(warm_up, runtime)
         except Exception as exc:  # a broken package must not take the others down
             log.exception("failed to load %s version %s", spec.name, spec.version)
             self.failed[key] = (digest, f"{type(exc).__name__}: {exc}")
@@ -390,6 +401,7 @@ class ModelControl:
             config=config,
             fingerprint=digest,
             statistics=statistics,
+            warm_up_s=warmed,
         )
 
     def _retire(self, name: str, version: int, slot: LoadedVersion) -> None:

@@ -151,6 +151,9 @@ def test_explicit_load_swaps_in_a_new_version_and_unload_stops_serving(repo: Pat
         assert client.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10]}).status_code == 200
 
         assert client.post("/v2/repository/models/no_such_model/load", headers=ADMIN).status_code == 400
+        override = {"parameters": {"config": '{"max_batch_size": 4}'}}
+        r = client.post(f"/v2/repository/models/{MODEL}/load", headers=ADMIN, json=override)
+        assert r.status_code == 400 and "unsupported parameter(s) ['config']" in r.json()["error"]
         assert client.post("/v2/repository/models/..%2Fetc/load", headers=ADMIN).status_code in (400, 404)
         assert client.post(f"/v2/repository/models/{MODEL}/load", headers=ADMIN).status_code == 200
         assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).json()["version"] == 2
@@ -268,8 +271,14 @@ def test_invalid_serving_configuration_refuses_the_package(repo: Path) -> None:
 # ------------------------------------------------------------------------------------------ warm-up
 def test_each_version_is_warmed_up_before_it_serves(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="dropwise.model_control"), app_client(repo) as client:
-        stats = client.get(f"/v2/models/{MODEL}/stats").json()["model_stats"][0]
-        assert stats["execution_count"] == 0  # the warm-up passes ran on the runtime, not through the queue
+        for name in ("mlp_digits", "mlp_diabetes", "embedding_digits_tokens"):
+            served = client.app.state.inference.control.models[name][1]  # type: ignore[attr-defined]
+            modes = ["deterministic", "mc"] if served.runtime.supports_mc else ["deterministic"]
+            assert list(served.warm_up_s) == modes and all(t > 0 for t in served.warm_up_s.values())
+            warm = client.get(f"/v2/models/{name}/config").json()["parameters"]["warm_up"]["string_value"]
+            assert [part.split(":")[0] for part in warm.split(",")] == modes
+            stats = client.get(f"/v2/models/{name}/stats").json()["model_stats"][0]
+            assert stats["execution_count"] == 0  # the warm-up ran on the runtime, not through the queue
     warmed = [r.getMessage() for r in caplog.records if "warmed up" in r.getMessage()]
     assert len(warmed) == 3 and any(m.startswith(f"loaded {MODEL} v1") for m in warmed)
 

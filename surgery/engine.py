@@ -27,7 +27,7 @@ works on its own deep copy of the model: rebuild it after changing the weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,10 +125,11 @@ def choose_sites(found: Sequence[Site], sites: str | Sequence[str | Site] | None
     """The chosen subset of ``found`` (execution order): None/"all", "last", "first", or names/keys/Sites."""
     if sites is None or sites == "all":
         return list(found)
+    ran = [s for s in found if s.called is not False] or list(found)  # never a site that did not run
     if sites == "last":
-        return [found[-1]]
+        return [ran[-1]]
     if sites == "first":
-        return [found[0]]
+        return [ran[0]]
     if isinstance(sites, str):
         sites = [sites]
     wanted = {s.key if isinstance(s, Site) else str(s) for s in sites}
@@ -145,37 +146,89 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _replacement(site: Site, module: nn.Module, index: int, context: MaskContext) -> nn.Module:
-    """The MC form of one chosen site: a hash-mask site when one exists, else a train-mode wrapper."""
-    form = _FORMS.get(site.kind) if site.function is None else None
-    if site.kind == "drop_path" and site.function is None:
+def _replacement(
+    sites: Sequence[Site], module: nn.Module, index: int, found: Sequence[Site], context: MaskContext
+) -> nn.Module:
+    """The MC form of the chosen sites acting through ``module``: a hash-mask site, else a train-mode wrapper.
+
+    A module site with a hash form becomes a `HashMaskSite`; any other module site, and the gating module of
+    functional sites (wrapped once for all its chosen calls), a `TrainModeSite` keyed by site ``index``.
+    """
+    functional = [s for s in sites if s.function is not None]
+    if functional:
+        names = {s.function for s in functional if s.function}
+        every = {s.function for s in found if s.name == functional[0].name and s.function}
+        only = None if names == every else frozenset(names)
+        return TrainModeSite(module, context, index, functional=True, functions=only)
+    site = sites[0]
+    form = _FORMS.get(site.kind)
+    if site.kind == "drop_path":
         form = "path" if getattr(module, "scale_by_keep", True) else "path_classic"
     if form is None:
-        return TrainModeSite(module, context, index, functional=site.function is not None)
+        return TrainModeSite(module, context, index)
     return HashMaskSite(context, index, float(site.p), form)
 
 
 def _rewrite_tail(
-    tail: nn.Module, model: nn.Module, found: Sequence[Site], chosen: Sequence[Site], context: MaskContext
+    tail: nn.Module,
+    model: nn.Module,
+    found: Sequence[Site],
+    chosen: Sequence[Site],
+    context: MaskContext,
+    site_modules: dict[str, nn.Module] | None = None,
 ) -> list[nn.Module]:
-    """Replace each chosen site module inside ``tail`` (found by identity) by its MC form."""
-    in_tail = {}
+    """Replace each chosen site (module site, or the gate of functional sites) inside ``tail`` by its MC form.
+
+    Sites act through a module found by identity in ``tail``: the site module, the gating module, or the
+    module the split put in their place (``site_modules``, by site key). Deepest modules are replaced first,
+    so a gate that is also the parent of a module site (BERT's sdpa attention) keeps its replaced child.
+    """
+    in_tail: dict[int, list[str]] = {}
     for name, module in tail.named_modules(remove_duplicate=False):
         in_tail.setdefault(id(module), []).append(name)
     index = {s.key: i for i, s in enumerate(found)}
-    replaced: list[nn.Module] = []
+    groups: dict[int, tuple[nn.Module, list[Site]]] = {}
     for site in chosen:
-        module = model.get_submodule(site.name) if site.name else model
+        if site_modules is not None and site.key in site_modules:
+            module = site_modules[site.key]
+        else:
+            module = model.get_submodule(site.name) if site.name else model
+        groups.setdefault(id(module), (module, []))[1].append(site)
+
+    def depth(module: nn.Module) -> int:
+        return max((name.count(".") + 1 if name else 0 for name in in_tail.get(id(module), [])), default=0)
+
+    replaced: list[nn.Module] = []
+    for module, sites in sorted(groups.values(), key=lambda g: -depth(g[0])):
         names = in_tail.get(id(module), [])
         if not names:
             continue  # the site lies in the trunk: impossible for the split's own sites, kept for safety
-        replacement = _replacement(site, module, index[site.key], context)
+        replacement = _replacement(sites, module, index[sites[0].key], found, context)
         for name in names:
             if name == "":
                 raise ValueError("the root module itself is a site: wrap it in a container first")
             _set_submodule(tail, name, replacement)
         replaced.append(replacement)
     return replaced
+
+
+def primary_output(out: Any) -> Tensor:
+    """The tensor MC summarises: ``out`` itself, ``logits`` of a dict-like output (Hugging Face ``ModelOutput``),
+    else its first tensor value, or the first element of a tuple / list."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), Tensor):
+            return out["logits"]
+        values = list(out.values())
+    elif isinstance(out, tuple | list):
+        values = list(out)
+    else:
+        raise TypeError(f"the model returned {type(out).__name__}; MC needs a tensor (or a dict / tuple of them)")
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(f"the model returned {type(out).__name__} with no tensor in it")
 
 
 def _batched_outputs(trunk: nn.Module, example: tuple[Tensor, ...]) -> list[bool]:
@@ -269,11 +322,13 @@ class MCEngine:
         self.context = MaskContext(exportable=exportable)
         self.trunk = self.split.trunk.eval()
         self.tail = self.split.tail.eval()
-        self.replaced = _rewrite_tail(self.tail, self.model, self.sites, self.chosen, self.context)
-        self._batched = _batched_outputs(self.trunk, example)
-        if chunk_rows is None:
+        if chunk_rows is None:  # measured before the rewrite: the tail shares its modules with the model
             per_row = _bytes_per_row(self.model, example)
             chunk_rows = min(max(128, chunk_bytes // per_row), max(1, memory_budget // (4 * per_row)))
+        self.replaced = _rewrite_tail(
+            self.tail, self.model, self.sites, self.chosen, self.context, self.split.site_modules
+        )
+        self._batched = _batched_outputs(self.trunk, example)
         self.chunk_rows = int(chunk_rows)
         self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
         self.channels_last = self._device().type == "cpu" if channels_last is None else bool(channels_last)
@@ -358,7 +413,7 @@ class MCEngine:
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
             try:
-                outputs.append(self._tail_fn(*args))
+                outputs.append(primary_output(self._tail_fn(*args)))
             finally:
                 self.context.keys = None
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

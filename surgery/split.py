@@ -122,6 +122,10 @@ class SplitModel(nn.Module):
         reason: why the capture failed (None when captured).
         split_at: name of the first stochastic node (site key or random function), None when not captured.
         carried: names of the trunk values carried into the tail, in argument order.
+        frontend: the graph front-end that captured the split: ``"fx"`` (``torch.fx`` symbolic tracing),
+            ``"export"`` (``torch.export``), None when not captured.
+        site_modules: site key -> the module of the tail through which that site acts, where it is not the
+            model's own module of that name (the export front-end's call modules); empty otherwise.
     """
 
     def __init__(
@@ -133,6 +137,8 @@ class SplitModel(nn.Module):
         reason: str | None,
         split_at: str | None = None,
         carried: Sequence[str] = (),
+        frontend: str | None = None,
+        site_modules: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.trunk = trunk
@@ -141,6 +147,8 @@ class SplitModel(nn.Module):
         self.reason = reason
         self.split_at = split_at
         self.carried = list(carried)
+        self.frontend = frontend
+        self.site_modules = dict(site_modules or {})
 
     def forward(self, *args: Any) -> Any:
         return self.tail(*self.trunk(*args))
@@ -314,7 +322,9 @@ def split(model: nn.Module, example_input: Any, sites: Sequence[Site | str] | No
     try:
         values = _runtime_values(gm, args)
         trunk, tail, carried = _build(gm, cut, values)
-        candidate = SplitModel(trunk, tail, captured=True, reason=None, split_at=split_at, carried=carried)
+        candidate = SplitModel(
+            trunk, tail, captured=True, reason=None, split_at=split_at, carried=carried, frontend="fx"
+        )
         _check(model, candidate, args)
     except Exception as exc:
         return _fallback(model, f"the traced split failed its check ({_first_line(exc)})")

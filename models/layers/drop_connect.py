@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_probability
+from ._common import bernoulli_mask, check_probability, torch_function_visible
 
 __all__ = [
     "DropConnectConv2d",
@@ -74,9 +74,7 @@ def _resolve_activation(activation: Activation) -> nn.Module | Callable[[Tensor]
         return _ACTIVATIONS[activation]()
     if callable(activation):
         return activation
-    raise TypeError(
-        f"activation must be an nn.Module, a callable, a name or None, got {type(activation).__name__}"
-    )
+    raise TypeError(f"activation must be an nn.Module, a callable, a name or None, got {type(activation).__name__}")
 
 
 def _check_inference(inference: str, gaussian_samples: int) -> None:
@@ -99,9 +97,7 @@ def _apply(activation: Callable[[Tensor], Tensor] | None, u: Tensor) -> Tensor:
     return u if activation is None else activation(u)
 
 
-def _moment_matched(
-    mean: Tensor, var: Tensor, activation: Callable[[Tensor], Tensor] | None, samples: int
-) -> Tensor:
+def _moment_matched(mean: Tensor, var: Tensor, activation: Callable[[Tensor], Tensor] | None, samples: int) -> Tensor:
     """Average ``a(u)`` over Z quantile points of ``u ~ N(mean, var)`` (element-wise)."""
     if activation is None:
         return mean
@@ -110,6 +106,7 @@ def _moment_matched(
     return activation(mean.unsqueeze(0) + std.unsqueeze(0) * nodes).mean(0)
 
 
+@torch_function_visible
 def drop_connect_linear(
     x: Tensor,
     weight: Tensor,
@@ -208,6 +205,7 @@ def per_example_conv2d(
     return y
 
 
+@torch_function_visible
 def drop_connect_conv2d(
     x: Tensor,
     weight: Tensor,

@@ -34,8 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .export_split import FunctionalCallSite
+from .functional_sites import trace_calls
 from .masks import HashMaskSite, MaskContext, TrainModeSite, row_keys, sample_keys
-from .sites import Site, call_model, find_sites
+from .module_tools import set_training
+from .site_types import Site
+from .sites import find_sites, gating_modules
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
 
@@ -99,26 +103,22 @@ def _as_args(x: Any) -> tuple[Tensor, ...]:
 
 
 def _execution_order(model: nn.Module, example_input: Any, sites: Sequence[Site]) -> list[Site]:
-    """Sites sorted by the order their modules first run on ``example_input`` (unreached ones last)."""
-    modules = dict(model.named_modules())
+    """Sites sorted by when they first act on ``example_input`` (unreached ones last).
+
+    Module sites count from the start of their module, functional sites from the call itself (a dropout in
+    the root's own forward after every block comes last), on a copy with every gating module in train mode.
+    """
+    work = copy.deepcopy(model)
+    set_training(work, False)
+    for name in gating_modules(list(sites)):
+        work.get_submodule(name).training = True
+    events: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        trace_calls(work, example_input, {s.name for s in sites if s.function is None}, events)
     order: dict[str, int] = {}
-    handles = []
-    for site in sites:
-        module = modules.get(site.name)
-        if module is None or site.name in order:
-            continue
-
-        def hook(_m: nn.Module, _i: Any, name: str = site.name) -> None:
-            order.setdefault(name, len(order))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sorted(sites, key=lambda s: order.get(s.name, len(order)))
+    for event in events:
+        order.setdefault(event, len(order))
+    return sorted(sites, key=lambda s: order.get(s.key, len(order)))
 
 
 def choose_sites(found: Sequence[Site], sites: str | Sequence[str | Site] | None) -> list[Site]:
@@ -158,7 +158,8 @@ def _replacement(
     if functional:
         names = {s.function for s in functional if s.function}
         every = {s.function for s in found if s.name == functional[0].name and s.function}
-        only = None if names == every else frozenset(names)
+        # a FunctionalCallSite (export front-end) is one call: all of it is chosen
+        only = None if names == every or isinstance(module, FunctionalCallSite) else frozenset(names)
         return TrainModeSite(module, context, index, functional=True, functions=only)
     site = sites[0]
     form = _FORMS.get(site.kind)

@@ -148,10 +148,11 @@ class Recorder(TorchFunctionMode):
     one forward of the innermost running module.
     """
 
-    def __init__(self, stack: list[Frame]) -> None:
+    def __init__(self, stack: list[Frame], events: list[str] | None = None) -> None:
         super().__init__()
         self.stack = stack
         self.calls: dict[str, FunctionalCall] = {}
+        self.events = events
 
     def _recordable(self, spec: FunctionalSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         inside_site = any(frame[3] for frame in self.stack)
@@ -165,6 +166,8 @@ class Recorder(TorchFunctionMode):
             ordinal = counters.get(spec.name, 0)
             counters[spec.name] = ordinal + 1
             function = f"{spec.name}#{ordinal}"
+            if self.events is not None:
+                self.events.append(f"{name}:{function}")
             self.calls.setdefault(
                 f"{name}:{function}",
                 FunctionalCall(name, class_path(module), function, spec.kind, spec.p(args, kwargs)),
@@ -173,11 +176,12 @@ class Recorder(TorchFunctionMode):
 
 
 def trace_calls(
-    model: nn.Module, example_input: Any, site_names: set[str]
+    model: nn.Module, example_input: Any, site_names: set[str], events: list[str] | None = None
 ) -> tuple[dict[str, FunctionalCall], set[str]]:
     """Run ``model`` once; return the active random functional calls (by key) and the modules that ran.
 
-    Calls made inside the modules named in ``site_names`` (module sites) are not recorded.
+    Calls made inside the modules named in ``site_names`` (module sites) are not recorded. ``events``, when
+    given, receives in execution order the name of each module site as it starts and each call's key.
     """
     stack: list[Frame] = []
     ran: set[str] = set()
@@ -187,6 +191,8 @@ def trace_calls(
         def hook(module: nn.Module, _args: Any) -> None:
             stack.append((name, module, {}, is_site))
             ran.add(name)
+            if events is not None and is_site:
+                events.append(name)
 
         return hook
 
@@ -197,7 +203,7 @@ def trace_calls(
     for name, module in named_modules(model):
         handles.append(module.register_forward_pre_hook(pre(name, name in site_names)))
         handles.append(module.register_forward_hook(post, always_call=True))
-    recorder = Recorder(stack)
+    recorder = Recorder(stack, events)
     try:
         with torch.no_grad(), recorder:
             call_model(model, example_input)

@@ -409,6 +409,8 @@ class HashMaskSite(torch.nn.Module):
         self.p = float(p)
         self.form = form
         self.q = 1.0 - quantised_p(self.p)
+        self._pass_keys: Tensor | None = None
+        self._pass_calls = 0
 
     def _mask_shape(self, x: Tensor) -> tuple[int, ...]:
         if self.form in ("element", "classic", "alpha"):
@@ -421,9 +423,20 @@ class HashMaskSite(torch.nn.Module):
             return (1, x.shape[2])
         return (1,) * (x.dim() - 1)  # path gates
 
+    def _site_code(self, keys: Tensor) -> int:
+        """The site number keying this call: ``site`` for a pass's first call, a distinct code for each later
+        call of the same module in the same pass (ViT calls one ``nn.Dropout`` twice per layer: without it
+        both calls would draw the same mask)."""
+        if keys is not self._pass_keys:
+            self._pass_keys, self._pass_calls = keys, 0
+        call = self._pass_calls
+        self._pass_calls += 1
+        return self.site if call == 0 else self.site + (call << 24)
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the site's masked form to ``x`` (see class docstring)."""
         keys = self.context.require_keys()
+        site = self._site_code(keys)
         # One product with float factors (0 or the rescale): cheaper on the CPU than torch.where or a
         # product with a boolean mask.
         shape = self._mask_shape(x)
@@ -434,12 +447,12 @@ class HashMaskSite(torch.nn.Module):
             a = 1.0 / ((_ALPHA * _ALPHA * (1.0 - self.q) + 1.0) * self.q) ** 0.5
             b = _ALPHA * a * (1.0 - self.q)
             # a*(x*m + alpha'*(1-m)) + b with alpha' = -alpha  ==  m*(a*x + alpha*a) + (b - alpha*a)
-            factors = keep_factor(keys, self.site, shape, self.p, 1.0, x.dtype, exportable=exportable)
+            factors = keep_factor(keys, site, shape, self.p, 1.0, x.dtype, exportable=exportable)
             return (x * a + _ALPHA * a).mul_(factors).add_(b - _ALPHA * a)
         if self.q == 0.0:
             return x * 0.0
         scale = 1.0 if self.form in ("classic", "path_classic") else 1.0 / self.q
-        return x * keep_factor(keys, self.site, shape, self.p, scale, x.dtype, exportable=exportable)
+        return x * keep_factor(keys, site, shape, self.p, scale, x.dtype, exportable=exportable)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, p={self.p}, form={self.form}"
@@ -653,6 +666,8 @@ class TrainModeSite(torch.nn.Module):
         self._row_local = self.functional or isinstance(module, layers)
         self._per_sample_norm = bool(layers) and isinstance(module, layers[0])
         self.shared_draws = 0
+        self._pass_keys: Tensor | None = None
+        self._pass_calls = 0
 
     @property
     def rows_independent(self) -> bool:
@@ -666,7 +681,12 @@ class TrainModeSite(torch.nn.Module):
             saved = getattr(self.module, "normalize", "batch")
             self.module.normalize = "sample"
         try:
-            random = KeyedRandom(self.context.require_keys(), self.site, self.functions)
+            keys = self.context.require_keys()
+            if keys is not self._pass_keys:  # a later call in the same pass draws under a distinct site code
+                self._pass_keys, self._pass_calls = keys, 0
+            site = self.site if self._pass_calls == 0 else self.site + (self._pass_calls << 24)
+            self._pass_calls += 1
+            random = KeyedRandom(keys, site, self.functions)
             with random:
                 out = self.module(*args, **kwargs)
             self.shared_draws += random.shared_draws

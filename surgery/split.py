@@ -23,8 +23,12 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from .sites import FrozenEval, Site, call_model, find_sites, gating_modules
+from .export_split import capture
+from .module_tools import FrozenEval, call_model
+from .site_types import Site
+from .sites import find_sites, gating_modules
 
 __all__ = ["RANDOM_FUNCTIONS", "SiteTracer", "SplitModel", "split", "trace_with_sites"]
 
@@ -308,7 +312,8 @@ def split(model: nn.Module, example_input: Any, sites: Sequence[Site | str] | No
     try:
         gm = trace_with_sites(model, found)
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
-        return _fallback(model, f"torch.fx could not trace the model ({_first_line(exc)})")
+        fx_reason = f"torch.fx could not trace the model ({_first_line(exc)})"
+        return _export_split(model, args, found, chosen, fx_reason)
     stochastic = {s.name for s in chosen if s.function is None} | gating_modules(chosen)
     cut = None
     split_at = None
@@ -328,4 +333,55 @@ def split(model: nn.Module, example_input: Any, sites: Sequence[Site | str] | No
         _check(model, candidate, args)
     except Exception as exc:
         return _fallback(model, f"the traced split failed its check ({_first_line(exc)})")
+    return candidate
+
+
+class _OutputTreeCodeGen(_PyTreeCodeGen):
+    """Plain positional inputs, outputs rebuilt into the model's own structure (its pytree ``out_spec``)."""
+
+    def gen_fn_def(self, *args: Any, **kwargs: Any) -> str:
+        return fx.graph.CodeGen.gen_fn_def(self, *args, **kwargs)
+
+    def process_inputs(self, *args: Any) -> Any:
+        return args
+
+
+def _export_split(
+    model: nn.Module, args: tuple[Any, ...], found: Sequence[Site], chosen: Sequence[Site], fx_reason: str
+) -> SplitModel:
+    """The ``torch.export`` front-end (`dropwise.surgery.export_split`), tried where torch.fx fails."""
+    try:
+        gm, site_modules, targets = capture(model, args, found, chosen)
+    except Exception as exc:  # export raises many kinds of errors on unsupported code
+        return _fallback(model, f"{fx_reason}; torch.export could not capture it ({_first_line(exc)})")
+    modules = dict(model.named_modules())
+    for key, call in site_modules.items():  # a functional call follows its gate's current flag
+        call.training = modules[key.rsplit(":", 1)[0]].training
+    stochastic = {targets[s.key] for s in chosen if s.key in targets}
+    nodes = list(gm.graph.nodes)
+    cut = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in stochastic), None)
+    if cut is None:
+        return _fallback(model, f"{fx_reason}; no chosen site is reached by the exported graph")
+    split_at = next(k for k, t in targets.items() if t == nodes[cut].target)
+    try:
+        values = _runtime_values(gm, args)
+        trunk, tail, carried = _build(gm, cut, values)
+        codegen = gm.graph._codegen
+        out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+        if out_spec is not None:  # the tail returns the model's own output structure
+            tail.graph._codegen = _OutputTreeCodeGen(_PyTreeInfo([f"carried_{c}" for c in carried], None, out_spec))
+            tail.recompile()
+        candidate = SplitModel(
+            trunk,
+            tail,
+            captured=True,
+            reason=None,
+            split_at=split_at,
+            carried=carried,
+            frontend="export",
+            site_modules=site_modules,
+        )
+        _check(model, candidate, args)
+    except Exception as exc:
+        return _fallback(model, f"{fx_reason}; the exported split failed its check ({_first_line(exc)})")
     return candidate

@@ -76,4 +76,6 @@ def bernoulli_mask(shape: Sequence[int], keep: float, like: Tensor, generator: t
     """
     check_generator(generator, like.device)
     dtype = like.dtype if like.is_floating_point() else torch.float32
+    if generator is None:  # rand's generator overload takes no symbolic sizes (torch.export, dynamic batch)
+        return torch.rand(tuple(shape), dtype=dtype, device=like.device).lt_(keep)
     return torch.rand(tuple(shape), dtype=dtype, device=like.device, generator=generator).lt_(keep)

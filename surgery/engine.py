@@ -10,14 +10,16 @@ passes. Only the layers from the first stochastic site on differ between passes,
 4. replaces every chosen site of the tail by its hash-mask form (`dropwise.surgery.masks.HashMaskSite`): masks
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
-   Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
-   forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random draws
-   routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws stay keyed per row, and
-   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the whole
-   batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
-   (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
-   functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
-5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, DESIGN section 3).
+   Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional and attention dropout inside a
+   module's forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random
+   draws and dropout calls routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws
+   stay keyed per row, ``F.dropout`` / ``scaled_dot_product_attention(dropout_p=...)`` get keyed masks, and
+   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the
+   whole batch. A gate that is also the parent of a module site (BERT's sdpa attention) is wrapped after its
+   child is replaced. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the
+   whole batch (e.g. one DropConnect mask for all rows) or another library's DropBlock (batch-wide rescale)
+   reproduces only for an identical batch; a module called twice in one pass draws a fresh mask each call;
+5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, ``docs/DESIGN.md``).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
 the longest shared trunk). BatchNorm always uses its running statistics and is never updated. The engine
@@ -61,7 +63,7 @@ _MAX_SEED = 1 << 63
 
 @dataclass
 class MCResult:
-    """MC-dropout summaries of one request (DESIGN section 3; see ``dropwise.surgery.summaries``).
+    """MC-dropout summaries of one request (see ``dropwise.surgery.summaries`` and ``docs/DESIGN.md``).
 
     Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and

@@ -1,6 +1,6 @@
 """Fold a model for deterministic inference: remove every stochastic site, keep the eval output.
 
-Rules (DESIGN.md section 2; ``q = 1 - p``):
+Rules (``docs/DESIGN.md``; ``q = 1 - p``):
 
 - inverted dropout of every flavour, timm-style DropPath, DropBlock, embedding dropout: the identity in eval,
   deleted (replaced by ``nn.Identity``);

@@ -262,6 +262,7 @@ def save_rewritten(
 ) -> Path:
     """Write a package for ``rewritten`` = ``step`` applied to ``resolved`` (see the module docstring)."""
     from dropwise.package import PackageError, save_package, validate_name
+
     from .sites import find_sites
 
     if resolved.architecture is None:

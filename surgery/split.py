@@ -4,16 +4,22 @@ Fast MC dropout runs the trunk once and the tail T times (Gal & Ghahramani 2016 
 the first dropout to be re-sampled). The split is exact: ``tail(*trunk(x)) == model(x)`` in eval mode and in
 MC mode (same RNG draws in the same order: the trunk makes no random draw).
 
-Capture uses ``torch.fx`` symbolic tracing with a tracer that keeps every site module, and every module whose
-``forward`` gates functional dropout on ``self.training``, as a leaf: the tail's sites are ``call_module``
-nodes with the original qualified names (the MC engine rewrites them), and training flags stay live instead
-of being frozen into the graph. Every value the tail needs from the trunk is carried across the split point
-(residual connections that jump over it included); non-tensor values (shapes, sizes) are recomputed in the
-tail from carried tensors so that the trunk returns tensors only. Where fx cannot capture the model
-(data-dependent control flow, keyword inputs, dropout gated by the root's own flag), ``captured`` is False,
-``reason`` says why and the split falls back to an empty trunk and the whole model as the tail.
-torch.export is not used as a fallback: it inlines every module, so the tail would have no site modules
-left for the MC engine to rewrite and training flags would be frozen.
+Two graph front-ends (``SplitModel.frontend`` says which one was taken):
+
+- ``"fx"`` (tried first: no export, cheapest): ``torch.fx`` symbolic tracing with a tracer that keeps every
+  site module, and every module whose ``forward`` gates functional dropout on ``self.training``, as a leaf: the
+  tail's sites are ``call_module`` nodes with the original qualified names (the MC engine rewrites them), and
+  training flags stay live instead of being frozen into the graph;
+- ``"export"`` (where fx fails: Hugging Face transformers 5.x removed fx support; data-dependent Python; a
+  root ``forward`` that gates functional dropout on its own flag): ``torch.export`` in MC mode, the stochastic
+  ``aten`` nodes attributed to sites through ``nn_module_stack`` and turned back into live modules
+  (``dropwise.surgery.export_split``); functional calls become `FunctionalCallSite` modules listed in
+  ``SplitModel.site_modules``.
+
+Every value the tail needs from the trunk is carried across the split point (residual connections that jump
+over it included); non-tensor values (shapes, sizes) are recomputed in the tail from carried tensors so that
+the trunk returns tensors only. Where neither front-end captures the model, ``captured`` is False, ``reason``
+says why and the split falls back to an empty trunk and the whole model as the tail.
 """
 
 from __future__ import annotations

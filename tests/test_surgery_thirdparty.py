@@ -12,7 +12,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from dropwise.models.layers import drop_path  # noqa: E402
-
 from dropwise.surgery import MCEngine, MCModel, find_sites, fold_with_report, split, to_mc  # noqa: E402
 
 

@@ -223,9 +223,7 @@ def resolve_model(
             ds = load_dataset(spec.dataset)
             shape, dtype, task_ = tuple(ds.input_shape), ds.input_dtype, spec.task
         else:
-            raise LoadingError(
-                f"{source!r} is not a package directory, a zoo name or a module:factory reference"
-            )
+            raise LoadingError(f"{source!r} is not a package directory, a zoo name or a module:factory reference")
         if weights is not None:
             _load_weights(model, Path(weights))
         elif require_weights:

@@ -4,7 +4,7 @@ A *module site* is a module of a known stochastic type: torch's dropout modules,
 timm / torchvision / Hugging Face transformers drop-path and DropBlock classes recognised by class name and
 module path without importing those libraries, or a type the user registered with `register_site_type`.
 `module_sites` lists them without running the model (functional sites: ``dropwise.surgery.functional_sites``).
-Train / eval / MC semantics of each member: ``docs/DESIGN.md``; ``p`` is the DROP probability everywhere.
+Train / eval / MC semantics of each member: docs/DESIGN.md §2; ``p`` is the DROP probability everywhere.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ types) or a functional call inside some module's ``forward`` (``dropwise.surgery
 ``torch.dropout``, ``scaled_dot_product_attention`` with ``dropout_p > 0``, the project's own functional forms).
 Functional sites are found only when an example input is given: the model is run on a deep copy in train
 mode, in eval mode, and in eval mode with only the candidate gating modules in train mode.
-Train / eval / MC semantics of each member: ``docs/DESIGN.md``; ``p`` is the DROP probability everywhere.
+Train / eval / MC semantics of each member: docs/DESIGN.md §2; ``p`` is the DROP probability everywhere.
 
 Each ``Site`` records how it is switched on:
 

@@ -157,9 +157,9 @@ def per_example_conv2d(
     x: Tensor,
     filters: Tensor,
     bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
     *,
     grouped: bool | None = None,
@@ -210,9 +210,9 @@ def drop_connect_conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
     p: float = 0.5,
     *,
@@ -265,10 +265,13 @@ _Layer = TypeVar("_Layer", bound=nn.Module)
 
 def _copy_trained(layer: _Layer, source: nn.Linear | nn.Conv2d) -> _Layer:
     """Copy `source`'s trained weight, bias and train/eval mode into the freshly built `layer`."""
+    weight, bias = layer.weight, layer.bias
+    assert isinstance(weight, Tensor)
     with torch.no_grad():
-        layer.weight.copy_(source.weight)
+        weight.copy_(source.weight)
         if source.bias is not None:
-            layer.bias.copy_(source.bias)
+            assert isinstance(bias, Tensor)
+            bias.copy_(source.bias)
     return layer.train(source.training)
 
 

@@ -109,7 +109,9 @@ def _export(model: nn.Module, args: tuple[Any, ...], sites: Sequence[Site]) -> f
     finally:
         for name, module in model.named_modules():
             module.training = flags[name]
-    return program.module()  # type: ignore[return-value]
+    gm = program.module()
+    assert isinstance(gm, fx.GraphModule)
+    return gm
 
 
 def _block(graph: fx.Graph, call: str) -> list[fx.Node]:
@@ -193,8 +195,8 @@ def capture(
         gm.graph.erase_node(node)
         site_modules[key] = call
         targets[key] = name
-    for call, name in blocks.items():
-        _replace_block(gm, model, call, name)
+    for call_key, name in blocks.items():
+        _replace_block(gm, model, call_key, name)
         targets[name] = name
     gm.graph.lint()
     gm.recompile()

@@ -389,12 +389,12 @@ def _scale_into_previous(graph: _Graph, node: fx.Node, q: float) -> str:
         raise ValueError(f"previous op {cur.name} is not affine or positively homogeneous")
 
 
-def _mean_rule_layer(module: nn.Module) -> nn.Module:
+def _mean_rule_layer(module: Any) -> nn.Module:
     q = 1.0 - float(module.p)
     activation = module.activation
     bias = module.bias is not None
     if isinstance(module.weight, Tensor) and module.weight.dim() == 2:
-        layer: nn.Module = ActivatedLinear(module.in_features, module.out_features, bias, activation)
+        layer: Any = ActivatedLinear(module.in_features, module.out_features, bias, activation)
     else:
         layer = ActivatedConv2d(
             activation,

@@ -158,7 +158,9 @@ class Recorder(TorchFunctionMode):
         inside_site = any(frame[3] for frame in self.stack)
         return bool(self.stack) and not inside_site and spec.active(args, kwargs)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def,override]
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         spec = FUNCTIONAL_SPECS.get(func)
         if spec is not None and self._recordable(spec, args, kwargs):

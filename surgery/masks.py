@@ -707,10 +707,11 @@ class TrainModeSite(torch.nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> object:
         """Run the wrapped module stochastically with keyed draws."""
-        self.module.training = True
+        module: Any = self.module
+        module.training = True
         if self._per_sample_norm:
-            saved = getattr(self.module, "normalize", "batch")
-            self.module.normalize = "sample"
+            saved = getattr(module, "normalize", "batch")
+            module.normalize = "sample"
         try:
             keys = self.context.require_keys()
             if keys is not self._pass_keys:  # a later call in the same pass draws under a distinct site code
@@ -723,6 +724,6 @@ class TrainModeSite(torch.nn.Module):
             self.shared_draws += random.shared_draws
             return out
         finally:
-            self.module.training = False
+            module.training = False
             if self._per_sample_norm:
-                self.module.normalize = saved
+                module.normalize = saved

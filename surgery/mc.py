@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -109,7 +109,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``; an `MCModel` comes back as its original class, in eval mode, without MC state."""
     work = copy.deepcopy(model)
     if isinstance(work, MCModel):
-        work.__class__ = work.network_class
+        work.__class__ = cast(Any, work.network_class)
         for attr in ("mc_sites", "head_dropout_added"):
             work.__dict__.pop(attr, None)
         work.eval()
@@ -123,7 +123,9 @@ def _add_head_dropout(model: nn.Module, p: float) -> str:
             last = name
     if last is None or last == "":
         raise NoStochasticSiteError("the model has no stochastic site and no nn.Linear to put dropout before")
-    model.set_submodule(last, HeadDropoutLinear(model.get_submodule(last), p))
+    linear = model.get_submodule(last)
+    assert isinstance(linear, nn.Linear)
+    model.set_submodule(last, HeadDropoutLinear(linear, p))
     warnings.warn(
         f"inserted Dropout(p={p}) before {last}: the model was not trained with it; "
         "fine-tune it before trusting its MC uncertainty",

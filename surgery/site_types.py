@@ -162,7 +162,7 @@ def _drop_connect_fold(module: nn.Module) -> str:
     return "freeze"
 
 
-def _set_drop_prob_to_target(module: nn.Module) -> None:
+def _set_drop_prob_to_target(module: Any) -> None:
     module.drop_prob = float(module.p)
 
 

@@ -373,7 +373,9 @@ def _export_split(
         codegen = gm.graph._codegen
         out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
         if out_spec is not None:  # the tail returns the model's own output structure
-            tail.graph._codegen = _OutputTreeCodeGen(_PyTreeInfo([f"carried_{c}" for c in carried], None, out_spec))
+            tail.graph._codegen = _OutputTreeCodeGen(
+                _PyTreeInfo([f"carried_{c}" for c in carried], None, out_spec)  # type: ignore[arg-type]
+            )
             tail.recompile()
         candidate = SplitModel(
             trunk,

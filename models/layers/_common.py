@@ -28,7 +28,7 @@ def torch_function_visible(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     def visible(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         tensors = tuple(_tensor_args(args))
         if tensors and has_torch_function(tensors):
-            return handle_torch_function(visible, tensors, *args, **kwargs)  # type: ignore[no-any-return]
+            return handle_torch_function(visible, tensors, *args, **kwargs)
         return fn(*args, **kwargs)
 
     return visible

@@ -85,6 +85,7 @@ class ModelInfo:
     mc_available: bool
     max_samples: int
     default_samples: int
+    placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
 
     def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
         """Output tensor names for `mode` (the order the V2 API lists them in).
@@ -128,7 +129,7 @@ class InferenceService:
 
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
-        """True when at least one model is served, nothing is loading, and every model found serves a version.
+        """True when at least one model is served and every model found serves a version (swaps included).
 
         A refused or failing new version of a model that still serves an older one does not make the
         server unready (it is listed by `/readyz` and the repository index); a model with no servable
@@ -185,6 +186,7 @@ class InferenceService:
             mc_available=bool(runtime.supports_mc),
             max_samples=settings.max_samples,
             default_samples=min(settings.default_samples, settings.max_samples),
+            placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .masks import HashMaskSite, MaskContext, TrainModeSite, row_keys, sample_keys
+from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
 from .sites import Site, call_model, find_sites
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
@@ -57,38 +58,42 @@ _MAX_SEED = 1 << 63
 
 @dataclass
 class MCResult:
-    """MC-dropout summaries of one request (DESIGN section 3; see ``dropwise.surgery.summaries``).
+    """MC-dropout summaries of one request (see ``dropwise.surgery.summaries``; names from ``outputs``).
 
-    Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
-    ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
-    ``std``. ``samples`` holds the per-sample outputs ``[T, B, K]`` when asked for. ``seed`` is the seed
-    the masks were drawn from (pass it back to reproduce the result).
+    Classification fills ``probabilities`` (the predictive mean, formerly ``mean_probs``: still readable
+    under that name), ``predictive_entropy``, ``expected_entropy``, ``mutual_information``,
+    ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and ``std``. When asked for,
+    ``samples`` holds the per-sample outputs ``[T, B, K]``: PROBABILITIES ``softmax(z_t)`` for
+    classification (with the raw logits in ``sample_logits``), values for regression. ``num_samples`` is
+    T. ``seed`` is the seed the masks were drawn from (pass it back to reproduce the result).
     """
 
     task: str
-    n_samples: int
+    num_samples: int
     seed: int
     std: Tensor
-    mean_probs: Tensor | None = None
+    probabilities: Tensor | None = None
     predictive_entropy: Tensor | None = None
     expected_entropy: Tensor | None = None
     mutual_information: Tensor | None = None
     variation_ratio: Tensor | None = None
     mean: Tensor | None = None
     samples: Tensor | None = None
+    sample_logits: Tensor | None = None
+
+    @property
+    def mean_probs(self) -> Tensor | None:
+        """Deprecated spelling of `probabilities`."""
+        return self.probabilities
+
+    @property
+    def n_samples(self) -> int:
+        """Deprecated spelling of `num_samples` (T)."""
+        return self.num_samples
 
     def as_dict(self) -> dict[str, Tensor]:
-        """The non-empty tensors by name."""
-        names = (
-            "mean_probs",
-            "predictive_entropy",
-            "expected_entropy",
-            "mutual_information",
-            "variation_ratio",
-            "mean",
-            "std",
-            "samples",
-        )
+        """The non-empty tensors by their output-table names (`dropwise.surgery.outputs`)."""
+        names = (*summary_names(self.task), SAMPLES, SAMPLE_LOGITS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -185,17 +190,14 @@ def _batched_outputs(trunk: nn.Module, example: tuple[Tensor, ...]) -> list[bool
         one = trunk(*example)
         two = trunk(*doubled)
     return [
-        isinstance(a, Tensor) and a.dim() > 0 and b.shape[0] == 2 * a.shape[0]
-        for a, b in zip(one, two, strict=True)
+        isinstance(a, Tensor) and a.dim() > 0 and b.shape[0] == 2 * a.shape[0] for a, b in zip(one, two, strict=True)
     ]
 
 
 def _bytes_per_row(model: nn.Module, example: tuple[Tensor, ...]) -> int:
     """Largest activation of any module per input row, in bytes (for the chunk size)."""
     rows = example[0].shape[0] if example and isinstance(example[0], Tensor) and example[0].dim() else 1
-    largest = max(
-        (a.element_size() * a[0].numel() for a in example if isinstance(a, Tensor) and a.dim()), default=4
-    )
+    largest = max((a.element_size() * a[0].numel() for a in example if isinstance(a, Tensor) and a.dim()), default=4)
     handles = []
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -288,9 +290,7 @@ class MCEngine:
         index, keys = self.layout([int(example[0].shape[0])], [1], [0])
         self.context.keys = keys
         try:
-            self.tail(
-                *[t.index_select(0, index) if b else t for t, b in zip(live, self._batched, strict=True)]
-            )
+            self.tail(*[t.index_select(0, index) if b else t for t, b in zip(live, self._batched, strict=True)])
         finally:
             self.context.keys = None
 
@@ -310,9 +310,7 @@ class MCEngine:
         """Whether the split captured a trunk (False: the whole model runs T times, still batched)."""
         return self.split.captured
 
-    def __call__(
-        self, x: Any, samples: int = 32, seed: int | None = None, return_samples: bool = False
-    ) -> MCResult:
+    def __call__(self, x: Any, samples: int = 32, seed: int | None = None, return_samples: bool = False) -> MCResult:
         """MC summaries of the batch ``x`` from ``samples`` passes (one request: all rows share ``seed``)."""
         args = _as_args(x)
         rows = int(args[0].shape[0])
@@ -351,10 +349,7 @@ class MCEngine:
             stop = min(start + self.chunk_rows, total)
             idx = index[start:stop]
             self.context.keys = keys[start:stop]
-            args = [
-                t.index_select(0, idx) if batched else t
-                for t, batched in zip(live, self._batched, strict=True)
-            ]
+            args = [t.index_select(0, idx) if batched else t for t, batched in zip(live, self._batched, strict=True)]
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
             try:
@@ -384,9 +379,7 @@ class MCEngine:
         if not (len(rows) == len(samples) == len(seeds)):
             raise ValueError("rows_per_request, samples_per_request and seeds must have the same length")
         if sum(rows) != int(args[0].shape[0]) or min(rows, default=0) < 1:
-            raise ValueError(
-                f"rows_per_request {rows} must be positive and sum to the batch size {args[0].shape[0]}"
-            )
+            raise ValueError(f"rows_per_request {rows} must be positive and sum to the batch size {args[0].shape[0]}")
         if min(samples, default=0) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         resolved = [_fresh_seed() if s is None else int(s) for s in seeds]
@@ -407,7 +400,6 @@ class MCEngine:
         return results
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
-        kept = per_sample if return_samples else None
         if self.task == "classification":
             s = classification_summaries(per_sample)
             return MCResult(
@@ -415,14 +407,16 @@ class MCEngine:
                 per_sample.shape[0],
                 seed,
                 s.std,
-                mean_probs=s.mean_probs,
+                probabilities=s.probabilities,
                 predictive_entropy=s.predictive_entropy,
                 expected_entropy=s.expected_entropy,
                 mutual_information=s.mutual_information,
                 variation_ratio=s.variation_ratio,
-                samples=kept,
+                samples=torch.softmax(per_sample.float(), dim=-1) if return_samples else None,
+                sample_logits=per_sample if return_samples else None,
             )
         r = regression_summaries(per_sample)
+        kept = per_sample if return_samples else None
         return MCResult("regression", per_sample.shape[0], seed, r.std, mean=r.mean, samples=kept)
 
 

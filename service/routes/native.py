@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
+from dropwise.service.errors import InvalidInput
 from dropwise.service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
 from dropwise.service.schemas import (
     PREDICT_EXAMPLES,
@@ -17,6 +18,7 @@ from dropwise.service.schemas import (
     PredictResponse,
     Uncertainty,
 )
+from dropwise.surgery.outputs import NUM_SAMPLES
 from fastapi import APIRouter, Body, Path, Request
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -30,9 +32,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorBody, "description": "Not answered before the deadline."},
 }
 
-ModelName = Annotated[
-    str, Path(description="Model name as listed by GET /v1/models.", examples=["mlp_digits"])
-]
+ModelName = Annotated[str, Path(description="Model name as listed by GET /v1/models.", examples=["mlp_digits"])]
 Version = Annotated[int, Path(description="Numeric package version.", examples=[1])]
 Predict = Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]
 
@@ -84,9 +84,7 @@ async def list_models(request: Request) -> ModelList:
     )
 
 
-@router.get(
-    "/models/{name}", response_model=ModelDetail, responses={404: _ERRORS[404]}, summary="Describe a model"
-)
+@router.get("/models/{name}", response_model=ModelDetail, responses={404: _ERRORS[404]}, summary="Describe a model")
 async def describe_model(request: Request, name: ModelName) -> ModelDetail:
     """Input spec, labels, task, dropout sites, versions, backend and device of the latest version."""
     return _detail(_service(request).info(name))
@@ -127,8 +125,8 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),
         uncertainty=uncertainty,
-        sample_outputs=_list(out.get("samples")),
-        samples=result.samples,
+        samples=_list(out.get("samples")),
+        num_samples=result.num_samples,
         seed=result.seed,
         backend=result.backend,
         device=result.device,
@@ -143,13 +141,15 @@ def _list(value: np.ndarray | None) -> Any:
 
 async def _predict(request: Request, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
     service = _service(request)
+    if body.samples is not None and body.num_samples is not None:
+        raise InvalidInput(f"give {NUM_SAMPLES} only (samples is its deprecated alias)", field=NUM_SAMPLES)
     result = await service.infer(
         InferenceRequest(
             model=name,
             version=version,
             inputs=body.inputs,  # validated (shape, dtype, NaN/Inf) by the service
             mode=body.mode,
-            samples=body.samples,
+            num_samples=body.num_samples if body.num_samples is not None else body.samples,
             seed=body.seed,
             return_samples=body.return_samples,
             deadline_s=body.timeout_s,
@@ -177,8 +177,6 @@ async def predict(request: Request, name: ModelName, body: Predict) -> PredictRe
     responses=_ERRORS,
     summary="Predict with a given version",
 )
-async def predict_version(
-    request: Request, name: ModelName, version: Version, body: Predict
-) -> PredictResponse:
+async def predict_version(request: Request, name: ModelName, version: Version, body: Predict) -> PredictResponse:
     """Like `POST /v1/models/{name}/predict` for a given version."""
     return await _predict(request, name, version, body)

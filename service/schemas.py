@@ -229,3 +229,6 @@ class Health(BaseModel):
     status: Literal["ok", "ready", "not ready"]
     models: dict[str, bool] = Field(default_factory=dict, description="Model name -> loaded (readyz only).")
     errors: dict[str, str] = Field(default_factory=dict, description="Packages that failed to load.")
+    waiting_for: str | None = Field(
+        None, description="readyz when not ready: what the service waits for (training, a model loading, ...)."
+    )

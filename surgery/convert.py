@@ -409,9 +409,7 @@ def convert_package(
             with steps.step("fold", report.seconds):
                 folded = fold_fn(model, example) if options.fold else copy.deepcopy(model).eval()
             with steps.step("export model.onnx", report.seconds):
-                det_path = export_deterministic(
-                    folded, example, Path(tmp) / DETERMINISTIC_FILE, input_name=input_name
-                )
+                det_path = export_deterministic(folded, example, Path(tmp) / DETERMINISTIC_FILE, input_name=input_name)
             with steps.step("deterministic parity", report.seconds):
                 session, provider = create_session(det_path, options.device)
                 report.providers = provider.to_dict()
@@ -588,9 +586,7 @@ def _from_package(
     manifest = package.manifest
     target_repo = repository if repository is not None else package.path.parent.parent
     target_name = name or manifest.name
-    same_place = (
-        target_repo.resolve() == package.path.parent.parent.resolve() and target_name == manifest.name
-    )
+    same_place = target_repo.resolve() == package.path.parent.parent.resolve() and target_name == manifest.name
     if same_place and not options.recalibrate_bn:
         return package.path
     model = package.model
@@ -681,9 +677,7 @@ def convert(
         _load_weights(model, weights_path)
         model.eval()
         surgery = ["recalibrate_bn"] if options.recalibrate_bn and _recalibrate(model, spec.dataset) else []
-        package_dir = _save(
-            repo or DEFAULT_REPOSITORY, name or source.split(":")[1], model, spec, surgery, {}
-        )
+        package_dir = _save(repo or DEFAULT_REPOSITORY, name or source.split(":")[1], model, spec, surgery, {})
     else:
         from dropwise.models.zoo import ZOO, build
 
@@ -707,9 +701,7 @@ def convert(
             _load_weights(model, weights_path)
             model.eval()
             spec = _zoo_spec(source)
-            surgery = (
-                ["recalibrate_bn"] if options.recalibrate_bn and _recalibrate(model, spec.dataset) else []
-            )
+            surgery = ["recalibrate_bn"] if options.recalibrate_bn and _recalibrate(model, spec.dataset) else []
             package_dir = _save(repo or DEFAULT_REPOSITORY, name or source, model, spec, surgery, {})
 
     if on_package is not None:

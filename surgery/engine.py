@@ -17,7 +17,7 @@ passes. Only the layers from the first stochastic site on differ between passes,
    batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
    (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
    functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
-5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, DESIGN section 3).
+5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, docs/DESIGN.md §3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
 the longest shared trunk). BatchNorm always uses its running statistics and is never updated. The engine
@@ -58,7 +58,7 @@ _MAX_SEED = 1 << 63
 
 @dataclass
 class MCResult:
-    """MC-dropout summaries of one request (see ``dropwise.surgery.summaries``; names from ``outputs``).
+    """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
     Classification fills ``probabilities`` (the predictive mean, formerly ``mean_probs``: still readable
     under that name), ``predictive_entropy``, ``expected_entropy``, ``mutual_information``,
@@ -430,5 +430,25 @@ def mc_predict(
     task: str = "classification",
     return_samples: bool = False,
 ) -> MCResult:
-    """One-shot MC dropout (Gal & Ghahramani 2016) of batch ``x``: builds an `MCEngine` and calls it once."""
-    return MCEngine(model, x, sites, task=task)(x, samples=samples, seed=seed, return_samples=return_samples)
+    """One-shot MC dropout (Gal & Ghahramani 2016) of batch ``x``: builds an `MCEngine` and calls it once.
+
+    The engine is built on the first `EXAMPLE_ROWS` rows of ``x`` (finding sites, splitting and sizing the
+    chunks need an example, not the whole batch: building on 1000 rows cost more than the MC work itself),
+    then runs on all of ``x``. The result is the same as a prebuilt engine's.
+    """
+    engine = MCEngine(model, _example_slice(x), sites, task=task)
+    return engine(x, samples=samples, seed=seed, return_samples=return_samples)
+
+
+EXAMPLE_ROWS = 8
+"""Rows of the batch `mc_predict` builds its engine on."""
+
+
+def _example_slice(x: Any) -> Any:
+    """``x`` cut to its first `EXAMPLE_ROWS` rows (tensors whose dimension 0 is the batch; others as given)."""
+    args = _as_args(x)
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        return x
+    rows = args[0].shape[0]
+    cut = tuple(a[:EXAMPLE_ROWS] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == rows else a for a in args)
+    return cut[0] if isinstance(x, Tensor) else type(x)(cut)

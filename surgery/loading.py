@@ -223,9 +223,7 @@ def resolve_model(
             ds = load_dataset(spec.dataset)
             shape, dtype, task_ = tuple(ds.input_shape), ds.input_dtype, spec.task
         else:
-            raise LoadingError(
-                f"{source!r} is not a package directory, a zoo name or a module:factory reference"
-            )
+            raise LoadingError(f"{source!r} is not a package directory, a zoo name or a module:factory reference")
         if weights is not None:
             _load_weights(model, Path(weights))
         elif require_weights:
@@ -262,6 +260,7 @@ def save_rewritten(
 ) -> Path:
     """Write a package for ``rewritten`` = ``step`` applied to ``resolved`` (see the module docstring)."""
     from dropwise.package import PackageError, save_package, validate_name
+
     from .sites import find_sites
 
     if resolved.architecture is None:

@@ -20,7 +20,8 @@ MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes t
   ``dropwise.surgery.summaries`` (classification: ``probabilities``, ``predictive_entropy``,
   ``expected_entropy``, ``mutual_information``, ``variation_ratio``, ``std``; regression: ``mean``,
   ``std``), then ``samples`` ``[T, B, K]`` when ``return_samples`` (per-sample probabilities for
-  classification, values for regression), then ``seed_used`` (int64 scalar: feed it back as ``seed`` to
+  classification, values for regression) and for classification ``sample_logits`` ``[T, B, K]``, then
+  ``seed_used`` (int64 scalar: feed it back as ``seed`` to
   reproduce the run). Graphs exported before the table named these ``mean_probs`` and ``sample_outputs``
   (per-sample logits); `dropwise.surgery.outputs.rename_legacy` reads them.
 
@@ -49,7 +50,7 @@ from .outputs import NUM_SAMPLES, mc_graph_output_names
 from .sites import Site
 from .summaries import SummaryHead
 
-__all__ = ["MCGraph", "export_mc_onnx", "output_names"]
+__all__ = ["MCGraph", "add_optional_seed", "export_mc_onnx", "output_names"]
 
 _SEED_BITS = 62  # two groups of 31 bits: each sums exactly even where a reduction goes through float64
 
@@ -93,8 +94,10 @@ class MCGraph(nn.Module):
         per_sample = out.reshape(n_samples, batch, -1)
         results = tuple(self.head(per_sample))
         if self.return_samples:
-            shown = torch.softmax(per_sample, dim=-1) if self.engine.task == "classification" else per_sample
-            results = (*results, shown)
+            if self.engine.task == "classification":
+                results = (*results, torch.softmax(per_sample, dim=-1), per_sample)
+            else:
+                results = (*results, per_sample)
         return (*results, seed.reshape(()))
 
 
@@ -128,7 +131,7 @@ def _seed_source(prefix: str) -> tuple[list[onnx.NodeProto], str]:
     return nodes, c + "drawn"
 
 
-def _add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
+def add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
     """Make ``seed`` optional (initializer -1) and route a fresh in-graph seed where it is negative."""
     graph = model.graph
     effective = f"{seed_name}_effective"
@@ -209,7 +212,7 @@ def export_mc_onnx(
                 "depends on the number of rows: ONNX Conv takes it only as a constant)."
             ) from exc
     proto = program.model_proto
-    proto = _add_optional_seed(proto)
+    proto = add_optional_seed(proto)
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))

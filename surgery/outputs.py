@@ -12,7 +12,8 @@ One spelling per quantity:
   ``mean_probs`` in the Python results and the MC ONNX graph (`LEGACY_NAMES`).
 * ``samples`` [T, B, K]: the T per-sample outputs a user sees: per-sample PROBABILITIES ``softmax(z_t)``
   for classification, per-sample values for regression. Formerly ``sample_outputs`` (native API, MC graph).
-* ``sample_logits`` [T, B, K]: classification per-sample logits ``z_t`` (Python results only).
+* ``sample_logits`` [T, B, K]: classification per-sample logits ``z_t`` (Python results and the MC ONNX
+  graphs; the service answers probabilities only).
 * ``num_samples``: the count T. The HTTP APIs still accept the request field / parameter ``samples`` as a
   deprecated alias of ``num_samples``.
 
@@ -49,7 +50,7 @@ NUM_SAMPLES = "num_samples"
 SAMPLES = "samples"
 """Per-sample outputs ``[T, B, K]``: probabilities (classification) or values (regression)."""
 SAMPLE_LOGITS = "sample_logits"
-"""Per-sample logits ``[T, B, K]`` (classification, Python results only)."""
+"""Per-sample logits ``[T, B, K]`` (classification: Python results and MC graphs, never a service output)."""
 SEED_USED = "seed_used"
 """The MC ONNX graph's last output: the seed its masks were drawn from (int64 scalar)."""
 
@@ -156,10 +157,13 @@ def summary_names(task: Task) -> tuple[str, ...]:
 
 
 def mc_graph_output_names(task: Task, return_samples: bool) -> list[str]:
-    """Outputs of the MC ONNX graph, in order: the summaries, ``samples`` when asked, ``seed_used``."""
+    """Outputs of an MC ONNX graph, in order: the summaries, then when asked ``samples`` (and for
+    classification ``sample_logits``), then ``seed_used``."""
     names = list(summary_names(task))
     if return_samples:
         names.append(SAMPLES)
+        if task == "classification":
+            names.append(SAMPLE_LOGITS)
     names.append(SEED_USED)
     return names
 

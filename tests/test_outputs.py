@@ -38,7 +38,12 @@ def test_summaries_follow_the_table_in_order() -> None:
     assert outputs.summary_names("regression") == REGRESSION_OUTPUTS
     assert [f.name for f in dataclasses.fields(ClassificationSummaries)] == list(CLASSIFICATION_OUTPUTS)
     assert [f.name for f in dataclasses.fields(RegressionSummaries)] == list(REGRESSION_OUTPUTS)
-    assert graph_output_names("classification", True) == [*CLASSIFICATION_OUTPUTS, "samples", "seed_used"]
+    assert graph_output_names("classification", True) == [
+        *CLASSIFICATION_OUTPUTS,
+        "samples",
+        "sample_logits",
+        "seed_used",
+    ]
     assert graph_output_names("regression", False) == ["mean", "std", "seed_used"]
 
 

@@ -1,7 +1,8 @@
 """``dropwise convert SOURCE``: fold, convert to MC, export both ONNX graphs and verify parity into a package.
 
 SOURCE is a package directory, a zoo name (with ``--weights``, or the latest package of that name in the
-repository), or a ``module:factory`` reference with ``--weights`` and ``--dataset``. Importing a module
+repository), a ``module:factory`` reference with ``--weights`` and ``--dataset``, or an ``.onnx`` file
+(surgery on its graph: ``dropwise/commands/convert_onnx.py``). Importing a module
 outside ``dropwise.models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
 2 with one line on stderr for a usage error or a failed parity check (the report is still written into the
 package, with ``passed: false``).
@@ -52,15 +53,11 @@ def convert(
         typer.Option("--repository", "-r", help="Repository for new packages (default: model_repository)."),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Package name (default from SOURCE).")] = None,
-    fold: Annotated[
-        bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")
-    ] = True,
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")] = True,
     mc: Annotated[bool, typer.Option("--mc/--no-mc", help="Export and verify the MC graph.")] = True,
     recalibrate_bn: Annotated[
         bool,
-        typer.Option(
-            "--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."
-        ),
+        typer.Option("--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."),
     ] = False,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Deterministic parity bound, relative to max(1, |output|).")
@@ -71,9 +68,7 @@ def convert(
         str | None,
         typer.Option("--dataset", help="Dataset (models.data): a factory's input spec; parity inputs."),
     ] = None,
-    kwargs: Annotated[
-        str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")
-    ] = None,
+    kwargs: Annotated[str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")] = None,
     allow_module: Annotated[
         list[str] | None,
         typer.Option("--allow-module", help="Trust a factory module prefix outside models. (runs its code)."),
@@ -83,10 +78,38 @@ def convert(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Keep the exporter's and ONNX Runtime's own warnings.")
     ] = False,
+    # --- ONNX file sources only (dropwise/commands/convert_onnx.py) ---
+    task: Annotated[str, typer.Option("--task", help="ONNX source: classification or regression.")] = "classification",
+    add_dropout_before_head: Annotated[
+        float | None,
+        typer.Option("--add-dropout-before-head", help="ONNX source: insert Dropout(P) before the head."),
+    ] = None,
+    dropout_after: Annotated[
+        str | None,
+        typer.Option("--dropout-after", help="ONNX source: insert Dropout after NODE[,NODE] (with --p)."),
+    ] = None,
+    p: Annotated[float | None, typer.Option("--p", help="ONNX source: drop probability for --dropout-after.")] = None,
 ) -> None:
-    """Convert a trained network into a model package with verified ONNX graphs."""
+    """Convert a trained network (or an ONNX file) into a model package with verified ONNX graphs."""
     if not verbose:
         quiet_libraries()
+    from dropwise.commands.convert_onnx import convert_onnx, is_onnx_source
+
+    if is_onnx_source(source):
+        convert_onnx(
+            source,
+            repository=repository,
+            name=name,
+            task=task,
+            add_dropout_before_head=add_dropout_before_head,
+            dropout_after=dropout_after,
+            p=p,
+            samples=samples,
+            tolerance=tolerance,
+            device=device,
+            as_json=as_json,
+        )
+        return
     from dropwise.errors import UserError
     from dropwise.package import PackageError
     from dropwise.surgery.convert import ConvertError, ConvertOptions, report_json, report_summary

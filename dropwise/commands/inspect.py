@@ -29,18 +29,14 @@ def _table(rows: list[dict[str, object]]) -> str:
         ]
         for r in rows
     ]
-    widths = [
-        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
-    ]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
 def inspect_command(
-    model: Annotated[
-        str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)
-    ],
+    model: Annotated[str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)],
     weights: ModelOptions.weights = None,
     name: ModelOptions.name = None,
     version: ModelOptions.version = None,
@@ -58,13 +54,10 @@ def inspect_command(
     )
     rows = [s.to_dict() for s in find_sites(resolved.model, example)]
     if as_json:
-        typer.echo(
-            json.dumps({"model": resolved.source, "surgery": resolved.surgery, "sites": rows}, indent=2)
-        )
+        typer.echo(json.dumps({"model": resolved.source, "surgery": resolved.surgery, "sites": rows}, indent=2))
         return
     typer.echo(
-        f"{resolved.source}: {len(rows)} site(s)"
-        + (f", surgery {resolved.surgery}" if resolved.surgery else "")
+        f"{resolved.source}: {len(rows)} site(s)" + (f", surgery {resolved.surgery}" if resolved.surgery else "")
     )
     if example is None:
         typer.echo("(no input shape: functional dropout inside forward not searched; pass --input-shape)")

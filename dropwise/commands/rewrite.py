@@ -72,9 +72,7 @@ PackageName = Annotated[
 
 
 def fold_command(
-    model: Annotated[
-        str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)
-    ],
+    model: Annotated[str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)],
     output: Output,
     package_name: PackageName = None,
     weights: ModelOptions.weights = None,
@@ -101,16 +99,12 @@ def fold_command(
 
 
 def mc_command(
-    model: Annotated[
-        str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)
-    ],
+    model: Annotated[str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)],
     output: Output,
     package_name: PackageName = None,
     head_dropout: Annotated[
         float | None,
-        typer.Option(
-            "--add-dropout-before-head", help="If MODEL has no site: add dropout (needs fine-tuning)."
-        ),
+        typer.Option("--add-dropout-before-head", help="If MODEL has no site: add dropout (needs fine-tuning)."),
     ] = None,
     weights: ModelOptions.weights = None,
     name: ModelOptions.name = None,

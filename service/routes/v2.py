@@ -40,7 +40,13 @@ __all__ = ["SERVER_EXTENSIONS", "router"]
 router = APIRouter(tags=["Open Inference Protocol (V2)"])
 
 SERVER_NAME = "dropwise"
-SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
+SERVER_EXTENSIONS = [
+    "binary_tensor_data",
+    "parameters",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+]
 #: Request parameters this server understands; anything else is refused so a typo never goes unnoticed.
 _KNOWN_PARAMETERS = frozenset(
     {"mode", NUM_SAMPLES, "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
@@ -305,7 +311,8 @@ async def _infer(request: Request, model: str) -> Response:
     result = await service.infer(
         InferenceRequest(
             model=info.name,
-            version=info.version,
+            # unversioned: the latest version when queued (a hot swap during the body read loses nothing)
+            version=_path_version(request),
             inputs=plan.inputs,
             mode=plan.mode,
             num_samples=plan.num_samples,

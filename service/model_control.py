@@ -107,7 +107,7 @@ def warm_up(runtime: Runtime) -> None:
     example = np.zeros((1, *(max(d, 1) for d in spec.sample_shape)), dtype=spec.input_dtype)
     runtime.predict_deterministic(example)
     if runtime.supports_mc:
-        runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])
+        runtime.predict_mc(example, [MCGroup(rows=1, num_samples=2, seed=0)])
 
 
 class ModelControl:

@@ -120,7 +120,7 @@ class InferenceService:
 
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
-        """True when at least one model is served, nothing is loading, and every model found serves a version.
+        """True when at least one model is served and every model found serves a version (swaps included).
 
         A refused or failing new version of a model that still serves an older one does not make the
         server unready (it is listed by `/readyz` and the repository index); a model with no servable

@@ -59,3 +59,6 @@ class Settings(BaseSettings):
     ray_gpus_per_replica: float = Field(
         0.0, ge=0, le=64, description="GPUs Ray Serve reserves for each replica (dropwise serve --ray)."
     )
+    ray_cpus_per_replica: float = Field(
+        1.0, gt=0, le=1024, description="CPUs Ray Serve reserves for each replica (dropwise serve --ray)."
+    )

@@ -27,6 +27,7 @@ works on its own deep copy of the model: rebuild it after changing the weights.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .masks import HashMaskSite, MaskContext, TrainModeSite, row_keys, sample_keys
+from .masks import HashMaskSite, MaskContext, TrainModeSite
+from .mc_layout import plan
 from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
 from .sites import Site, call_model, find_sites
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
 
-__all__ = ["MCEngine", "MCResult", "choose_sites", "mc_predict"]
+__all__ = ["MCEngine", "MCResult", "choose_sites", "default_chunk_rows", "mc_predict"]
 
 _FORMS = {
     "dropout": "element",
@@ -216,8 +218,42 @@ def _bytes_per_row(model: nn.Module, example: tuple[Tensor, ...]) -> int:
     return largest
 
 
-def _fresh_seed() -> int:
-    return int(torch.randint(0, 1 << 62, (1,)).item())
+def _fresh_seeds(n: int) -> list[int]:
+    """``n`` fresh seeds from torch's global generator (one draw for all)."""
+    return torch.randint(0, 1 << 62, (n,)).tolist() if n else []
+
+
+def _chunk_rows_for(per_row: int, device: torch.device, memory_budget: int, chunk_bytes: int) -> int:
+    """Sample-rows per tail pass: cache-sized on the CPU, one pass bounded by memory on an accelerator."""
+    budget_rows = max(1, memory_budget // (4 * per_row))
+    if device.type == "cpu":
+        return min(max(128, chunk_bytes // per_row), budget_rows)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        budget_rows = max(budget_rows, free // (4 * 4 * per_row))  # a quarter of the free memory
+    return budget_rows
+
+
+def default_chunk_rows(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    device: torch.device | str | None = None,
+    memory_budget: int = 256 << 20,
+    chunk_bytes: int = 1 << 20,
+) -> int:
+    """The `MCEngine` default ``chunk_rows`` of ``model`` on ``device`` (default: the model's).
+
+    CPU: rows whose largest activation fills about ``chunk_bytes`` (cache-sized chunks were measured faster
+    than one big pass), at least 128, within ``memory_budget``. Other devices: as many rows as the budget
+    allows (on CUDA the larger of ``memory_budget`` and a quarter of the free memory), so a batch is one
+    pass: fewer, larger kernels instead of a launch-bound loop of chunks. The per-row size is the largest
+    activation of any module on ``example_input``, times 4 for the activations alive at once.
+    """
+    if device is None:
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    per_row = _bytes_per_row(model, _as_args(example_input))
+    return _chunk_rows_for(per_row, torch.device(device), memory_budget, chunk_bytes)
 
 
 class MCEngine:
@@ -231,9 +267,10 @@ class MCEngine:
         sites: ``None`` / ``"all"`` (every site), ``"last"`` (only the last site to run, TorchUncertainty's
             ``last_layer``), ``"first"``, or site names / keys / ``Site`` objects.
         task: ``"classification"`` (tail output ``[B, K]`` logits) or ``"regression"`` (``[B, ...]``).
-        chunk_rows: most sample-rows per tail pass. Default: rows whose largest activation fills about
-            ``chunk_bytes`` (1 MiB: cache-sized chunks measured faster on the CPU than one big pass), at
-            least 128 rows, and never more than ``memory_budget`` (bytes) allows.
+        chunk_rows: most sample-rows per tail pass. Default (`default_chunk_rows`): on the CPU rows whose
+            largest activation fills about ``chunk_bytes`` (1 MiB: cache-sized chunks measured faster than
+            one big pass), at least 128 rows, never more than ``memory_budget`` (bytes) allows; on a GPU one
+            pass bounded by memory.
         compile: run the tail through ``torch.compile`` (fuses mask generation into the tail's kernels).
         channels_last: give the tail its 4-D inputs in channels-last memory format (same values; on the
             CPU torch's NCHW max-pooling of odd-sized maps was measured 40x slower than channels-last).
@@ -275,8 +312,9 @@ class MCEngine:
         self._batched = _batched_outputs(self.trunk, example)
         if chunk_rows is None:
             per_row = _bytes_per_row(self.model, example)
-            chunk_rows = min(max(128, chunk_bytes // per_row), max(1, memory_budget // (4 * per_row)))
+            chunk_rows = _chunk_rows_for(per_row, self._device(), memory_budget, chunk_bytes)
         self.chunk_rows = int(chunk_rows)
+        self._mask_sites = [m.site for m in self.replaced if isinstance(m, HashMaskSite)]
         self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
         self.channels_last = self._device().type == "cpu" if channels_last is None else bool(channels_last)
         if any(isinstance(m, TrainModeSite) for m in self.replaced):
@@ -321,19 +359,13 @@ class MCEngine:
     ) -> tuple[Tensor, Tensor]:
         """Tail rows of a batch of requests: (trunk row index ``[M]``, mask key ``[M]``), M = sum T_r B_r.
 
-        Request r's rows are repeated sample-major (``t * B_r + b``) in one contiguous block; the key of a
-        row depends only on (seed_r, row index within request r, t).
+        Requests with the same T form one group laid out sample-major over all the group's rows
+        (``dropwise.surgery.mc_layout``); the key of a row depends only on (seed_r, row index within request
+        r, t), so the layout never changes a seeded answer.
         """
+        layout = plan(rows_per_request, samples_per_request, seeds)
         device = self._device()
-        indices, keys = [], []
-        offset = 0
-        for n_rows, n_samples, seed in zip(rows_per_request, samples_per_request, seeds, strict=True):
-            local = torch.arange(n_rows, dtype=torch.int64, device=device)
-            seed_t = torch.full((n_rows,), int(seed), dtype=torch.int64, device=device)
-            indices.append((local + offset).repeat(n_samples))
-            keys.append(sample_keys(row_keys(seed_t, local), n_samples))
-            offset += n_rows
-        return torch.cat(indices), torch.cat(keys)
+        return torch.from_numpy(layout.index).to(device), torch.from_numpy(layout.keys).to(device)
 
     def _device(self) -> torch.device:
         for tensor in self.model.parameters():
@@ -341,14 +373,22 @@ class MCEngine:
         return torch.device("cpu")
 
     @torch.inference_mode()
-    def tail_outputs(self, live: Sequence[Tensor], index: Tensor, keys: Tensor) -> Tensor:
-        """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``."""
+    def tail_outputs(
+        self, live: Sequence[Tensor], index: Tensor, keys: Tensor, site_bits: dict[int, Tensor] | None = None
+    ) -> Tensor:
+        """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``.
+
+        ``site_bits``: precomputed site keys ``[M]`` per hash-mask site (see `masks.MaskContext`).
+        """
         outputs = []
         total = int(index.shape[0])
         for start in range(0, total, self.chunk_rows):
             stop = min(start + self.chunk_rows, total)
-            idx = index[start:stop]
-            self.context.keys = keys[start:stop]
+            whole = start == 0 and stop == total  # one pass: no slicing
+            idx = index if whole else index[start:stop]
+            self.context.keys = keys if whole else keys[start:stop]
+            if site_bits is not None:
+                self.context.site_bits = site_bits if whole else {k: v[start:stop] for k, v in site_bits.items()}
             args = [t.index_select(0, idx) if batched else t for t, batched in zip(live, self._batched, strict=True)]
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
@@ -356,6 +396,7 @@ class MCEngine:
                 outputs.append(self._tail_fn(*args))
             finally:
                 self.context.keys = None
+                self.context.site_bits = None
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     @torch.inference_mode()
@@ -366,12 +407,16 @@ class MCEngine:
         samples_per_request: Sequence[int],
         seeds: Sequence[int | None],
         return_samples: bool = False,
+        *,
+        to_host: bool = False,
     ) -> list[MCResult]:
         """Several requests batched along dimension 0 of ``x``, each with its own T and seed.
 
         The trunk runs once for all rows; the tail runs once (chunked) for all ``sum_r T_r * B_r``
-        sample-rows. A ``None`` seed draws a fresh one from torch's global generator (reported in the
-        result). Returns one `MCResult` per request, in order.
+        sample-rows; requests with the same T are summarised together (one call per distinct T). A ``None``
+        seed draws a fresh one from torch's global generator (reported in the result). ``to_host``: return
+        CPU tensors, fetched from the device with one copy for the whole batch. Returns one `MCResult` per
+        request, in order.
         """
         args = _as_args(x)
         rows = [int(r) for r in rows_per_request]
@@ -382,22 +427,29 @@ class MCEngine:
             raise ValueError(f"rows_per_request {rows} must be positive and sum to the batch size {args[0].shape[0]}")
         if min(samples, default=0) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        resolved = [_fresh_seed() if s is None else int(s) for s in seeds]
+        fresh = iter(_fresh_seeds(sum(s is None for s in seeds)))
+        resolved = [next(fresh) if s is None else int(s) for s in seeds]
         for s in resolved:
             if not 0 <= s < _MAX_SEED:
                 raise ValueError(f"seed must be in [0, 2**63), got {s}")
         self.trunk.eval()
         self.tail.eval()
         live = self.trunk(*args)
-        index, keys = self.layout(rows, samples, resolved)
-        out = self.tail_outputs(live, index, keys)
-        results = []
-        offset = 0
-        for n_rows, n_samples, seed in zip(rows, samples, resolved, strict=True):
-            block = out[offset : offset + n_rows * n_samples]
-            offset += n_rows * n_samples
-            results.append(self._summarise(block.reshape(n_samples, n_rows, -1), seed, return_samples))
-        return results
+        layout = plan(rows, samples, resolved, self._mask_sites)
+        device = self._device()
+        index = torch.from_numpy(layout.index).to(device)
+        keys = torch.from_numpy(layout.keys).to(device)
+        bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
+        out = self.tail_outputs(live, index, keys, bits)
+        results: list[MCResult | None] = [None] * len(rows)
+        for group in layout.groups:
+            block = out[group.start : group.start + group.samples * group.rows]
+            summary = self._summarise(block.reshape(group.samples, group.rows, -1), 0, return_samples)
+            if to_host:
+                summary = _to_host(summary)
+            for r, offset in zip(group.requests, group.row_offsets, strict=True):
+                results[r] = _rows_of(summary, offset, rows[r], resolved[r])
+        return [r for r in results if r is not None]
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
         if self.task == "classification":
@@ -418,6 +470,32 @@ class MCEngine:
         r = regression_summaries(per_sample)
         kept = per_sample if return_samples else None
         return MCResult("regression", per_sample.shape[0], seed, r.std, mean=r.mean, samples=kept)
+
+
+def _rows_of(summary: MCResult, start: int, n_rows: int, seed: int) -> MCResult:
+    """Rows ``start .. start + n_rows - 1`` of a group's summaries (views), as one request's result."""
+    fields = {}
+    for name, value in summary.as_dict().items():
+        per_sample = name in (SAMPLES, SAMPLE_LOGITS)  # [T, B, K]: rows on dim 1
+        fields[name] = value[:, start : start + n_rows] if per_sample else value[start : start + n_rows]
+    std = fields.pop("std")
+    return MCResult(summary.task, summary.num_samples, seed, std, **fields)
+
+
+def _to_host(summary: MCResult) -> MCResult:
+    """The summaries on the CPU, fetched with one device-to-host copy."""
+    tensors = summary.as_dict()
+    if all(t.device.type == "cpu" for t in tensors.values()):
+        return summary
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors.values()))
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors.values()]).cpu()
+    host = {}
+    offset = 0
+    for name, value in tensors.items():
+        host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
+        offset += value.numel()
+    std = host.pop("std")
+    return MCResult(summary.task, summary.num_samples, summary.seed, std, **host)
 
 
 def mc_predict(

@@ -42,6 +42,7 @@ Three code paths give bit-identical masks (tested):
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -227,12 +228,15 @@ def keep_factor(
     dtype: torch.dtype = torch.float32,
     *,
     exportable: bool = False,
+    site_bits: Tensor | None = None,
 ) -> Tensor:
     """``scale * keep_mask(...)`` as a ``dtype`` tensor ``[N, *shape]`` (values 0 or ``scale``).
 
     Same decisions as `keep_mask`. The fast float32 path builds the factors with integer ops (the sign of
     ``u - thr`` selects the bit pattern of ``scale`` or of 0.0) instead of a comparison followed by a
-    bool -> float conversion, which costs several times more on the CPU.
+    bool -> float conversion, which costs several times more on the CPU. ``site_bits``: the site keys
+    ``site_keys(keys, site)`` as int32 bit patterns when already known (the fast path then skips hashing
+    them).
     """
     n_positions = 1
     for size in shape:
@@ -243,7 +247,7 @@ def keep_factor(
     fast = not (exportable or special or thr in (0, _LEVELS))
     if not fast or dtype != torch.float32 or not _LITTLE_ENDIAN:
         return keep_mask(keys, site, shape, p, exportable=exportable).to(dtype) * scale
-    site_k = _to_int32_bits(site_keys(keys, site))
+    site_k = _to_int32_bits(site_keys(keys, site)) if site_bits is None else site_bits
     n_words = (n_positions + 1) // 2
     codes = _position_codes(n_words, site_k.device, True)
     factors = hash_kernel.masked_factors(site_k, codes, n_positions, thr, scale)
@@ -254,7 +258,7 @@ def keep_factor(
     u = words.view(torch.int16).to(torch.int32)  # [N, 2W] signed halves: u16 - 65536 * (u16 >= 32768)
     u.bitwise_and_(0xFFFF).sub_(thr)  # u16 - thr: negative exactly when the position drops
     u.bitwise_right_shift_(31)  # -1 (drop) or 0 (keep)
-    bits = int(torch.tensor(scale, dtype=torch.float32).view(torch.int32))
+    bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # float32 bit pattern, no tensor op
     u.bitwise_not_().bitwise_and_(bits)  # keep -> bit pattern of scale, drop -> 0 (= 0.0)
     factors = u.view(torch.float32)
     if 2 * n_words != n_positions:
@@ -262,12 +266,21 @@ def keep_factor(
     return factors.reshape(-1, *shape)
 
 
-def keep_product(x: Tensor, keys: Tensor, site: int, p: float, scale: float, *, exportable: bool = False) -> Tensor:
+def keep_product(
+    x: Tensor,
+    keys: Tensor,
+    site: int,
+    p: float,
+    scale: float,
+    *,
+    exportable: bool = False,
+    site_bits: Tensor | None = None,
+) -> Tensor:
     """``x * keep_factor(keys, site, x.shape[1:], p, scale, x.dtype)``: one decision per element of a row.
 
     On the CPU with the fused kernel (`dropwise.surgery.hash_kernel`) and a contiguous float32 ``x`` the
     masks are generated and applied in one pass; otherwise the factors are built and multiplied. Both give
-    the same bits.
+    the same bits. ``site_bits``: as in `keep_factor`.
     """
     thr = threshold(p)
     if (
@@ -279,12 +292,13 @@ def keep_product(x: Tensor, keys: Tensor, site: int, p: float, scale: float, *, 
         and hash_kernel.available()
     ):
         n_positions = x[0].numel()
-        site_k = _to_int32_bits(site_keys(keys, site))
+        site_k = _to_int32_bits(site_keys(keys, site)) if site_bits is None else site_bits
         codes = _position_codes((n_positions + 1) // 2, site_k.device, True)
         out = hash_kernel.masked_product(x.reshape(x.shape[0], n_positions), site_k, codes, thr, scale)
         if out is not None:
             return out.reshape(x.shape)
-    return x * keep_factor(keys, site, tuple(x.shape[1:]), p, scale, x.dtype, exportable=exportable)
+    factors = keep_factor(keys, site, tuple(x.shape[1:]), p, scale, x.dtype, exportable=exportable, site_bits=site_bits)
+    return x * factors
 
 
 def _hash_keep(site_k: Tensor, n_positions: int, thr: int, exportable: bool) -> Tensor:
@@ -380,11 +394,14 @@ class MaskContext:
 
     ``keys`` is the int64 tensor ``[N]`` of sample-row keys (`sample_keys`) of the rows the tail is about
     to process; the engine sets it before each tail pass (a plain attribute, so tracing for export sees
-    it as a graph value). ``exportable`` selects the int64 export path of `keep_mask`.
+    it as a graph value). ``site_bits`` optionally maps a site index to its precomputed site keys ``[N]``
+    (``site_keys(keys, site)`` as int32 bit patterns; ``dropwise.surgery.mc_layout``) so that a pass does
+    not rehash them. ``exportable`` selects the int64 export path of `keep_mask`.
     """
 
     def __init__(self, exportable: bool = False) -> None:
         self.keys: Tensor | None = None
+        self.site_bits: dict[int, Tensor] | None = None
         self.exportable = exportable
 
     def require_keys(self) -> Tensor:
@@ -451,6 +468,8 @@ class HashMaskSite(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the site's masked form to ``x`` (see class docstring)."""
         keys = self.context.require_keys()
+        table = None if self.context.exportable else self.context.site_bits
+        bits = None if table is None else table.get(self.site)
         # One product with float factors (0 or the rescale): cheaper on the CPU than torch.where or a
         # product with a boolean mask.
         shape = self._mask_shape(x)
@@ -461,14 +480,14 @@ class HashMaskSite(torch.nn.Module):
             a = 1.0 / ((_ALPHA * _ALPHA * (1.0 - self.q) + 1.0) * self.q) ** 0.5
             b = _ALPHA * a * (1.0 - self.q)
             # a*(x*m + alpha'*(1-m)) + b with alpha' = -alpha  ==  m*(a*x + alpha*a) + (b - alpha*a)
-            factors = keep_factor(keys, self.site, shape, self.p, 1.0, x.dtype, exportable=exportable)
+            factors = keep_factor(keys, self.site, shape, self.p, 1.0, x.dtype, exportable=exportable, site_bits=bits)
             return (x * a + _ALPHA * a).mul_(factors).add_(b - _ALPHA * a)
         if self.q == 0.0:
             return x * 0.0
         scale = 1.0 if self.form in ("classic", "path_classic") else 1.0 / self.q
         if self.form in ("element", "classic"):
-            return keep_product(x, keys, self.site, self.p, scale, exportable=exportable)
-        return x * keep_factor(keys, self.site, shape, self.p, scale, x.dtype, exportable=exportable)
+            return keep_product(x, keys, self.site, self.p, scale, exportable=exportable, site_bits=bits)
+        return x * keep_factor(keys, self.site, shape, self.p, scale, x.dtype, exportable=exportable, site_bits=bits)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, p={self.p}, form={self.form}"

@@ -190,6 +190,16 @@ def serve(
             help="Train the reference networks into an empty --repository (always done for the default one).",
         ),
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve on Ray Serve (replicated app; DROPWISE_RAY_GPUS_PER_REPLICA, DROPWISE_RAY_CPUS_PER_REPLICA).",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, max=1024, help="Ray Serve replicas (with --ray; default 1).")
+    ] = None,
 ) -> None:
     """Serve deterministic and MC-dropout predictions over HTTP (native /v1 API and Open Inference /v2)."""
     import uvicorn
@@ -213,6 +223,17 @@ def serve(
     prepare, preparing = first_start_work(
         repo, backend=settings.backend, train=default or train_if_empty, quick=quick_train
     )
+
+    if replicas is not None and not ray:
+        raise UserError("--replicas needs --ray (one uvicorn process serves without Ray)")
+    if ray:
+        from dropwise.service.ray_serve import run as run_ray
+
+        if prepare is not None:
+            print(f"dropwise: {preparing}", file=sys.stderr, flush=True)
+            prepare()
+        run_ray(settings, replicas or 1)
+        return
 
     def build() -> Any:
         """Import the service (torch, FastAPI) and build the app; runs behind the gate."""

@@ -197,6 +197,7 @@ class TorchRuntime:
                 [g.num_samples for g in groups],
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
+                to_host=True,  # one device-to-host copy per batch
             )
         else:
             results, start = [], 0

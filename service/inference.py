@@ -86,6 +86,7 @@ class ModelInfo:
     mc_available: bool
     max_samples: int
     default_samples: int
+    placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
 
     def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
         """Output tensor names for `mode`, in the order of the table `dropwise.surgery.outputs`.
@@ -177,6 +178,7 @@ class InferenceService:
             mc_available=bool(runtime.supports_mc),
             max_samples=settings.max_samples,
             default_samples=min(settings.default_samples, settings.max_samples),
+            placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:

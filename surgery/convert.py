@@ -434,6 +434,11 @@ def convert_package(
                         report.mc = _mc_parity(
                             mc_model, mc_path, inputs[: options.mc_batch], manifest.task, input_name, options
                         )
+                    if report.providers.get("device") == "cuda":  # what the CUDA session leaves to the CPU
+                        import onnx
+                        from dropwise.surgery.onnx_cuda import cuda_compatible, placement
+
+                        report.providers["mc_placement"] = placement(cuda_compatible(onnx.load(mc_path))).to_dict()
             with steps.step("write package", report.seconds):
                 add_file(path, DETERMINISTIC_FILE, det_path)
                 if mc_path is not None:
@@ -728,6 +733,8 @@ def report_summary(report: ParityReport) -> list[str]:
             f"{'ok' if mc.passed else 'FAIL'}"
         )
     provider = report.providers.get("provider", "?")
+    if (placed := report.providers.get("mc_placement")) is not None:
+        lines.append(f"  MC graph on CUDA: {placed['cpu_nodes']} of {placed['nodes']} nodes without a CUDA kernel")
     lines.append(f"  provider {provider}; parity {'PASSED' if report.passed else 'FAILED'}")
     return lines
 

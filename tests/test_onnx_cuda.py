@@ -165,3 +165,21 @@ def test_placement_reported_for_a_tensor_without_cuda_kernel() -> None:
     )
     report = placement(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])).to_dict()
     assert report["cpu_nodes"] == 1 and report["cpu_ops"] == {"Where(uint32)": 1}
+
+
+def test_convert_summary_reports_the_mc_placement() -> None:
+    """`dropwise convert --device cuda` prints the MC graph's placement (here from a real placement count)."""
+    from dropwise.surgery.convert import report_summary
+    from dropwise.surgery.parity import ParityReport
+
+    graph = helper.make_graph(
+        [helper.make_node("BitwiseXor", ["a", "a"], ["y"])],
+        "x",
+        [helper.make_tensor_value_info("a", TensorProto.UINT32, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT32, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    report = ParityReport(name="m", version=1, task="classification", tolerance=1e-5)
+    report.providers = {"provider": CUDA_PROVIDER, "mc_placement": placement(cuda_compatible(model)).to_dict()}
+    lines = report_summary(report)
+    assert any("MC graph on CUDA: 0 of" in line for line in lines)

@@ -42,7 +42,7 @@ def test_mixed_t_batch_equals_requests_alone_and_host_copy_is_exact() -> None:
     for result, n, t, seed in zip(batched, rows, samples, seeds, strict=True):
         alone = engine(x[start : start + n], samples=t, seed=seed, return_samples=True)
         start += n
-        assert result.seed == seed and result.n_samples == t
+        assert result.seed == seed and result.num_samples == t
         torch.testing.assert_close(result.samples, alone.samples, rtol=1e-5, atol=1e-6)
         for name, value in alone.as_dict().items():
             torch.testing.assert_close(result.as_dict()[name], value, rtol=1e-5, atol=1e-6)
@@ -82,7 +82,7 @@ def test_one_copy_packing_restores_every_summary() -> None:
     restored = _moved(groups, move)
     assert len(moves) == 1
     for before, after in zip(groups, restored, strict=True):
-        assert after.seed == before.seed and after.n_samples == before.n_samples
+        assert after.seed == before.seed and after.num_samples == before.num_samples
         assert before.as_dict().keys() == after.as_dict().keys()
         for name, value in before.as_dict().items():
             assert torch.equal(after.as_dict()[name], value) and after.as_dict()[name].dtype == value.dtype

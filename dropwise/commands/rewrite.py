@@ -85,16 +85,16 @@ def fold_command(
 ) -> None:
     """Fold MODEL for deterministic inference (checked against its eval output) and write a package."""
     from dropwise.errors import UserError
-    from dropwise.surgery.fold import FoldError, fold
+    from dropwise.surgery.fold import FoldError, fold_with_report
     from dropwise.surgery.loading import LoadingError, save_rewritten
 
     resolved, example = resolve(model, weights, name, version, kwargs, input_shape, input_dtype, allow_module)
     try:
-        folded = fold(resolved.model, example)
-        path = save_rewritten(resolved, folded, "fold", output, package_name, example)
+        result = fold_with_report(resolved.model, example)
+        path = save_rewritten(resolved, result.model, "fold", output, package_name, example)
     except (FoldError, LoadingError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    typer.echo(str(folded.fold_report))
+    typer.echo(str(result.report))
     typer.echo(f"folded package -> {path}")
 
 

@@ -87,6 +87,7 @@ class ModelInfo:
     max_samples: int
     default_samples: int
     placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
+    evaluation: dict[str, Any] | None = None  #: `dropwise evaluate`'s summary from the manifest, when run
 
     def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
         """Output tensor names for `mode`, in the order of the table `dropwise.surgery.outputs`.
@@ -179,6 +180,7 @@ class InferenceService:
             max_samples=settings.max_samples,
             default_samples=min(settings.default_samples, settings.max_samples),
             placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
+            evaluation=spec.manifest.get("evaluation"),
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from dropwise.errors import DropwiseError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -44,15 +46,22 @@ DEFAULT_ALLOWED_MODULES: tuple[str, ...] = ("dropwise.models.",)
 _FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class PackageError(Exception):
+class PackageError(DropwiseError):
     """A model package is missing, malformed, tampered with, or not allowed to be loaded."""
 
 
 # --------------------------------------------------------------------------------------------- manifest
 
 
+INPUT_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
 class InputSpec(BaseModel):
-    """The model's input: shape with ``-1`` for the dynamic batch dimension, dtype and preprocessing."""
+    """One named input of the model: shape with ``-1`` for the dynamic batch dimension, dtype, preprocessing.
+
+    ``range`` is ``[low, high)`` of the values an integer input may take (token ids below the vocabulary
+    size, a 0/1 attention mask); None when unknown or for float inputs.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +69,21 @@ class InputSpec(BaseModel):
     shape: list[int]
     dtype: Literal["float32", "int64"]
     preprocessing: str = ""
+    range: tuple[int, int] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not INPUT_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"input name {name!r} must match {INPUT_NAME_PATTERN.pattern}")
+        return name
+
+    @field_validator("range")
+    @classmethod
+    def _check_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and value[0] >= value[1]:
+            raise ValueError(f"input range must be [low, high) with low < high, got {list(value)}")
+        return value
 
     @field_validator("shape")
     @classmethod
@@ -109,7 +133,7 @@ class Manifest(BaseModel):
     name: str
     version: int
     task: Literal["classification", "regression"]
-    input: InputSpec
+    inputs: list[InputSpec] = Field(min_length=1)
     labels: list[str] | None = None
     architecture: Architecture
     sites: list[dict[str, Any]] = Field(default_factory=list)
@@ -119,6 +143,28 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, str | None] = Field(default_factory=dict)
     target: Target | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_input_form(cls, data: Any) -> Any:
+        """A manifest of the one-input format (``"input": {...}``) reads as ``"inputs": [{...}]``."""
+        if isinstance(data, dict) and "input" in data and "inputs" not in data:
+            data = dict(data)
+            data["inputs"] = [data.pop("input")]
+        return data
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, inputs: list[InputSpec]) -> list[InputSpec]:
+        names = [spec.name for spec in inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        return inputs
+
+    @property
+    def input(self) -> InputSpec:
+        """The first (for most models the only) input."""
+        return self.inputs[0]
 
     @field_validator("name")
     @classmethod
@@ -435,15 +481,25 @@ def state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _one_input(name: str, shape: Sequence[int] | None, dtype: str | None, preprocessing: str) -> InputSpec:
+    if shape is None or dtype is None:
+        raise PackageError("save_package needs input_shape and input_dtype, or inputs")
+    try:
+        return InputSpec(name=name, shape=[-1, *shape], dtype=dtype, preprocessing=preprocessing)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise PackageError(f"invalid input spec: {exc}") from exc
+
+
 def save_package(
     repository: str | Path,
     name: str,
     model: nn.Module,
     *,
     task: Literal["classification", "regression"],
-    input_shape: Sequence[int],
-    input_dtype: Literal["float32", "int64"],
+    input_shape: Sequence[int] | None = None,
+    input_dtype: Literal["float32", "int64"] | None = None,
     architecture: Architecture | Mapping[str, Any],
+    inputs: Sequence[InputSpec] | None = None,
     preprocessing: str = "",
     input_name: str = "input",
     labels: Sequence[str] | None = None,
@@ -457,7 +513,9 @@ def save_package(
 ) -> Path:
     """Write ``model`` as a new package version and return its directory.
 
-    ``input_shape`` excludes the batch dimension (recorded as ``-1``). The version is the next free one
+    A one-input model is described by ``input_shape`` (without the batch dimension, recorded as ``-1``),
+    ``input_dtype``, ``input_name`` and ``preprocessing``; a model with several inputs passes ``inputs``
+    instead (one :class:`InputSpec` each, in the order ``forward`` takes them). The version is the next free one
     when None; an existing version is never overwritten. The directory is written under a temporary name
     and renamed into place, so readers never see half a package. ``sites`` are the JSON-able site records
     the caller found (``dropwise.surgery.sites.site_records``); the package format does not look for them.
@@ -477,9 +535,9 @@ def save_package(
         name=name,
         version=version,
         task=task,
-        input=InputSpec(
-            name=input_name, shape=[-1, *input_shape], dtype=input_dtype, preprocessing=preprocessing
-        ),
+        inputs=list(inputs)
+        if inputs is not None
+        else [_one_input(input_name, input_shape, input_dtype, preprocessing)],
         labels=list(labels) if labels is not None else None,
         architecture=architecture
         if isinstance(architecture, Architecture)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from dropwise.errors import DropwiseError
+
 from .sites import FrozenEval, Site, call_model, find_sites, plain_copy
 from .split import trace_with_sites
 
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class FoldError(RuntimeError):
+class FoldError(DropwiseError, RuntimeError):
     """The folded model does not reproduce the eval output (a bug: please report it)."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from dropwise.errors import DropwiseError
+
 from .sites import (
     SWITCH_FUNCTIONAL,
     SWITCH_MODULE,
@@ -37,7 +39,7 @@ from .sites import (
 __all__ = ["HeadDropoutLinear", "NoStochasticSiteError", "apply_mc_state", "to_mc"]
 
 
-class NoStochasticSiteError(ValueError):
+class NoStochasticSiteError(DropwiseError, ValueError):
     """The model has no stochastic site with ``p > 0``: MC sampling would return identical samples."""
 
 

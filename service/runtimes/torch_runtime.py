@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from dropwise.package import load_package
 from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
@@ -37,6 +36,7 @@ from dropwise.service.runtimes.base import (
     encode_mc,
     standardised_to_target,
 )
+from dropwise.surgery.sources import resolve_source
 from torch import nn
 
 log = logging.getLogger("dropwise.torch_runtime")
@@ -85,6 +85,7 @@ class TorchRuntime:
             f" ({torch.cuda.get_device_name(self._device)})" if self._device.type == "cuda" else ""
         )
         self.model: nn.Module | None = None
+        self.mc_model: nn.Module | None = None  #: the network after its recorded surgery (MC runs this one)
         self._stochastic: list[nn.Module] = []
         self._dropouts: list[nn.Dropout] = []
         self.engine: Any = None
@@ -97,14 +98,20 @@ class TorchRuntime:
         return self.engine is not None or bool(self._stochastic or self._dropouts)
 
     def load(self) -> None:
-        """Verify and rebuild the network from safetensors, move it to the device and warm it up."""
-        loaded = load_package(self.spec.path)
-        model = loaded.model
-        assert model is not None
+        """Verify and rebuild the network through ``dropwise.surgery.sources`` (recorded surgery replayed),
+        move it to the device and warm it up.
+
+        Deterministic predictions run the source network in eval mode (what a folded package equals); MC runs
+        the network after its recorded surgery, so a ``dropwise mc --add-dropout-before-head`` package is
+        sampled with its head dropout.
+        """
+        source = resolve_source(str(self.spec.path))
+        model = source.base
         model.eval().to(self._device)
         self.model = model
-        self._stochastic = stochastic_modules(model)
-        self._dropouts = torch_dropouts(model)
+        self.mc_model = source.model.to(self._device) if source.model is not model else model
+        self._stochastic = stochastic_modules(self.mc_model)
+        self._dropouts = torch_dropouts(self.mc_model)
         embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         if self.spec.input_dtype == "int64" and embeddings:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
@@ -114,14 +121,14 @@ class TorchRuntime:
 
     def _build_engine(self, example: torch.Tensor) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
-        assert self.model is not None
+        assert self.mc_model is not None
         try:
             from dropwise.surgery.engine import MCEngine
         except ImportError:
             self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
             return
         try:
-            engine = MCEngine(self.model, example, task=self.spec.task)
+            engine = MCEngine(self.mc_model, example, task=self.spec.task)
             engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split
         except Exception as exc:  # a model the engine cannot split or rewrite: the fallback serves it
             log.warning("%s: MC engine unavailable (%s); using the per-request fallback", self.spec.name, exc)
@@ -211,7 +218,7 @@ class TorchRuntime:
 
     def _predict_mc_fallback(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
-        assert self.model is not None
+        assert self.mc_model is not None
         results: list[Outputs] = []
         start = 0
         for group in groups:
@@ -219,7 +226,7 @@ class TorchRuntime:
             start += group.rows
             expanded = rows.unsqueeze(0).expand(group.samples, *rows.shape).reshape(-1, *rows.shape[1:])
             with self._mc_mode(group.seed):
-                out = self.model(expanded)
+                out = self.mc_model(expanded)
             samples = out.reshape(group.samples, group.rows, *out.shape[1:])
             results.append(encode_mc(samples, self.spec, group.return_samples))
         return results

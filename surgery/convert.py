@@ -166,10 +166,9 @@ def _export_mc(model: nn.Module, example: Batch, path: Path, names: list[str], t
     """`dropwise.surgery.mc_export.export_mc_onnx` with the per-sample outputs included."""
     from dropwise.surgery.mc_export import export_mc_onnx
 
-    if len(example) != 1:
-        raise ExportError(f"the MC graph takes one input; the model takes {names}")
+    inputs = example[0] if len(example) == 1 else example
     try:
-        export_mc_onnx(model, example[0], path, input_name=names[0], task=task, return_samples=True)
+        export_mc_onnx(model, inputs, path, input_names=names, task=task, return_samples=True)
     except Exception as exc:  # the exporter raises many types; report the first line
         raise ExportError(f"MC export failed for {type(model).__name__}: {_first_line(exc)}") from exc
     if not path.is_file():

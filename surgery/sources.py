@@ -27,7 +27,8 @@ Rules, the same for every command and the service:
   full model or a ``pytorch_model.bin`` is refused with the reason; symbolic links are refused.
 - **Recorded surgery is replayed**: ``ModelSource.model`` is the network after the package's ``surgery`` list
   (``"fold"``, ``"mc"``, ``"mc:head_dropout=P"``), ``ModelSource.base`` the network as its weights describe it.
-- Every failure is a :class:`SourceError` (a ``dropwise.errors.DropwiseError``) with a one-line message.
+- Every failure is a ``dropwise.errors.DropwiseError`` with a one-line message: :class:`SourceError`, or the
+  ``dropwise.package.PackageError`` of a refused package or factory (never re-wrapped).
 
 ``--input-shape`` takes ``1,28,28`` for a one-input model or ``NAME=32`` (repeated) for named inputs;
 ``--input-dtype`` likewise (``int64`` or ``NAME=int64``). Inputs are the model's positional arguments in order.
@@ -306,10 +307,7 @@ def load_weights_into(model: nn.Module, path: Path) -> None:
 def _from_package(
     path: Path, name: str | None, version: int | None, allow: list[str], repository_only: bool = False
 ) -> ModelSource:
-    try:
-        pkg = load_package(path, name, version, allow_modules=allow)
-    except PackageError as exc:
-        raise SourceError(one_line(exc)) from exc
+    pkg = load_package(path, name, version, allow_modules=allow)  # PackageError: a DropwiseError already
     m = pkg.manifest
     assert pkg.model is not None
     dataset = m.training.get("dataset") if isinstance(m.training.get("dataset"), str) else None
@@ -364,10 +362,7 @@ def _embedding_range(model: nn.Module) -> tuple[int, int] | None:
 
 
 def _call_factory(reference: str, kwargs: dict[str, Any], allow: list[str]) -> nn.Module:
-    try:
-        factory = resolve_factory(reference, allow)
-    except PackageError as exc:
-        raise SourceError(one_line(exc)) from exc
+    factory = resolve_factory(reference, allow)  # PackageError (a DropwiseError) for an untrusted module
     try:
         model = factory(**kwargs)
     except TypeError as exc:

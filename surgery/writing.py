@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dropwise.package import PackageError, save_package, validate_name
+from dropwise.package import save_package, validate_name
 from dropwise.surgery.sites import site_records
-from dropwise.surgery.sources import ModelSource, SourceError, one_line
+from dropwise.surgery.sources import ModelSource, SourceError
 from torch import nn
 
 
@@ -40,7 +40,7 @@ def save_source(
         training: entries added to the manifest's ``training`` record.
 
     Raises:
-        SourceError: unknown inputs or architecture, invalid name, or the package cannot be written.
+        SourceError: unknown inputs or architecture; PackageError: invalid name, package cannot be written.
     """
     if source.architecture is None:
         raise SourceError("the source has no architecture record; cannot write a package")
@@ -51,21 +51,18 @@ def save_source(
     if source.dataset:
         record["dataset"] = source.dataset
     record.update(training or {})
-    try:
-        validate_name(package_name)
-        return save_package(
-            repository,
-            package_name,
-            source.base,
-            task=source.task,  # type: ignore[arg-type]
-            inputs=source.inputs,
-            architecture=source.architecture,
-            labels=source.labels,
-            sites=site_records(rewritten if rewritten is not None else source.model, source.example()),
-            surgery=[*source.surgery, *steps],
-            training=record,
-            metrics=source.metrics,
-            target=source.target,
-        )
-    except PackageError as exc:
-        raise SourceError(one_line(exc)) from exc
+    validate_name(package_name)
+    return save_package(
+        repository,
+        package_name,
+        source.base,
+        task=source.task,  # type: ignore[arg-type]
+        inputs=source.inputs,
+        architecture=source.architecture,
+        labels=source.labels,
+        sites=site_records(rewritten if rewritten is not None else source.model, source.example()),
+        surgery=[*source.surgery, *steps],
+        training=record,
+        metrics=source.metrics,
+        target=source.target,
+    )

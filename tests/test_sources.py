@@ -15,7 +15,7 @@ import pytest
 import torch
 from dropwise.models.zoo import ZOO, build
 from dropwise.models.zoo.mlp import dropout_mlp
-from dropwise.package import load_package, save_package
+from dropwise.package import PackageError, load_package, save_package
 from dropwise.service.repository import spec_from_manifest
 from dropwise.service.runtimes.base import MCGroup
 from dropwise.service.runtimes.torch_runtime import TorchRuntime
@@ -133,6 +133,52 @@ def test_convert_hf_directory_exports_a_two_input_graph(
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
 
 
+class TwoInputNet(nn.Module):
+    """Token ids and a mask in, logits out: masked mean of embeddings, dropout, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 16)
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).float()
+        pooled = (self.embedding(ids) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+
+def two_input_net() -> nn.Module:
+    return TwoInputNet()
+
+
+def test_convert_two_named_inputs_writes_both_graphs_with_both_inputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(two_input_net().state_dict(), str(weights))
+    result = convert(
+        f"{__name__}:two_input_net",
+        weights=weights,
+        allow_modules=[__name__],
+        input_shape=["ids=6", "mask=6"],
+        input_dtype="int64",
+        repository=tmp_path / "repo",
+        options=FAST,
+    )
+    assert result.report.passed, result.report.failures()
+    manifest = load_package(result.package_dir, allow_modules=[__name__]).manifest
+    assert [(i.name, i.dtype, i.range) for i in manifest.inputs] == [
+        ("ids", "int64", (0, 20)),
+        ("mask", "int64", (0, 20)),
+    ]
+    for filename, extra in (("model.onnx", []), ("model.mc.onnx", ["samples", "seed"])):
+        graph = onnx.load(str(result.package_dir / filename))
+        assert [i.name for i in graph.graph.input] == ["ids", "mask", *extra]
+    assert result.report.mc is not None and result.report.mc.mean_std_onnx > 0
+
+
 # --------------------------------------------------------------------------------------------- weights files
 
 
@@ -218,7 +264,7 @@ def test_one_trust_rule_for_every_command(tmp_path: Path, capsys: pytest.Capture
         input_dtype="float32",
         architecture={"factory": reference},
     )
-    with pytest.raises(SourceError, match="allow-list"):
+    with pytest.raises(PackageError, match="allow-list"):
         resolve_source(str(package))
     assert resolve_source(str(package), allow_modules=[__name__]).kind == "package"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from dropwise.package import InputSpec
 
 Task = Literal["classification", "regression"]
 Outputs = dict[str, np.ndarray]
@@ -48,6 +49,8 @@ class PackageSpec:
     input_range: tuple[int, int] | None = None  #: [low, high) of token ids for integer inputs
     files: tuple[str, ...] = ()
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: every named input in ``forward`` order (the manifest's ``inputs``); ``input_*`` describe the first
+    inputs: tuple[InputSpec, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

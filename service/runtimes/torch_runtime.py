@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from dropwise.service.model_inputs import ModelInputs, as_tuple, example_inputs, take_rows
 from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
@@ -115,11 +116,11 @@ class TorchRuntime:
         embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         if self.spec.input_dtype == "int64" and embeddings:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
-        example = np.zeros((2, *self.spec.sample_shape), dtype=self.spec.input_dtype)
+        example = example_inputs(self.spec, rows=2)
         self._build_engine(self._tensor(example))
-        self.predict_deterministic(example[:1])
+        self.predict_deterministic(take_rows(example, 0, 1))
 
-    def _build_engine(self, example: torch.Tensor) -> None:
+    def _build_engine(self, example: Any) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
         assert self.mc_model is not None
         try:
@@ -138,14 +139,18 @@ class TorchRuntime:
         self.shares_trunk = bool(engine.rows_independent)
         self.mc_path = "engine" if self.shares_trunk else "engine-per-request"
 
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+    def _tensor(self, x: ModelInputs) -> Any:
+        """The inputs on the device: one tensor, or a tuple for a model with several named inputs."""
+        if isinstance(x, tuple):
+            return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self._device) for a in x)
         return torch.from_numpy(np.ascontiguousarray(x)).to(self._device)
 
     @torch.inference_mode()
-    def predict_deterministic(self, x: np.ndarray) -> Outputs:
+    def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """Eval-mode forward pass over the batch."""
         assert self.model is not None
-        raw = self.model(self._tensor(x)).float().cpu().numpy()
+        tensors = self._tensor(x)
+        raw = (self.model(*tensors) if isinstance(tensors, tuple) else self.model(tensors)).float().cpu().numpy()
         return encode_deterministic(raw, self.spec)
 
     @contextlib.contextmanager
@@ -167,7 +172,7 @@ class TorchRuntime:
                 m.generator = gen
 
     @torch.inference_mode()
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def predict_mc(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
         """MC outputs of several requests stacked in `x` (see the module docstring)."""
         if self.engine is None:
             return self._predict_mc_fallback(x, groups)
@@ -183,7 +188,7 @@ class TorchRuntime:
         else:
             results, start = [], 0
             for g in groups:
-                part = tensor[start : start + g.rows]
+                part = take_rows(tensor, start, start + g.rows)
                 start += g.rows
                 results += self.engine.run_batch(part, [g.rows], [g.samples], [g.seed], g.return_samples)
         return [self._encode_result(r, g.return_samples) for r, g in zip(results, groups, strict=True)]
@@ -216,17 +221,17 @@ class TorchRuntime:
             out["samples"] = standardised_to_target(arr(result.samples), self.spec)
         return out
 
-    def _predict_mc_fallback(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def _predict_mc_fallback(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
         assert self.mc_model is not None
         results: list[Outputs] = []
         start = 0
         for group in groups:
-            rows = self._tensor(x[start : start + group.rows])
+            rows = as_tuple(self._tensor(take_rows(x, start, start + group.rows)))
             start += group.rows
-            expanded = rows.unsqueeze(0).expand(group.samples, *rows.shape).reshape(-1, *rows.shape[1:])
+            expanded = [r.unsqueeze(0).expand(group.samples, *r.shape).reshape(-1, *r.shape[1:]) for r in rows]
             with self._mc_mode(group.seed):
-                out = self.mc_model(expanded)
+                out = self.mc_model(*expanded)
             samples = out.reshape(group.samples, group.rows, *out.shape[1:])
             results.append(encode_mc(samples, self.spec, group.return_samples))
         return results

@@ -114,10 +114,13 @@ class TorchRuntime:
         self._stochastic = stochastic_modules(self.mc_model)
         self._dropouts = torch_dropouts(self.mc_model)
         embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        if self.spec.input_dtype == "int64" and embeddings:
+        if self.spec.input_dtype == "int64" and embeddings and self.spec.input_range is None:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
         example = example_inputs(self.spec, rows=2)
-        self._build_engine(self._tensor(example))
+        self._build_engine(self._tensor(example))  # the engine keeps its own copy in the MC state
+        # the fallback switches the stochastic layers itself, with a seeded generator per request: it starts
+        # from eval (an MC model's own train-mode sites would draw from the global generator)
+        nn.Module.train(self.mc_model, False)
         self.predict_deterministic(take_rows(example, 0, 1))
 
     def _build_engine(self, example: Any) -> None:

@@ -47,9 +47,7 @@ def input_variance(model: nn.Module, x: Tensor, *, sites_on: bool, batch_size: i
     def hook(name: str):
         def fn(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
             t = args[0].transpose(0, 1).reshape(args[0].shape[1], -1).double()
-            acc = sums.setdefault(
-                name, [torch.zeros(t.shape[0], dtype=torch.float64)] * 2 + [torch.zeros(())]
-            )
+            acc = sums.setdefault(name, [torch.zeros(t.shape[0], dtype=torch.float64)] * 2 + [torch.zeros(())])
             sums[name] = [acc[0] + t.sum(1), acc[1] + (t * t).sum(1), acc[2] + t.shape[1]]
 
         return fn
@@ -76,9 +74,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one epoch instead of the full recipe")
-    parser.add_argument(
-        "--network", default="cnn_mnist", choices=[n for n in ZOO if "cnn" in n or "resnet" in n]
-    )
+    parser.add_argument("--network", default="cnn_mnist", choices=[n for n in ZOO if "cnn" in n or "resnet" in n])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

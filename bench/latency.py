@@ -44,9 +44,7 @@ def main() -> None:
         }
         print(f"| {args.model}, one row | median ms | p90 ms | min ms |\n|---|---:|---:|---:|")
         for name, body in modes.items():
-            t = measure(
-                client, f"/v1/models/{args.model}/predict", body, warmup=args.warmup, requests=args.requests
-            )
+            t = measure(client, f"/v1/models/{args.model}/predict", body, warmup=args.warmup, requests=args.requests)
             p90 = t[int(0.9 * (len(t) - 1))]
             print(f"| {name} | {1000 * statistics.median(t):.2f} | {1000 * p90:.2f} | {1000 * t[0]:.2f} |")
 

@@ -141,8 +141,7 @@ def build_pairs(device: torch.device, scale: int = 1) -> list[Pair]:
             _fwd_bwd(
                 lambda t: F.linear(
                     t,
-                    (torch.rand(shared.weight.shape, generator=g_shared, device=device) < 0.5)
-                    * shared.weight,
+                    (torch.rand(shared.weight.shape, generator=g_shared, device=device) < 0.5) * shared.weight,
                     shared.bias,
                 ),
                 x,
@@ -315,11 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run(build_pairs(device, args.scale), device, args.reps, args.inner)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"dropwise.models.layers forward+backward, torch {torch.__version__}, {name}, "
         f"medians of {args.reps} interleaved rounds"

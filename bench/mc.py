@@ -77,9 +77,7 @@ def network(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, list[str] |
         from dropwise.models.zoo import build
 
         model = build("cnn_mnist").eval()
-        sites = (
-            None if name == "c+" else [n for n, m in model.named_modules() if isinstance(m, TORCH_DROPOUTS)]
-        )
+        sites = None if name == "c+" else [n for n, m in model.named_modules() if isinstance(m, TORCH_DROPOUTS)]
         return model, torch.randn(batch, 1, 28, 28), sites
     raise ValueError(f"unknown network {name!r}")
 
@@ -97,9 +95,7 @@ def _load_torch_uncertainty_mc_dropout() -> Callable[..., nn.Module]:
     """``mc_dropout`` from TorchUncertainty's module file (needs torch and einops only)."""
     spec = importlib.util.find_spec("torch_uncertainty")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "torch-uncertainty is not installed (pip install --no-deps torch-uncertainty einops)"
-        )
+        raise ImportError("torch-uncertainty is not installed (pip install --no-deps torch-uncertainty einops)")
     path = Path(next(iter(spec.submodule_search_locations))) / "methods" / "mc_dropout.py"
     module_spec = importlib.util.spec_from_file_location("_tu_mc_dropout", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -143,9 +139,7 @@ def methods(
 
             for replicate in (True, False):
                 wrapped = MCDropoutModule(copy.deepcopy(model).eval())
-                wrapper = ModelWrapper(
-                    wrapped, TrainingArgs(replicate_in_memory=replicate, use_cuda=x.is_cuda)
-                )
+                wrapper = ModelWrapper(wrapped, TrainingArgs(replicate_in_memory=replicate, use_cuda=x.is_cuda))
 
                 def baal(wrapper: Any = wrapper) -> Any:
                     pred = wrapper.predict_on_batch(x, iterations=samples)  # [B, K, T]
@@ -156,9 +150,7 @@ def methods(
             print(f"(Baal skipped: {exc})")
         try:
             mc_dropout = _load_torch_uncertainty_mc_dropout()
-            tu = mc_dropout(
-                copy.deepcopy(model), num_estimators=samples, last_layer=False, on_batch=True
-            ).eval()
+            tu = mc_dropout(copy.deepcopy(model), num_estimators=samples, last_layer=False, on_batch=True).eval()
 
             def torch_uncertainty() -> Any:
                 with torch.inference_mode():
@@ -246,9 +238,7 @@ def goals(results: dict[str, dict[str, list[float]]]) -> list[str]:
     ours = "ours (torch)"
     if (b := med("b", ours)) is not None:
         r = b / med("b", "deterministic")
-        lines.append(
-            f"- (b) MC / one deterministic forward = {r:.2f} (goal <= 2.5: {'met' if r <= 2.5 else 'missed'})"
-        )
+        lines.append(f"- (b) MC / one deterministic forward = {r:.2f} (goal <= 2.5: {'met' if r <= 2.5 else 'missed'})")
         if (bc := med("b", "ours (torch.compile)")) is not None:
             lines.append(f"  - with torch.compile: {bc / med('b', 'deterministic'):.2f}")
     if (a := med("a", ours)) is not None:

@@ -370,9 +370,7 @@ async def _load(
     latencies: list[float] = []
     errors: list[str] = []
     cpu = asyncio.ensure_future(_cpu_window(pgid, warmup_end, stop))
-    await asyncio.gather(
-        *(_client(port, request, warmup_end, stop, cap, latencies, errors) for _ in range(clients))
-    )
+    await asyncio.gather(*(_client(port, request, warmup_end, stop, cap, latencies, errors) for _ in range(clients)))
     measured = min(time.perf_counter(), stop) - warmup_end
     if not cpu.done():  # the run ended early (request cap or errors): no full window to charge
         cpu.cancel()
@@ -399,9 +397,7 @@ def native_request(model: str, row: np.ndarray, mode: str) -> bytes:
     body: dict[str, object] = {"inputs": [row.tolist()], "mode": mode}
     if mode == "mc":
         body["samples"] = SAMPLES
-    return http_post(
-        f"/v1/models/{model}/predict", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+    return http_post(f"/v1/models/{model}/predict", json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 
 def v2_binary_request(model: str, row: np.ndarray) -> bytes:
@@ -478,9 +474,7 @@ class Config:
     request: bytes
 
 
-def _scenario_configs(
-    scenario: str, args: argparse.Namespace, image: np.ndarray, vector: np.ndarray
-) -> list[Config]:
+def _scenario_configs(scenario: str, args: argparse.Namespace, image: np.ndarray, vector: np.ndarray) -> list[Config]:
     if scenario in ("cnn-mc", "cnn-det"):
         request = native_request(args.cnn, image, "mc" if scenario == "cnn-mc" else "deterministic")
         return [
@@ -509,9 +503,7 @@ def _start(key: str, repository: Path, port: int) -> contextlib.AbstractContextM
     return litserve_server(repository / MLP_NAME / "1", port)
 
 
-def run_scenario(
-    scenario: str, configs: Sequence[Config], repository: Path, args: argparse.Namespace
-) -> list[Row]:
+def run_scenario(scenario: str, configs: Sequence[Config], repository: Path, args: argparse.Namespace) -> list[Row]:
     """Measure every configuration ``args.repeats`` times, one server up at a time (an idle LitServe still
     polls its queues), the order of the servers reversed every other round so a drift in the machine's load
     hits every configuration alike."""

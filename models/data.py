@@ -67,9 +67,7 @@ class Dataset:
 DATASETS: tuple[str, ...] = ("digits", "digits_tokens", "mnist", "diabetes")
 
 
-def _split_indices(
-    n: int, strata: np.ndarray, seed: int = SPLIT_SEED
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _split_indices(n: int, strata: np.ndarray, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified, seeded train / val / test index arrays (sorted, disjoint, covering 0..n-1)."""
     idx = np.arange(n)
     rest, test = train_test_split(idx, test_size=TEST_FRACTION, random_state=seed, stratify=strata)

@@ -127,9 +127,7 @@ def _stochastic_modules(model: nn.Module) -> list[nn.Module]:
     out = []
     for m in model.modules():
         family = (
-            type(m).__module__.startswith("dropwise.models.layers")
-            and hasattr(m, "p")
-            and not isinstance(m, Cutout)
+            type(m).__module__.startswith("dropwise.models.layers") and hasattr(m, "p") and not isinstance(m, Cutout)
         )
         if isinstance(m, nn.modules.dropout._DropoutNd) or family:
             out.append(m)
@@ -242,9 +240,7 @@ def train_model(
     cutout = None
     if config.cutout is not None:
         cutout_generator = torch.Generator().manual_seed(config.seed + 1)
-        cutout = Cutout(
-            config.cutout.size, config.cutout.n_holes, config.cutout.p, generator=cutout_generator
-        ).train()
+        cutout = Cutout(config.cutout.size, config.cutout.n_holes, config.cutout.p, generator=cutout_generator).train()
 
     best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
@@ -296,6 +292,4 @@ def train_model(
     metrics["cpu_seconds"] = time.process_time() - cpu_start  # all threads of this process
     metrics["epochs"] = float(len(history))
     metrics["best_epoch"] = float(best_epoch)
-    return TrainResult(
-        metrics=metrics, epochs=len(history), best_epoch=best_epoch, seconds=seconds, history=history
-    )
+    return TrainResult(metrics=metrics, epochs=len(history), best_epoch=best_epoch, seconds=seconds, history=history)

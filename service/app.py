@@ -16,7 +16,7 @@ from typing import Any
 from dropwise.service.errors import PayloadTooLarge, ServiceError
 from dropwise.service.inference import InferenceService
 from dropwise.service.metrics import ServiceMetrics
-from dropwise.service.routes import health, native, v2
+from dropwise.service.routes import health, native, repository, v2
 from dropwise.service.settings import Settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -129,6 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _include_v2(app: FastAPI) -> None:
+    app.include_router(repository.router)  # before v2: `/v2/models/stats` is not a model named "stats"
     app.include_router(v2.router)
 
 

@@ -23,6 +23,7 @@ from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.model_inputs import ModelInputs, batch_rows, concat_rows
 from dropwise.service.runtimes.base import MCGroup, Outputs, Runtime
 from dropwise.service.settings import Settings
+from dropwise.service.statistics import ModelStatistics
 
 log = logging.getLogger("dropwise.batcher")
 
@@ -63,11 +64,19 @@ class ModelBatcher:
         self._carry: collections.deque[Job] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._running = False
+        #: Triton-style statistics of this version (executions are counted here, requests by the service)
+        self.statistics: ModelStatistics | None = None
 
     @property
     def depth(self) -> int:
         """Requests waiting (queued or carried over to the next batch)."""
         return (self._queue.qsize() if self._queue else 0) + len(self._carry)
+
+    @property
+    def busy(self) -> bool:
+        """True while requests wait or a batch runs (a retired version drains until this is False)."""
+        return self._running or self.depth > 0
 
     def start(self) -> None:
         """Create the queue, the compute thread and the worker task (call from the running event loop)."""
@@ -140,6 +149,7 @@ class ModelBatcher:
     async def _collect(self) -> list[Job]:
         first = await self._next(None)
         assert first is not None
+        self._running = True  # jobs held in a forming batch count as work in progress
         batch, rows = [first], first.rows
         fill_until = time.monotonic() + self.settings.max_queue_delay_ms / 1000.0
         while rows < self.settings.max_batch_size:
@@ -157,6 +167,7 @@ class ModelBatcher:
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._running = False  # idle until `_collect` takes a job
             batch = await self._collect()
             now = time.monotonic()
             live: list[Job] = []
@@ -203,6 +214,8 @@ class ModelBatcher:
         elapsed = time.perf_counter() - start
         rows = sum(job.rows for job in jobs)
         self.metrics.batch_size.labels(model=self.name, mode=jobs[0].mode).observe(rows)
+        if self.statistics is not None:
+            self.statistics.record_execution(rows, elapsed)
         for job, out in zip(jobs, outputs, strict=True):
             job.compute_s = elapsed
             job.batch_rows = rows

@@ -7,27 +7,25 @@ It owns the loaded runtimes (one per model version) and their dynamic batchers, 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from dropwise.package import InputSpec
-from dropwise.service.batcher import Job, ModelBatcher
+from dropwise.service.batcher import Job
 from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_control import LoadedVersion, ModelControl
 from dropwise.service.model_inputs import ModelInputs, batch_rows
 from dropwise.service.repository import ModelRepository
-from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec, Runtime
+from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec
 from dropwise.service.settings import Settings
 
 log = logging.getLogger("dropwise.service")
 
-Mode = Literal["deterministic", "mc"]
 MODES: tuple[str, ...] = ("deterministic", "mc")
 MAX_SEED = 2**63 - 1
 
@@ -123,80 +121,58 @@ class ModelInfo:
         return names
 
 
-@dataclass
-class _Loaded:
-    spec: PackageSpec
-    runtime: Runtime | None
-    batcher: ModelBatcher | None
-    error: str | None = None
-
-
 class InferenceService:
-    """Loads every package of a repository, batches requests per model version and runs them."""
+    """Serves the model versions `ModelControl` loads: batches requests per version and runs them."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.repository = ModelRepository(settings.repository)
-        self._models: dict[str, dict[int, _Loaded]] = {}
-        self._started = False
+        self.control = ModelControl(settings, self.metrics, self.repository)
+
+    @property
+    def _models(self) -> dict[str, dict[int, LoadedVersion]]:
+        return self.control.models
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Scan the repository, load every version (in a thread) and start one batcher per version."""
-        specs = await asyncio.to_thread(self.repository.scan)
-        for name, versions in specs.items():
-            self._models[name] = {}
-            for version, spec in versions.items():
-                self._models[name][version] = _Loaded(spec=spec, runtime=None, batcher=None)
-        for name, versions in self._models.items():
-            for version, slot in versions.items():
-                try:
-                    runtime = await asyncio.to_thread(
-                        self.repository.load_runtime, slot.spec, self.settings.backend, self.settings.device
-                    )
-                except Exception as exc:  # a broken package must not take the others down
-                    log.exception("failed to load %s version %s", name, version)
-                    slot.error = f"{type(exc).__name__}: {exc}"
-                    continue
-                slot.runtime = runtime
-                slot.batcher = ModelBatcher(runtime, self.settings, self.metrics, name=name, version=version)
-                slot.batcher.start()
-                log.info(
-                    "loaded %s v%s: %s on %s (%s)",
-                    name,
-                    version,
-                    runtime.backend,
-                    runtime.device,
-                    runtime.provider,
-                )
-        self._started = True
+        """Load every model's chosen versions, warmed up, one batcher each (see `ModelControl`)."""
+        await self.control.start()
 
     async def stop(self) -> None:
         """Stop every batcher (pending requests are answered with 503)."""
-        for versions in self._models.values():
-            for slot in versions.values():
-                if slot.batcher is not None:
-                    await slot.batcher.stop()
-        self._started = False
+        await self.control.stop()
 
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
-        """True when at least one model is served and every version found is loaded."""
-        slots = [slot for versions in self._models.values() for slot in versions.values()]
-        return (
-            self._started
-            and bool(slots)
-            and not self.repository.errors
-            and all(slot.batcher is not None for slot in slots)
-        )
+        """True when at least one model is served, nothing is loading, and every model found serves a version.
 
-    def model_ready(self, name: str, version: int | None = None) -> bool:
-        """Whether a given model version is loaded (False for unknown models)."""
-        try:
-            return self._slot(name, version).batcher is not None
-        except ServiceError:
-            return False
+        A refused or failing new version of a model that still serves an older one does not make the
+        server unready (it is listed by `/readyz` and the repository index); a model with no servable
+        version does.
+        """
+        return self.control.ready()
+
+    def waiting_for(self) -> str | None:
+        """Why the service is not ready, in a few words (None when it is): what `/readyz` reports."""
+        control = self.control
+        if control.ready():
+            return None
+        served = {name for name, versions in control.models.items() if versions}
+        if control.loading:
+            names = ", ".join(f"{name} v{version}" for name, version in sorted(control.loading))
+            total = len(control.found) if control.found else "?"
+            return f"loading {names} ({len(served)} of {total} models served)"
+        if not control.started:
+            return "scanning the repository" if not control.found else "loading the models"
+        missing = sorted(control.expected - control.unloaded - served)
+        if missing:
+            reasons = [f"{name}/{v}: {why}" for (name, v), (_, why) in sorted(control.failed.items())]
+            reasons += [f"{key}: {why}" for key, why in sorted(self.repository.errors.items())]
+            return f"models with no servable version: {', '.join(missing)}" + (
+                f" ({'; '.join(reasons)})" if reasons else ""
+            )
+        return f"model packages in {self.settings.repository} (none found)"
 
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
@@ -204,13 +180,14 @@ class InferenceService:
 
     def info(self, name: str, version: int | None = None) -> ModelInfo:
         """Describe one model version (latest when `version` is None); raises `ModelNotFound`."""
-        slot = self._slot(name, version)
+        slot = self._slot(name, version, describe=True)
         spec = slot.spec
         runtime = slot.runtime
+        settings = slot.settings
         return ModelInfo(
             name=spec.name,
             version=spec.version,
-            versions=tuple(sorted(self._models[name])),
+            versions=tuple(sorted(self._models.get(name, {spec.version: slot}))),
             task=spec.task,
             input_name=spec.input_name,
             input_shape=spec.input_shape,
@@ -218,27 +195,31 @@ class InferenceService:
             preprocessing=spec.preprocessing,
             labels=spec.labels,
             sites=spec.sites,
-            backend=runtime.backend if runtime else self.settings.backend,
-            device=runtime.device if runtime else "unloaded",
-            provider=runtime.provider if runtime else (slot.error or "unloaded"),
-            ready=slot.batcher is not None,
-            mc_available=bool(runtime and runtime.supports_mc),
-            max_samples=self.settings.max_samples,
-            default_samples=min(self.settings.default_samples, self.settings.max_samples),
+            backend=runtime.backend,
+            device=runtime.device,
+            provider=runtime.provider,
+            ready=slot.serving,
+            mc_available=bool(runtime.supports_mc),
+            max_samples=settings.max_samples,
+            default_samples=min(settings.default_samples, settings.max_samples),
             inputs=spec.inputs,
         )
 
-    def _slot(self, name: str, version: int | None) -> _Loaded:
+    def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}", field="version")
+        if version is None:
+            slot = self.control.lookup(name, None)
+        else:
+            slot = self.control.describe(name, version) if describe else self.control.lookup(name, version)
+        if slot is not None:
+            return slot
         versions = self._models.get(name)
         if not versions:
             raise ModelNotFound(f"unknown model {name!r}", field="model")
-        if version is None:
-            return versions[max(versions)]
-        if isinstance(version, bool) or not isinstance(version, int) or version not in versions:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
-            )
-        return versions[version]
+        raise ModelNotFound(
+            f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
+        )
 
     # ---------------------------------------------------------------- inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
@@ -246,6 +227,7 @@ class InferenceService:
         started = time.perf_counter()
         mode_label = request.mode if request.mode in MODES else "invalid"
         status = "error"
+        result: InferenceResult | None = None
         try:
             result = await self._infer(request, started)
             status = "200"
@@ -254,14 +236,32 @@ class InferenceService:
             status = str(exc.status)
             raise
         finally:
+            elapsed = time.perf_counter() - started
             model_label = request.model if request.model in self._models else "_unknown"
-            self.metrics.observe_request(model_label, mode_label, status, time.perf_counter() - started)
+            self.metrics.observe_request(model_label, mode_label, status, elapsed)
+            self._count(request, result, elapsed)
+
+    def _count(self, request: InferenceRequest, result: InferenceResult | None, elapsed: float) -> None:
+        """Add one answered request to its model version's statistics (none for unknown models)."""
+        if result is not None:
+            slot = self.control.describe(result.model, result.version)
+            queue_s = result.timings.get("queue_ms", 0.0) / 1000.0
+            compute_s = result.timings.get("compute_ms", 0.0) / 1000.0
+        else:
+            try:
+                slot = self._slot(request.model, request.version, describe=True)
+            except ServiceError:
+                return
+            queue_s = compute_s = 0.0
+        if slot is not None:
+            slot.statistics.record_request(result is not None, elapsed, queue_s, compute_s)
 
     async def _infer(self, request: InferenceRequest, started: float) -> InferenceResult:
         slot = self._slot(request.model, request.version)
-        if slot.batcher is None or slot.runtime is None:
-            raise ModelNotReady(f"model {request.model!r} is not loaded: {slot.error or 'loading'}")
+        if not slot.serving:
+            raise ModelNotReady(f"model {request.model!r} version {slot.spec.version} is not loaded")
         spec = slot.runtime.spec
+        settings = slot.settings
         if request.mode not in MODES:
             raise InvalidInput(f"mode must be one of {list(MODES)}, got {request.mode!r}", field="mode")
         x = validate_inputs(request.inputs, spec, max_rows=self.settings.max_rows_per_request)
@@ -280,12 +280,10 @@ class InferenceService:
                     "(its MC graph was exported without them)",
                     field="return_samples",
                 )
-            samples = self._check_samples(request.samples)
+            samples = self._check_samples(request.samples, settings)
             seed = self._check_seed(request.seed)
-            group = MCGroup(
-                rows=batch_rows(x), samples=samples, seed=seed, return_samples=bool(request.return_samples)
-            )
-        timeout = self.settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
+            group = MCGroup(rows=batch_rows(x), samples=samples, seed=seed, return_samples=bool(request.return_samples))
+        timeout = settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
         job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
@@ -309,15 +307,14 @@ class InferenceService:
             },
         )
 
-    def _check_samples(self, samples: int | None) -> int:
+    @staticmethod
+    def _check_samples(samples: int | None, settings: Settings) -> int:
         if samples is None:
-            return min(self.settings.default_samples, self.settings.max_samples)
+            return min(settings.default_samples, settings.max_samples)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
             raise InvalidInput(f"samples must be an integer, got {samples!r}", field="samples")
-        if not 1 <= int(samples) <= self.settings.max_samples:
-            raise InvalidInput(
-                f"samples must be between 1 and {self.settings.max_samples}, got {samples}", field="samples"
-            )
+        if not 1 <= int(samples) <= settings.max_samples:
+            raise InvalidInput(f"samples must be between 1 and {settings.max_samples}, got {samples}", field="samples")
         return int(samples)
 
     @staticmethod
@@ -335,9 +332,7 @@ _FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.flo
 _INT_DTYPES = {"int64": np.int64, "int32": np.int32}
 
 
-def validate_inputs(
-    inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs"
-) -> ModelInputs:
+def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs") -> ModelInputs:
     """Check a request's inputs against the package's input specs and return them in the model's dtypes.
 
     A one-input model takes one array (or ``{name: array}``) and gets one array back; a model with several
@@ -451,8 +446,3 @@ def _validate_array(
     if not np.all(np.isfinite(x)):
         raise InvalidInput("inputs contain NaN or Inf", field=field_name)
     return np.ascontiguousarray(x)
-
-
-def stack_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate several requests' inputs along the batch dimension."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

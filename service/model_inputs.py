@@ -53,6 +53,4 @@ def example_inputs(spec: PackageSpec, rows: int) -> ModelInputs:
     if len(spec.inputs) <= 1:
         low = spec.input_range[0] if spec.input_range else 0
         return np.full((rows, *spec.sample_shape), low, dtype=spec.input_dtype)
-    return tuple(
-        np.full((rows, *s.shape[1:]), s.range[0] if s.range else 0, dtype=s.dtype) for s in spec.inputs
-    )
+    return tuple(np.full((rows, *s.shape[1:]), s.range[0] if s.range else 0, dtype=s.dtype) for s in spec.inputs)

@@ -1,7 +1,9 @@
 """The model repository as in Triton: `<repo>/<model>/<version>/`, numeric versions, latest by default.
 
-Scanning reads and verifies each package's manifest (checksums included, nothing unpickled); loading picks
-the runtime for the configured backend and device.
+Scanning reads and verifies each package's manifest (checksums included, nothing unpickled) and its serving
+configuration (`dropwise.package.serving`); a package that fails is refused with its reason in `errors`.
+Loading picks the runtime for the configured backend and device. Which versions are served, and when they
+change, is `dropwise.service.model_control`'s business.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dropwise.package import LoadedPackage, Manifest, PackageError, list_models, list_versions, load_package
+from dropwise.package import Manifest, PackageError, list_models, list_versions, load_package, validate_name
+from dropwise.package.serving import serving_config
 from dropwise.service.runtimes.base import PackageSpec, Runtime
 
 log = logging.getLogger("dropwise.repository")
@@ -50,23 +53,37 @@ class ModelRepository:
     def scan(self) -> dict[str, dict[int, PackageSpec]]:
         """Every valid package version, by model name then version; invalid ones land in `errors`."""
         found: dict[str, dict[int, PackageSpec]] = {}
+        previous = dict(self.errors)
         self.errors.clear()
         for name in list_models(self.root):
-            for version in list_versions(self.root / name):
-                path = self.root / name / str(version)
-                try:
-                    loaded = load_package(path, build=False)
-                except PackageError as exc:
-                    log.error("skipping %s/%s: %s", name, version, exc)
-                    self.errors[f"{name}/{version}"] = str(exc)
-                    continue
-                found.setdefault(name, {})[version] = spec_from_manifest(loaded.manifest, loaded.path)
+            versions = self._scan_versions(name, previous)
+            if versions:
+                found[name] = versions
         return found
 
-    @staticmethod
-    def load_package(spec: PackageSpec) -> LoadedPackage:
-        """Verify and rebuild the torch model of a package (safetensors only)."""
-        return load_package(spec.path)
+    def scan_model(self, name: str) -> dict[int, PackageSpec]:
+        """The valid versions of one model (its entries in `errors` are replaced by this scan's)."""
+        validate_name(name)
+        previous = {k: v for k, v in self.errors.items() if k.split("/", 1)[0] == name}
+        for key in previous:
+            del self.errors[key]
+        return self._scan_versions(name, previous)
+
+    def _scan_versions(self, name: str, previous: dict[str, str]) -> dict[int, PackageSpec]:
+        found: dict[int, PackageSpec] = {}
+        for version in list_versions(self.root / name):
+            path = self.root / name / str(version)
+            key = f"{name}/{version}"
+            try:
+                loaded = load_package(path, build=False)
+                serving_config(loaded.manifest)  # an invalid serving configuration refuses the package
+            except PackageError as exc:
+                if previous.get(key) != str(exc):  # log each refusal once, not on every scan
+                    log.error("refusing %s: %s", key, exc)
+                self.errors[key] = str(exc)
+                continue
+            found[version] = spec_from_manifest(loaded.manifest, loaded.path)
+        return found
 
     def load_runtime(self, spec: PackageSpec, backend: str, device: str, **options: Any) -> Runtime:
         """Build and load the runtime of one package version on `backend` and `device`."""

@@ -33,9 +33,7 @@ PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
 class PredictRequest(BaseModel):
     """A batch of examples and how to predict them."""
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [PREDICT_EXAMPLES["mc"]["value"]]}
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PREDICT_EXAMPLES["mc"]["value"]]})
 
     inputs: Any = Field(
         ...,
@@ -60,9 +58,7 @@ class PredictRequest(BaseModel):
     mode: Literal["deterministic", "mc"] = Field(
         "deterministic", description="`deterministic`: dropout off; `mc`: Monte-Carlo dropout with T samples."
     )
-    samples: StrictInt | None = Field(
-        None, description="MC sample count T (default: the server's default T)."
-    )
+    samples: StrictInt | None = Field(None, description="MC sample count T (default: the server's default T).")
     seed: StrictInt | None = Field(
         None, description="Seed of the dropout masks; the same request and seed give the same answer."
     )
@@ -195,9 +191,7 @@ class ModelDetail(BaseModel):
     versions: list[int]
     task: str
     input: InputSpecOut = Field(..., description="The first input (the only one for most models).")
-    inputs: list[InputSpecOut] = Field(
-        ..., description="Every named input, in the order the model takes them."
-    )
+    inputs: list[InputSpecOut] = Field(..., description="Every named input, in the order the model takes them.")
     labels: list[str] | None
     sites: list[dict[str, Any]]
     backend: str
@@ -243,3 +237,6 @@ class Health(BaseModel):
     status: Literal["ok", "ready", "not ready"]
     models: dict[str, bool] = Field(default_factory=dict, description="Model name -> loaded (readyz only).")
     errors: dict[str, str] = Field(default_factory=dict, description="Packages that failed to load.")
+    waiting_for: str | None = Field(
+        None, description="readyz when not ready: what the service waits for (training, a model loading, ...)."
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -41,3 +41,24 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request; past it answers 504.")
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with 429 answers.")
     log_level: str = Field("info", description="uvicorn and service log level.")
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description=(
+            "Repository control, as Triton's --model-control-mode: none (load at start only), explicit "
+            "(load/unload on POST /v2/repository/models/{name}/load|unload), poll (rescan every "
+            "poll_interval_s and swap new versions in)."
+        ),
+    )
+    poll_interval_s: float = Field(
+        15.0, gt=0, le=86_400, description="Seconds between repository scans when model_control is poll."
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token the repository-control routes require; unset, those routes answer 403.",
+    )
+    ray_gpus_per_replica: float = Field(
+        0.0, ge=0, le=64, description="GPUs Ray Serve reserves for each replica (dropwise serve --ray)."
+    )
+    ray_cpus_per_replica: float = Field(
+        1.0, gt=0, le=1024, description="CPUs Ray Serve reserves for each replica (dropwise serve --ray)."
+    )

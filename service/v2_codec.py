@@ -133,14 +133,10 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
         return None
     text = value.strip()
     if not (text.isascii() and text.isdigit() and len(text) <= 18):
-        raise V2CodecError(
-            f"Inference-Header-Content-Length must be a non-negative integer, got {value[:40]!r}"
-        )
+        raise V2CodecError(f"Inference-Header-Content-Length must be a non-negative integer, got {value[:40]!r}")
     length = int(text)
     if length == 0 or length > body_length:
-        raise V2CodecError(
-            f"Inference-Header-Content-Length {length} does not fit a body of {body_length} bytes"
-        )
+        raise V2CodecError(f"Inference-Header-Content-Length {length} does not fit a body of {body_length} bytes")
     return length
 
 
@@ -306,9 +302,7 @@ def _decode_inputs(header: Mapping[str, Any], binary: memoryview) -> list[Tensor
                 raise V2CodecError(f"{where} has neither 'data' nor parameters.binary_data_size")
             values = _flatten_json(raw["data"], where)
             if len(values) != count:
-                raise V2CodecError(
-                    f"{where}: shape {list(shape)} needs {count} elements, data holds {len(values)}"
-                )
+                raise V2CodecError(f"{where}: shape {list(shape)} needs {count} elements, data holds {len(values)}")
             flat = _json_values(values, datatype, dtype, where)
         inputs.append(TensorInput(name, datatype, shape, flat.reshape(shape), parameters))
     if offset != len(binary):
@@ -377,10 +371,7 @@ def _bytes_payload(array: np.ndarray) -> bytes:
 
 def _json_data(array: np.ndarray) -> list[Any]:
     if array.dtype.kind in "USO":
-        return [
-            item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
-            for item in array.ravel()
-        ]
+        return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in array.ravel()]
     return array.ravel().tolist()
 
 

@@ -29,7 +29,14 @@ from .sites import call_model
 
 __all__ = ["BatchNormChange", "BatchNormReport", "recalibrate_batchnorm"]
 
-_BN = nn.modules.batchnorm._BatchNorm
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def _stats(bn: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """``running_mean``, ``running_var`` and ``num_batches_tracked`` of a layer that tracks them."""
+    mean, var, count = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    assert mean is not None and var is not None and count is not None
+    return mean, var, count
 
 
 @dataclass
@@ -54,8 +61,7 @@ class BatchNormReport:
     def __str__(self) -> str:
         head = f"{'layer':<32} {'var before':>11} {'var after':>11} {'rel change':>11} {'mean shift':>11}"
         rows = [
-            f"{c.name:<32} {c.var_before:>11.4g} {c.var_after:>11.4g} {c.relative_change:>+11.3%} "
-            f"{c.mean_shift:>11.4g}"
+            f"{c.name:<32} {c.var_before:>11.4g} {c.var_after:>11.4g} {c.relative_change:>+11.3%} {c.mean_shift:>11.4g}"
             for c in self.layers
         ]
         return "\n".join([head, *rows, f"{self.batches} batches, {self.samples} samples"])
@@ -76,9 +82,7 @@ def _inputs(batch: Any) -> Any:
     return batch
 
 
-def _run(
-    model: nn.Module, data: Any, batch_size: int, max_batches: int | None, device: Any
-) -> tuple[int, int]:
+def _run(model: nn.Module, data: Any, batch_size: int, max_batches: int | None, device: Any) -> tuple[int, int]:
     """One pass over the data; returns (batches, samples)."""
     batches = samples = 0
     for batch in _batches(data, batch_size):
@@ -97,7 +101,7 @@ def _run(
 
 
 def _forward_order(
-    model: nn.Module, layers: dict[str, nn.Module], data: Any, batch_size: int, device: Any
+    model: nn.Module, layers: dict[str, _BatchNorm], data: Any, batch_size: int, device: Any
 ) -> list[str]:
     """BatchNorm layer names in the order the forward pass first reaches them (one batch)."""
     order: list[str] = []
@@ -115,7 +119,7 @@ def _forward_order(
 
 def _population(
     model: nn.Module,
-    layers: dict[str, nn.Module],
+    layers: dict[str, _BatchNorm],
     data: Any,
     batch_size: int,
     max_batches: int | None,
@@ -141,9 +145,10 @@ def _population(
         n = acc["n"]
         mean = acc["s"] / n
         var = (acc["ss"] / n - mean * mean).clamp_min(0.0) * (n / max(n - 1, 1))
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
-        bn.num_batches_tracked.add_(counts[0])
+        running_mean, running_var, tracked = _stats(bn)
+        running_mean.copy_(mean.to(running_mean.dtype))
+        running_var.copy_(var.to(running_var.dtype))
+        tracked.add_(counts[0])
     return counts
 
 
@@ -179,18 +184,14 @@ def recalibrate_batchnorm(
     """
     if method not in ("cumulative", "population"):
         raise ValueError(f"method must be 'cumulative' or 'population', got {method!r}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer with running statistics")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if method == "population" and not isinstance(data, Tensor) and iter(data) is data:
         data = list(data)  # several passes: a one-shot iterator is materialised
-    before = {n: (m.running_var.clone(), m.running_mean.clone()) for n, m in layers.items()}
-    saved_state = {
-        n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-        for n, m in layers.items()
-    }
+    saved_state = {n: tuple(t.clone() for t in _stats(m)) for n, m in layers.items()}
     flags = {name: m.training for name, m in model.named_modules()}
     momenta = {n: m.momentum for n, m in layers.items()}
     report = BatchNormReport()
@@ -207,10 +208,8 @@ def recalibrate_batchnorm(
             report.batches, report.samples = _run(model, data, batch_size, max_batches, device)
     except BaseException:
         for n, m in layers.items():
-            mean, var, count = saved_state[n]
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+            for current, saved in zip(_stats(m), saved_state[n], strict=True):
+                current.copy_(saved)
         raise
     finally:
         for n, m in layers.items():
@@ -218,15 +217,16 @@ def recalibrate_batchnorm(
         for name, m in model.named_modules():
             m.training = flags[name]
     for n, m in layers.items():
-        var0, mean0 = before[n]
-        rel = ((m.running_var - var0) / var0.clamp_min(1e-12)).mean()
+        mean0, var0, _ = saved_state[n]
+        mean1, var1, _ = _stats(m)
+        rel = ((var1 - var0) / var0.clamp_min(1e-12)).mean()
         report.layers.append(
             BatchNormChange(
                 name=n,
                 var_before=float(var0.mean()),
-                var_after=float(m.running_var.mean()),
+                var_after=float(var1.mean()),
                 relative_change=float(rel),
-                mean_shift=float((m.running_mean - mean0).abs().mean()),
+                mean_shift=float((mean1 - mean0).abs().mean()),
             )
         )
     return report

@@ -231,15 +231,11 @@ def convert_package(
             with steps.step("fold", report.seconds):
                 folded = fold_fn(model, call_example) if options.fold else copy.deepcopy(model).eval()
             with steps.step("export model.onnx", report.seconds):
-                det_path = export_deterministic(
-                    folded, call_example, Path(tmp) / DETERMINISTIC_FILE, input_names=names
-                )
+                det_path = export_deterministic(folded, call_example, Path(tmp) / DETERMINISTIC_FILE, input_names=names)
             with steps.step("deterministic parity", report.seconds):
                 session, provider = create_session(det_path, options.device)
                 report.providers = provider.to_dict()
-                report.deterministic = deterministic_parity(
-                    model, folded, session, names, batches, options.tolerance
-                )
+                report.deterministic = deterministic_parity(model, folded, session, names, batches, options.tolerance)
             mc_path: Path | None = None
             if options.mc:
                 with steps.step("export model.mc.onnx", report.seconds):

@@ -17,7 +17,7 @@ passes. Only the layers from the first stochastic site on differ between passes,
    batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
    (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
    functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
-5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, DESIGN section 3).
+5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, docs/DESIGN.md §3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
 the longest shared trunk). BatchNorm always uses its running statistics and is never updated. The engine
@@ -57,7 +57,7 @@ _MAX_SEED = 1 << 63
 
 @dataclass
 class MCResult:
-    """MC-dropout summaries of one request (DESIGN section 3; see ``dropwise.surgery.summaries``).
+    """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
     Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
@@ -185,17 +185,14 @@ def _batched_outputs(trunk: nn.Module, example: tuple[Tensor, ...]) -> list[bool
         one = trunk(*example)
         two = trunk(*doubled)
     return [
-        isinstance(a, Tensor) and a.dim() > 0 and b.shape[0] == 2 * a.shape[0]
-        for a, b in zip(one, two, strict=True)
+        isinstance(a, Tensor) and a.dim() > 0 and b.shape[0] == 2 * a.shape[0] for a, b in zip(one, two, strict=True)
     ]
 
 
 def _bytes_per_row(model: nn.Module, example: tuple[Tensor, ...]) -> int:
     """Largest activation of any module per input row, in bytes (for the chunk size)."""
     rows = example[0].shape[0] if example and isinstance(example[0], Tensor) and example[0].dim() else 1
-    largest = max(
-        (a.element_size() * a[0].numel() for a in example if isinstance(a, Tensor) and a.dim()), default=4
-    )
+    largest = max((a.element_size() * a[0].numel() for a in example if isinstance(a, Tensor) and a.dim()), default=4)
     handles = []
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -288,9 +285,7 @@ class MCEngine:
         index, keys = self.layout([int(example[0].shape[0])], [1], [0])
         self.context.keys = keys
         try:
-            self.tail(
-                *[t.index_select(0, index) if b else t for t, b in zip(live, self._batched, strict=True)]
-            )
+            self.tail(*[t.index_select(0, index) if b else t for t, b in zip(live, self._batched, strict=True)])
         finally:
             self.context.keys = None
 
@@ -310,9 +305,7 @@ class MCEngine:
         """Whether the split captured a trunk (False: the whole model runs T times, still batched)."""
         return self.split.captured
 
-    def __call__(
-        self, x: Any, samples: int = 32, seed: int | None = None, return_samples: bool = False
-    ) -> MCResult:
+    def __call__(self, x: Any, samples: int = 32, seed: int | None = None, return_samples: bool = False) -> MCResult:
         """MC summaries of the batch ``x`` from ``samples`` passes (one request: all rows share ``seed``)."""
         args = _as_args(x)
         rows = int(args[0].shape[0])
@@ -351,10 +344,7 @@ class MCEngine:
             stop = min(start + self.chunk_rows, total)
             idx = index[start:stop]
             self.context.keys = keys[start:stop]
-            args = [
-                t.index_select(0, idx) if batched else t
-                for t, batched in zip(live, self._batched, strict=True)
-            ]
+            args = [t.index_select(0, idx) if batched else t for t, batched in zip(live, self._batched, strict=True)]
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
             try:
@@ -384,9 +374,7 @@ class MCEngine:
         if not (len(rows) == len(samples) == len(seeds)):
             raise ValueError("rows_per_request, samples_per_request and seeds must have the same length")
         if sum(rows) != int(args[0].shape[0]) or min(rows, default=0) < 1:
-            raise ValueError(
-                f"rows_per_request {rows} must be positive and sum to the batch size {args[0].shape[0]}"
-            )
+            raise ValueError(f"rows_per_request {rows} must be positive and sum to the batch size {args[0].shape[0]}")
         if min(samples, default=0) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         resolved = [_fresh_seed() if s is None else int(s) for s in seeds]
@@ -436,5 +424,25 @@ def mc_predict(
     task: str = "classification",
     return_samples: bool = False,
 ) -> MCResult:
-    """One-shot MC dropout (Gal & Ghahramani 2016) of batch ``x``: builds an `MCEngine` and calls it once."""
-    return MCEngine(model, x, sites, task=task)(x, samples=samples, seed=seed, return_samples=return_samples)
+    """One-shot MC dropout (Gal & Ghahramani 2016) of batch ``x``: builds an `MCEngine` and calls it once.
+
+    The engine is built on the first `EXAMPLE_ROWS` rows of ``x`` (finding sites, splitting and sizing the
+    chunks need an example, not the whole batch: building on 1000 rows cost more than the MC work itself),
+    then runs on all of ``x``. The result is the same as a prebuilt engine's.
+    """
+    engine = MCEngine(model, _example_slice(x), sites, task=task)
+    return engine(x, samples=samples, seed=seed, return_samples=return_samples)
+
+
+EXAMPLE_ROWS = 8
+"""Rows of the batch `mc_predict` builds its engine on."""
+
+
+def _example_slice(x: Any) -> Any:
+    """``x`` cut to its first `EXAMPLE_ROWS` rows (tensors whose dimension 0 is the batch; others as given)."""
+    args = _as_args(x)
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        return x
+    rows = args[0].shape[0]
+    cut = tuple(a[:EXAMPLE_ROWS] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == rows else a for a in args)
+    return cut[0] if isinstance(x, Tensor) else type(x)(cut)

@@ -2,7 +2,7 @@
 
 The model is exported with the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, opset 20) with a
 dynamic batch dimension. Its `training=` argument is ignored by that exporter, so the model is put in eval
-mode before export (DESIGN section 4). The resulting graph is then searched, including sub-graphs and local
+mode before export (docs/DESIGN.md §6). The resulting graph is then searched, including sub-graphs and local
 functions, for any node that would make it stochastic (Dropout, RandomUniform*, RandomNormal*, Bernoulli,
 Multinomial); finding one is an error, not a warning. `onnx.checker` with full shape inference runs last.
 
@@ -80,9 +80,7 @@ def assert_deterministic(model: onnx.ModelProto) -> None:
     """Raise `ExportError` naming every Dropout or random node found in `model`."""
     found = random_nodes(model)
     if found:
-        raise ExportError(
-            f"the deterministic graph still has {len(found)} random node(s): {'; '.join(found)}"
-        )
+        raise ExportError(f"the deterministic graph still has {len(found)} random node(s): {'; '.join(found)}")
 
 
 def with_min_batch(example_input: torch.Tensor, min_batch: int = 2) -> torch.Tensor:

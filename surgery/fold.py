@@ -1,6 +1,6 @@
 """Fold a model for deterministic inference: remove every stochastic site, keep the eval output.
 
-Rules (DESIGN.md section 2; ``q = 1 - p``):
+Rules (docs/DESIGN.md §2; ``q = 1 - p``):
 
 - inverted dropout of every flavour, timm-style DropPath, DropBlock, embedding dropout: the identity in eval,
   deleted (replaced by ``nn.Identity``);
@@ -147,9 +147,7 @@ class FoldReport:
     def __str__(self) -> str:
         lines = [f"{e.site:<40} {e.kind:<26} {e.action:<11} {e.detail}" for e in self.entries]
         if self.max_abs_diff is not None:
-            lines.append(
-                f"max |folded - eval| = {self.max_abs_diff:.3g} (output scale {self.output_scale:.3g})"
-            )
+            lines.append(f"max |folded - eval| = {self.max_abs_diff:.3g} (output scale {self.output_scale:.3g})")
         return "\n".join(lines)
 
 
@@ -395,14 +393,10 @@ def _check(report: FoldReport, want: Any, got: Any) -> None:
         (float((x.double() - y.double()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
         default=0.0,
     )
-    scale = max(
-        (float(x.double().abs().max()) for x in a if x.numel() and x.is_floating_point()), default=1.0
-    )
+    scale = max((float(x.double().abs().max()) for x in a if x.numel() and x.is_floating_point()), default=1.0)
     report.max_abs_diff, report.output_scale = diff, scale
     if diff > 1e-5 * max(scale, 1e-12):
-        raise FoldError(
-            f"folded output differs from the eval output by {diff:.3g} (output scale {scale:.3g})"
-        )
+        raise FoldError(f"folded output differs from the eval output by {diff:.3g} (output scale {scale:.3g})")
 
 
 def fold(model: nn.Module, example_input: Any = None) -> nn.Module:

@@ -24,9 +24,13 @@ multiple of 2**-16 (error at most 7.6e-6; p = 0.5, 0.25, 0.1 -> 0.5, 0.25, 0.100
 drop probability `quantised_p` is what the rescaling ``1 / (1 - p_eff)`` uses, so inverted dropout
 stays exactly unbiased.
 
-Two code paths give bit-identical masks (tested):
+Three code paths give bit-identical masks (tested):
 
-* the fast torch path works on int32 tensors holding the 32 bits (wrapping multiply, shift then
+* on the CPU, the fused C++ kernel of `dropwise.surgery.hash_kernel` (hash, threshold, rescale and, for
+  element-wise sites, the product with the activation in one vectorised loop; about 0.2 ns per decision
+  at one thread against about 4.5 ns for the torch path), built on first use, with the torch path as its
+  fallback;
+* the torch path works on int32 tensors holding the 32 bits (wrapping multiply, shift then
   ``& 0xffff``) and reads the two halves by viewing the words as int16, so the per-element work is
   about a dozen int32 passes over half as many words as mask elements;
 * the export path (``exportable=True``) uses int64 tensors with values kept in ``[0, 2**32)`` and only
@@ -47,6 +51,8 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.overrides import TorchFunctionMode
 
+from . import hash_kernel
+
 __all__ = [
     "MASK_BITS",
     "SITE_FORMS",
@@ -56,6 +62,7 @@ __all__ = [
     "TrainModeSite",
     "keep_factor",
     "keep_mask",
+    "keep_product",
     "mix32",
     "onnx_translation_table",
     "quantised_p",
@@ -154,11 +161,7 @@ def sample_keys(keys: Tensor, samples: int | Tensor, start: int = 0) -> Tensor:
     repeated S times along dimension 0. ``samples`` may be a 0-d int64 tensor (run-time T in export).
     """
     if isinstance(samples, Tensor):
-        t = (
-            torch.arange(samples.item(), dtype=torch.int64, device=keys.device)
-            if samples.dim() == 0
-            else samples
-        )
+        t = torch.arange(samples.item(), dtype=torch.int64, device=keys.device) if samples.dim() == 0 else samples
     else:
         t = torch.arange(start, start + samples, dtype=torch.int64, device=keys.device)
     codes = mix32((t & _M32) ^ _C2)
@@ -240,9 +243,13 @@ def keep_factor(
     fast = not (exportable or special or thr in (0, _LEVELS))
     if not fast or dtype != torch.float32 or not _LITTLE_ENDIAN:
         return keep_mask(keys, site, shape, p, exportable=exportable).to(dtype) * scale
-    site_k = site_keys(keys, site)
+    site_k = _to_int32_bits(site_keys(keys, site))
     n_words = (n_positions + 1) // 2
-    words = _to_int32_bits(site_k).unsqueeze(1) ^ _position_codes(n_words, site_k.device, True).unsqueeze(0)
+    codes = _position_codes(n_words, site_k.device, True)
+    factors = hash_kernel.masked_factors(site_k, codes, n_positions, thr, scale)
+    if factors is not None:
+        return factors.reshape(-1, *shape)
+    words = site_k.unsqueeze(1) ^ codes.unsqueeze(0)
     _mix32_int32_(words)
     u = words.view(torch.int16).to(torch.int32)  # [N, 2W] signed halves: u16 - 65536 * (u16 >= 32768)
     u.bitwise_and_(0xFFFF).sub_(thr)  # u16 - thr: negative exactly when the position drops
@@ -253,6 +260,31 @@ def keep_factor(
     if 2 * n_words != n_positions:
         factors = factors[:, :n_positions]
     return factors.reshape(-1, *shape)
+
+
+def keep_product(x: Tensor, keys: Tensor, site: int, p: float, scale: float, *, exportable: bool = False) -> Tensor:
+    """``x * keep_factor(keys, site, x.shape[1:], p, scale, x.dtype)``: one decision per element of a row.
+
+    On the CPU with the fused kernel (`dropwise.surgery.hash_kernel`) and a contiguous float32 ``x`` the
+    masks are generated and applied in one pass; otherwise the factors are built and multiplied. Both give
+    the same bits.
+    """
+    thr = threshold(p)
+    if (
+        not exportable
+        and 0 < thr < _LEVELS
+        and x.dtype == torch.float32
+        and x.dim() >= 2
+        and x.is_contiguous()
+        and hash_kernel.available()
+    ):
+        n_positions = x[0].numel()
+        site_k = _to_int32_bits(site_keys(keys, site))
+        codes = _position_codes((n_positions + 1) // 2, site_k.device, True)
+        out = hash_kernel.masked_product(x.reshape(x.shape[0], n_positions), site_k, codes, thr, scale)
+        if out is not None:
+            return out.reshape(x.shape)
+    return x * keep_factor(keys, site, tuple(x.shape[1:]), p, scale, x.dtype, exportable=exportable)
 
 
 def _hash_keep(site_k: Tensor, n_positions: int, thr: int, exportable: bool) -> Tensor:
@@ -326,9 +358,7 @@ def onnx_translation_table() -> dict[Any, Any]:
         keys = op.Unsqueeze(op.Cast(site_k, to=TensorProto.UINT32), op.Constant(value_ints=[1]))
         words = mix_u32(op.BitwiseXor(keys, const_u32(codes, "codes")))
         lo = op.Unsqueeze(op.BitwiseAnd(words, const_u32(0xFFFF, "lo")), op.Constant(value_ints=[2]))
-        hi = op.Unsqueeze(
-            op.BitShift(words, const_u32(16, "s16h"), direction="RIGHT"), op.Constant(value_ints=[2])
-        )
+        hi = op.Unsqueeze(op.BitShift(words, const_u32(16, "s16h"), direction="RIGHT"), op.Constant(value_ints=[2]))
         halves = op.Reshape(op.Concat(lo, hi, axis=2), op.Constant(value_ints=[-1, 2 * n_words]))
         if 2 * n_words != n_positions:
             halves = op.Slice(
@@ -436,6 +466,8 @@ class HashMaskSite(torch.nn.Module):
         if self.q == 0.0:
             return x * 0.0
         scale = 1.0 if self.form in ("classic", "path_classic") else 1.0 / self.q
+        if self.form in ("element", "classic"):
+            return keep_product(x, keys, self.site, self.p, scale, exportable=exportable)
         return x * keep_factor(keys, self.site, shape, self.p, scale, x.dtype, exportable=exportable)
 
     def extra_repr(self) -> str:
@@ -555,9 +587,7 @@ class TrainModeSite(torch.nn.Module):
     draws are not routed to the hash) are False. Meaningful once a pass has run (the engine runs one).
     """
 
-    def __init__(
-        self, module: torch.nn.Module, context: MaskContext, site: int, *, functional: bool = False
-    ) -> None:
+    def __init__(self, module: torch.nn.Module, context: MaskContext, site: int, *, functional: bool = False) -> None:
         super().__init__()
         self.module = module
         self.context = context

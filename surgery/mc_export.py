@@ -45,7 +45,7 @@ from .masks import onnx_translation_table, row_keys, sample_keys
 from .sites import Site
 from .summaries import CLASSIFICATION_OUTPUTS, REGRESSION_OUTPUTS, SummaryHead
 
-__all__ = ["MCGraph", "export_mc_onnx", "output_names"]
+__all__ = ["MCGraph", "add_optional_seed", "export_mc_onnx", "output_names"]
 
 _SEED_BITS = 62  # two groups of 31 bits: each sums exactly even where a reduction goes through float64
 
@@ -111,21 +111,15 @@ def _seed_source(prefix: str) -> tuple[list[onnx.NodeProto], str]:
             [c + "ones"],
             value=helper.make_tensor("v", TensorProto.FLOAT, [2, 31], [1.0] * 62),
         ),
-        helper.make_node(
-            "Constant", [], [c + "ratio"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])
-        ),
-        helper.make_node(
-            "Constant", [], [c + "train"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])
-        ),
+        helper.make_node("Constant", [], [c + "ratio"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])),
+        helper.make_node("Constant", [], [c + "train"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
         helper.make_node("Dropout", [c + "ones", c + "ratio", c + "train"], [c + "kept", c + "mask"]),
         helper.make_node("Cast", [c + "mask"], [c + "bits"], to=TensorProto.INT64),
         helper.make_node(
             "Constant", [], [c + "weights"], value=helper.make_tensor("w", TensorProto.INT64, [31], weights)
         ),
         helper.make_node("Mul", [c + "bits", c + "weights"], [c + "weighted"]),
-        helper.make_node(
-            "Constant", [], [c + "axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])
-        ),
+        helper.make_node("Constant", [], [c + "axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])),
         helper.make_node("ReduceSum", [c + "weighted", c + "axis"], [c + "halves"], keepdims=0),
         helper.make_node(
             "Constant", [], [c + "scale"], value=helper.make_tensor("s", TensorProto.INT64, [2], [1, 1 << 31])
@@ -136,7 +130,7 @@ def _seed_source(prefix: str) -> tuple[list[onnx.NodeProto], str]:
     return nodes, c + "drawn"
 
 
-def _add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
+def add_optional_seed(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
     """Make ``seed`` optional (initializer -1) and route a fresh in-graph seed where it is negative."""
     graph = model.graph
     effective = f"{seed_name}_effective"
@@ -222,7 +216,7 @@ def export_mc_onnx(
                 "depends on the number of rows: ONNX Conv takes it only as a constant)."
             ) from exc
     proto = program.model_proto
-    proto = _add_optional_seed(proto)
+    proto = add_optional_seed(proto)
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))

@@ -90,9 +90,7 @@ class ParityReport:
     def passed(self) -> bool:
         """True when every deterministic comparison and the MC check (when run) passed."""
         return (
-            all(c.passed for c in self.deterministic)
-            and self.mc_error is None
-            and (self.mc is None or self.mc.passed)
+            all(c.passed for c in self.deterministic) and self.mc_error is None and (self.mc is None or self.mc.passed)
         )
 
     def failures(self) -> list[str]:
@@ -214,9 +212,7 @@ def z_test(
     """Two-sample z-test of MC means with standard errors ``std / sqrt(T)``, Bonferroni-corrected."""
     mean_a, std_a, mean_b, std_b = (np.asarray(v, dtype=np.float64) for v in (mean_a, std_a, mean_b, std_b))
     if not (mean_a.shape == std_a.shape == mean_b.shape == std_b.shape):
-        raise ValueError(
-            f"z-test shapes differ: {mean_a.shape}, {std_a.shape}, {mean_b.shape}, {std_b.shape}"
-        )
+        raise ValueError(f"z-test shapes differ: {mean_a.shape}, {std_a.shape}, {mean_b.shape}, {std_b.shape}")
     if samples_a < 2 or samples_b < 2:
         raise ValueError("the z-test needs at least 2 samples on each side")
     se = np.sqrt(std_a**2 / samples_a + std_b**2 / samples_b + se_floor**2)
@@ -235,9 +231,7 @@ def z_test(
     )
 
 
-def spread_matches(
-    std_a: np.ndarray, std_b: np.ndarray, ratio: float = SPREAD_RATIO, floor: float = 1e-6
-) -> bool:
+def spread_matches(std_a: np.ndarray, std_b: np.ndarray, ratio: float = SPREAD_RATIO, floor: float = 1e-6) -> bool:
     """Whether two MC estimates have a comparable average spread (mean std within a factor `ratio`).
 
     A coarse guard, not a test: the mean of the per-element standard deviations is noisy (a layer with one

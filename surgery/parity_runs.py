@@ -45,18 +45,14 @@ def parity_inputs(
         from dropwise.models.data import load_dataset
 
         if len(inputs) > 1:
-            raise ParityRunError(
-                f"dataset {dataset!r} gives one input; the model takes {[s.name for s in inputs]}"
-            )
+            raise ParityRunError(f"dataset {dataset!r} gives one input; the model takes {[s.name for s in inputs]}")
         x = load_dataset(dataset).test[0]
         if x.shape[0] < count:
             repeats = -(-count // x.shape[0])
             x = x.repeat(repeats, *([1] * (x.dim() - 1)))
         return (x[:count].contiguous(),), f"test split of {dataset}"
     if not inputs:
-        raise ParityRunError(
-            "the input shape is unknown: pass --input-shape (or --dataset) to make parity inputs"
-        )
+        raise ParityRunError("the input shape is unknown: pass --input-shape (or --dataset) to make parity inputs")
     described = ", ".join(
         f"{s.name} {'standard normal' if s.dtype == 'float32' else 'int64 in ' + str(list(s.range or (0, 2)))}"
         for s in inputs

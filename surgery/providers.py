@@ -2,7 +2,7 @@
 
 ONNX Runtime takes a list of providers in preference order and silently drops any it cannot load: with
 `onnxruntime-gpu` installed but the CUDA or cuDNN libraries missing (or no GPU), a session asked for
-`CUDAExecutionProvider` runs on the CPU without an error (DESIGN section 4). This module therefore compares
+`CUDAExecutionProvider` runs on the CPU without an error (docs/DESIGN.md §6). This module therefore compares
 `session.get_providers()` with what was requested and reports the provider that actually runs.
 
 `device` is one of ``auto`` (CUDA when the provider is built in and a GPU is present, CPU otherwise),
@@ -51,9 +51,7 @@ class ProviderInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (tuples become lists)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
-        }
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
 def installed_packages() -> tuple[str, ...]:

@@ -7,7 +7,7 @@ or a functional call inside some module's ``forward`` (``F.dropout*``, ``F.alpha
 ``F.feature_alpha_dropout``, ``torch.dropout``, ``scaled_dot_product_attention`` with ``dropout_p > 0``).
 Functional sites are found only when an example input is given: the model is run once in train mode on a
 deep copy under a ``torch.overrides.TorchFunctionMode`` while forward hooks track which module is running.
-Semantics of each member (train / eval / MC): ``/work/shared/DESIGN.md`` section 2; ``p`` is the DROP
+Semantics of each member (train / eval / MC): ``docs/DESIGN.md`` §2; ``p`` is the DROP
 probability everywhere.
 
 Each ``Site`` records how it is switched on:
@@ -417,9 +417,7 @@ def _spec_table() -> dict[Any, _FnSpec]:
         torch.dropout: _FnSpec("torch.dropout", fd, 1, "p", 0.5, 2, "train", True),
         torch.feature_dropout: _FnSpec("torch.feature_dropout", fd, 1, "p", 0.5, 2, "train", True),
         torch.alpha_dropout: _FnSpec("torch.alpha_dropout", fd, 1, "p", 0.5, 2, "train", True),
-        torch.feature_alpha_dropout: _FnSpec(
-            "torch.feature_alpha_dropout", fd, 1, "p", 0.5, 2, "train", True
-        ),
+        torch.feature_alpha_dropout: _FnSpec("torch.feature_alpha_dropout", fd, 1, "p", 0.5, 2, "train", True),
         F.scaled_dot_product_attention: _FnSpec(
             "scaled_dot_product_attention", "attention_dropout", 4, "dropout_p", 0.0, None, "", False
         ),
@@ -461,23 +459,17 @@ class _Recorder(TorchFunctionMode):
             if spec.training_index is None:
                 active = p > 0.0
             else:
-                active = bool(
-                    _arg(args, kwargs, spec.training_index, spec.training_name, spec.training_default)
-                )
+                active = bool(_arg(args, kwargs, spec.training_index, spec.training_name, spec.training_default))
             if active:
                 name, module, counters, _ = self.stack[-1]
                 ordinal = counters.get(spec.name, 0)
                 counters[spec.name] = ordinal + 1
                 function = f"{spec.name}#{ordinal}"
-                self.calls.setdefault(
-                    f"{name}:{function}", _Call(name, _class_path(module), function, spec.kind, p)
-                )
+                self.calls.setdefault(f"{name}:{function}", _Call(name, _class_path(module), function, spec.kind, p))
         return func(*args, **kwargs)
 
 
-def _trace_calls(
-    model: nn.Module, example_input: Any, site_names: set[str]
-) -> tuple[dict[str, _Call], set[str]]:
+def _trace_calls(model: nn.Module, example_input: Any, site_names: set[str]) -> tuple[dict[str, _Call], set[str]]:
     """Run ``model`` once; return the active random functional calls and the names of modules that ran."""
     stack: list[tuple[str, nn.Module, dict[str, int], bool]] = []
     ran: set[str] = set()

@@ -376,9 +376,7 @@ def _from_huggingface(path: Path, weights: Path | None, sequence_length: int | N
     from dropwise.models.hf import HEAD_INPUTS, from_pretrained, head_of
 
     if weights is not None:
-        raise SourceError(
-            "--weights cannot be combined with a Hugging Face directory (it has model.safetensors)"
-        )
+        raise SourceError("--weights cannot be combined with a Hugging Face directory (it has model.safetensors)")
     config_path, weights_path = path / HF_CONFIG, path / HF_WEIGHTS
     if config_path.is_symlink() or weights_path.is_symlink():
         raise SourceError(f"{path}: config.json and model.safetensors must be plain files, not links")
@@ -408,14 +406,10 @@ def _from_huggingface(path: Path, weights: Path | None, sequence_length: int | N
     saved = json.loads(model.model.config.to_json_string(use_diff=False))
     kwargs = {"config": saved, "head": head, "attn_implementation": attn}
     if head == "sequence_classification":
-        length = sequence_length or min(
-            DEFAULT_SEQUENCE_LENGTH, int(config.get("max_position_embeddings", 512))
-        )
+        length = sequence_length or min(DEFAULT_SEQUENCE_LENGTH, int(config.get("max_position_embeddings", 512)))
         vocab = int(config.get("vocab_size", 2))
         ranges = {"input_ids": (0, vocab), "attention_mask": (0, 2)}
-        inputs = [
-            InputSpec(name=n, shape=[-1, length], dtype="int64", range=ranges[n]) for n in HEAD_INPUTS[head]
-        ]
+        inputs = [InputSpec(name=n, shape=[-1, length], dtype="int64", range=ranges[n]) for n in HEAD_INPUTS[head]]
     else:
         side = config.get("image_size", 224)
         channels = int(config.get("num_channels", 3))
@@ -493,9 +487,7 @@ def resolve_source(
     weights_path = Path(weights) if weights is not None else None
     kwargs_given = factory_kwargs is not None and factory_kwargs != {}
     if path.suffix == ".onnx" and path.is_file():
-        raise SourceError(
-            f"{path}: an ONNX graph is converted by `dropwise convert {path}` (no torch network)"
-        )
+        raise SourceError(f"{path}: an ONNX graph is converted by `dropwise convert {path}` (no torch network)")
     if path.is_dir() and (path / HF_CONFIG).is_file() and not (path / MANIFEST).exists():
         if name is not None or version is not None or kwargs_given:
             raise SourceError("--name / --version / --kwargs do not apply to a Hugging Face directory")

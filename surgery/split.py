@@ -170,9 +170,7 @@ def _runtime_values(gm: fx.GraphModule, args: tuple[Any, ...]) -> dict[str, Any]
     return values
 
 
-def _build(
-    gm: fx.GraphModule, cut: int, values: dict[str, Any]
-) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
+def _build(gm: fx.GraphModule, cut: int, values: dict[str, Any]) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
     """Cut ``gm``'s node list at ``cut``: trunk = nodes before, tail = nodes from ``cut`` on."""
     nodes = list(gm.graph.nodes)
     trunk_nodes = nodes[:cut]

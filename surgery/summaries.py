@@ -1,4 +1,4 @@
-"""Monte-Carlo dropout summaries (DESIGN section 3), one torch implementation for every runtime.
+"""Monte-Carlo dropout summaries (docs/DESIGN.md §3), one torch implementation for every runtime.
 
 MC dropout (Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation") approximates the posterior
 predictive by averaging T stochastic forward passes. From the per-sample outputs this module computes:

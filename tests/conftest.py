@@ -7,9 +7,12 @@ as a package, once per test session, in a few seconds. Its metrics are meaningle
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from dropwise.models.zoo import ZOO
 
 
@@ -27,3 +30,29 @@ def quick_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def zoo_names() -> list[str]:
     """Names of every reference network."""
     return list(ZOO)
+
+
+#: statistical bounds in the tests are this many standard deviations of the statistic under a correct implementation
+SIGMAS = 5.0
+
+
+def _assert_binomial(count: int, n: int, prob: float) -> None:
+    """``count`` successes in ``n`` trials is within ``SIGMAS`` sigma of Binomial(n, prob)."""
+    sigma = math.sqrt(n * prob * (1.0 - prob))
+    assert abs(count - n * prob) <= SIGMAS * sigma + 1e-9, (count, n * prob, sigma)
+
+
+@pytest.fixture(scope="session")
+def assert_binomial() -> Callable[[int, int, float], None]:
+    """The binomial check: a count of successes lies within 5 sigma of Binomial(n, prob)."""
+    return _assert_binomial
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    loaded 2-core machine more threads make small convolutions ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -218,9 +218,7 @@ def test_cli_converts_zoo_weights_into_a_new_package(converted: _Converted, tmp_
     assert loaded.manifest.training["dataset"] == "diabetes" and loaded.manifest.target is not None
     report = json.loads((loaded.path / PARITY_FILE).read_text())
     assert (
-        report["passed"]
-        and report["mc"]["samples"] == 32
-        and report["options"]["inputs"] == "test split of diabetes"
+        report["passed"] and report["mc"]["samples"] == 32 and report["options"]["inputs"] == "test split of diabetes"
     )
 
 

@@ -121,9 +121,7 @@ def test_seeds_and_rows_give_different_masks_same_key_same_mask() -> None:
 # ---------------------------------------------------------------- engine vs naive MC
 
 
-def _naive_samples(
-    model: nn.Module, x: torch.Tensor, n_samples: int, stochastic: list[nn.Module]
-) -> torch.Tensor:
+def _naive_samples(model: nn.Module, x: torch.Tensor, n_samples: int, stochastic: list[nn.Module]) -> torch.Tensor:
     """Plain MC: T forward passes with the chosen modules in train mode (torch's own random draws)."""
     model.eval()
     for module in stochastic:
@@ -161,9 +159,7 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         nn.Dropout(0.6),
         nn.Linear(16, 4),
     )
-    cnn = nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.4), nn.Flatten(), nn.Linear(6 * 25, 3)
-    )
+    cnn = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.4), nn.Flatten(), nn.Linear(6 * 25, 3))
     classic = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), ClassicDropout(0.5), nn.Linear(12, 3))
     emb = nn.Sequential(nn.Linear(5, 8), EmbeddingDropout(0.4), nn.Flatten(), nn.Linear(24, 3))
     paths = nn.Sequential(
@@ -274,9 +270,7 @@ def test_train_mode_sites_use_keyed_draws_reproducible_per_row(name: str) -> Non
     engine = MCEngine(model, x)
     assert any(type(m).__name__ == "TrainModeSite" for m in engine.replaced)
     alone = engine(x, samples=16, seed=8, return_samples=True)
-    _, inside = engine.run_batch(
-        torch.cat([torch.randn(2, 6), x]), [2, 4], [3, 16], [1, 8], return_samples=True
-    )
+    _, inside = engine.run_batch(torch.cat([torch.randn(2, 6), x]), [2, 4], [3, 16], [1, 8], return_samples=True)
     torch.testing.assert_close(inside.samples, alone.samples)
     assert alone.samples.std(0).min() > 0
     assert not torch.allclose(engine(x, samples=16, seed=9, return_samples=True).samples, alone.samples)
@@ -454,3 +448,22 @@ def test_bad_arguments_are_refused() -> None:
         MCEngine(model, x, sites=["nope"])
     with pytest.raises(ValueError):
         MCEngine(nn.Linear(3, 2), torch.randn(1, 3))
+
+
+def test_one_shot_builds_on_a_slice_and_matches_a_prebuilt_engine() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        DropBlock2d(0.2, block_size=3),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(4 * 6 * 6, 3),
+    ).eval()
+    x = torch.randn(40, 1, 6, 6)  # more rows than the slice the one-shot engine is built on
+    one_shot = mc_predict(model, x, samples=8, seed=5, return_samples=True)
+    prebuilt = MCEngine(model, x)(x, samples=8, seed=5, return_samples=True)
+    assert one_shot.samples.shape == (8, 40, 3)
+    torch.testing.assert_close(one_shot.samples, prebuilt.samples, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_shot.mean_probs, prebuilt.mean_probs, rtol=1e-5, atol=1e-6)

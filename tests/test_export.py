@@ -136,9 +136,7 @@ def test_random_nodes_found_in_subgraphs_and_functions() -> None:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
     cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
     branch_out = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])
-    noisy = helper.make_graph(
-        [helper.make_node("Dropout", ["x"], ["b"], name="hidden")], "then", [], [branch_out]
-    )
+    noisy = helper.make_graph([helper.make_node("Dropout", ["x"], ["b"], name="hidden")], "then", [], [branch_out])
     plain = helper.make_graph([helper.make_node("Identity", ["x"], ["b"])], "else", [], [branch_out])
     node = helper.make_node("If", ["c"], ["y"], then_branch=noisy, else_branch=plain, name="branch")
     function = helper.make_function(

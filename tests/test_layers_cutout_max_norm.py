@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,11 +12,6 @@ from torch import nn
 SIGMAS = 5.0
 
 
-def assert_binomial(count: int, n: int, prob: float) -> None:
-    sigma = math.sqrt(n * prob * (1.0 - prob))
-    assert abs(count - n * prob) <= SIGMAS * sigma + 1e-9, (count, n * prob, sigma)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -24,7 +19,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------- Cutout
 
 
-def test_cutout_centre_anywhere_so_holes_clip_at_borders() -> None:
+def test_cutout_centre_anywhere_so_holes_clip_at_borders(assert_binomial: Callable[[int, int, float], None]) -> None:
     size, side, images = 5, 8, 4000
     x = torch.ones(images, 2, side, side)
     holes = cutout(x, size, generator=_gen(1)) == 0  # [B, C, H, W]
@@ -42,7 +37,7 @@ def test_cutout_centre_anywhere_so_holes_clip_at_borders() -> None:
     assert_binomial(int(holes[:, 0, 4, 4].sum()), images, (5 / side) ** 2)
 
 
-def test_cutout_probability_holes_and_fill() -> None:
+def test_cutout_probability_holes_and_fill(assert_binomial: Callable[[int, int, float], None]) -> None:
     x = torch.ones(5000, 1, 32, 32)
     out = cutout(x, 1, n_holes=3, p=0.4, fill=-2.5, generator=_gen(2))
     changed = out != 1
@@ -83,9 +78,7 @@ def test_max_norm_projects_rows_of_linear_weights() -> None:
     small = norms <= 2.0
     assert torch.equal(after[small], before_w[small]), "rows inside the ball are untouched"
     assert torch.allclose(after.norm(dim=1)[~small], torch.full((int((~small).sum()),), 2.0), rtol=1e-6)
-    assert torch.allclose(after[~small], before_w[~small] * (2.0 / norms[~small]).unsqueeze(1)), (
-        "direction kept"
-    )
+    assert torch.allclose(after[~small], before_w[~small] * (2.0 / norms[~small]).unsqueeze(1)), "direction kept"
     assert torch.equal(layer.bias, before_b), "biases are not constrained"
     assert layer.weight.grad is None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,11 +12,6 @@ from dropwise.models.layers import DropBlock2d, DropBlockSchedule, drop_block2d,
 from torch import nn
 
 SIGMAS = 5.0
-
-
-def assert_binomial(count: int, n: int, prob: float) -> None:
-    sigma = math.sqrt(n * prob * (1.0 - prob))
-    assert abs(count - n * prob) <= SIGMAS * sigma + 1e-9, (count, n * prob, sigma)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -41,16 +37,14 @@ def _dropped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y == 0) & (x != 0)
 
 
-def test_seven_by_seven_map_with_block_seven_drops_p_of_it() -> None:
+def test_seven_by_seven_map_with_block_seven_drops_p_of_it(assert_binomial: Callable[[int, int, float], None]) -> None:
     # timm >= 1.0.23 zeroes ~92% here (seeds anywhere, gamma for the valid region); the paper gives p.
     p, batch, channels = 0.1, 64, 64
     x = torch.rand(batch, channels, 7, 7, generator=_gen(1)) + 0.5
     y = DropBlock2d(p, 7, generator=_gen(2)).train()(x)
     maps = _dropped(x, y).flatten(2)
     whole = maps.all(2)
-    assert torch.equal(maps.any(2), whole), (
-        "with the block as large as the map, a map goes whole or not at all"
-    )
+    assert torch.equal(maps.any(2), whole), "with the block as large as the map, a map goes whole or not at all"
     assert_binomial(int(whole.sum()), batch * channels, p)
 
 
@@ -58,9 +52,7 @@ def test_seven_by_seven_map_with_block_seven_drops_p_of_it() -> None:
     ("p", "block", "height", "width"),
     [(0.1, 3, 14, 9), (0.1, 7, 14, 9), (0.3, 4, 14, 9), (0.2, 5, 3, 10), (0.15, 7, 5, 5)],
 )
-def test_drop_fraction_matches_brute_force_and_is_about_p(
-    p: float, block: int, height: int, width: int
-) -> None:
+def test_drop_fraction_matches_brute_force_and_is_about_p(p: float, block: int, height: int, width: int) -> None:
     maps = 8192
     x = torch.ones(maps // 64, 64, height, width)
     y = drop_block2d(x, p, block, training=True, generator=_gen(3))
@@ -74,7 +66,7 @@ def test_drop_fraction_matches_brute_force_and_is_about_p(
     assert 0.8 * p - SIGMAS * sd <= float(per_map.mean()) <= p + SIGMAS * sd
 
 
-def test_seeds_only_in_the_valid_region() -> None:
+def test_seeds_only_in_the_valid_region(assert_binomial: Callable[[int, int, float], None]) -> None:
     # A corner pixel is covered by exactly one valid seed, so it drops with probability gamma (seeds
     # anywhere would also let border seeds reach it, and clipped partial blocks would appear).
     p, block, height, width = 0.3, 3, 14, 9
@@ -115,9 +107,7 @@ def test_rescaling_preserves_the_sum_and_gradient_is_mask_scaled() -> None:
 @pytest.mark.parametrize("block", [1, 2, 3, 6])
 def test_gradcheck_with_fixed_mask(block: int) -> None:
     x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda t: drop_block2d(t, 0.3, block, training=True, generator=_gen(9)), (x,)
-    )
+    assert torch.autograd.gradcheck(lambda t: drop_block2d(t, 0.3, block, training=True, generator=_gen(9)), (x,))
 
 
 def test_sample_normalisation_rescales_each_sample_by_its_own_kept_fraction() -> None:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from dropwise.models.layers import DropPath, FractalJoin, drop_path, fractal_join, linear_decay
 
 SIGMAS = 5.0
-
-
-def assert_binomial(count: int, n: int, prob: float) -> None:
-    sigma = math.sqrt(n * prob * (1.0 - prob))
-    assert abs(count - n * prob) <= SIGMAS * sigma + 1e-9, (count, n * prob, sigma)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -23,7 +19,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 # -------------------------------------------------------------------------------------------- DropPath
 
 
-def test_timm_form_gates_per_sample_and_rescales() -> None:
+def test_timm_form_gates_per_sample_and_rescales(assert_binomial: Callable[[int, int, float], None]) -> None:
     p, batch = 0.3, 20_000
     x = torch.rand(batch, 3, 4, generator=_gen(1)) + 0.5
     y = DropPath(p, generator=_gen(2)).train()(x)
@@ -45,7 +41,9 @@ def test_timm_form_preserves_expectation_and_eval_is_identity() -> None:
     assert layer.eval_scale == 1.0
 
 
-def test_classic_form_one_gate_per_batch_and_eval_multiplies_by_q() -> None:
+def test_classic_form_one_gate_per_batch_and_eval_multiplies_by_q(
+    assert_binomial: Callable[[int, int, float], None],
+) -> None:
     p, calls = 0.4, 3000
     layer = DropPath(p, scale_by_keep=False, generator=_gen(4)).train()
     x = torch.rand(16, 5, generator=_gen(5)) + 0.5
@@ -105,7 +103,7 @@ def _inputs(batch: int) -> list[torch.Tensor]:
     return [torch.full((batch, 2), v) for v in VALUES]
 
 
-def test_fractal_join_never_drops_all_inputs() -> None:
+def test_fractal_join_never_drops_all_inputs(assert_binomial: Callable[[int, int, float], None]) -> None:
     batch = 5000
     join = FractalJoin(3, p=0.9, generator=_gen(10)).train()  # P(all dropped) = 0.729 before the rescue
     out = join(_inputs(batch))
@@ -121,7 +119,7 @@ def test_fractal_join_never_drops_all_inputs() -> None:
         assert_binomial(sum(1 for s in singles if s == (i,)), len(singles), 1 / 3)
 
 
-def test_fractal_join_local_drop_rate_and_expectation() -> None:
+def test_fractal_join_local_drop_rate_and_expectation(assert_binomial: Callable[[int, int, float], None]) -> None:
     p, batch = 0.5, 20_000
     out = fractal_join(_inputs(batch), p, training=True, generator=_gen(11))[:, 0]
     allowed = _subset_means()
@@ -157,9 +155,7 @@ def test_fractal_join_gradients_are_survivor_weights() -> None:
 
 def test_fractal_join_gradcheck_with_fixed_mask() -> None:
     xs = tuple(torch.randn(5, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: fractal_join([a, b, c], 0.5, training=True, generator=_gen(14)), xs
-    )
+    assert torch.autograd.gradcheck(lambda a, b, c: fractal_join([a, b, c], 0.5, training=True, generator=_gen(14)), xs)
 
 
 def test_fractal_join_input_checks() -> None:

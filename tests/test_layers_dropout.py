@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,12 +11,6 @@ from dropwise.models.layers import ClassicDropout, EmbeddingDropout, classic_dro
 from torch import nn
 
 SIGMAS = 5.0  # bounds below are 5 standard deviations of the statistic under a correct implementation
-
-
-def assert_binomial(count: int, n: int, prob: float) -> None:
-    """``count`` successes in ``n`` trials is within 5 sigma of Binomial(n, prob)."""
-    sigma = math.sqrt(n * prob * (1.0 - prob))
-    assert abs(count - n * prob) <= SIGMAS * sigma + 1e-9, (count, n * prob, sigma)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -26,7 +21,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
-def test_classic_drop_rate_and_no_rescaling(p: float) -> None:
+def test_classic_drop_rate_and_no_rescaling(p: float, assert_binomial: Callable[[int, int, float], None]) -> None:
     x = torch.rand(200_000, generator=_gen(1)) + 0.5
     y = ClassicDropout(p, generator=_gen(2)).train()(x)
     dropped = y == 0
@@ -102,7 +97,9 @@ def test_embedding_is_not_token_dropout_like_dropout1d() -> None:
 
 
 @pytest.mark.parametrize("p", [0.2, 0.6])
-def test_embedding_drop_rate_per_sample_and_dimension(p: float) -> None:
+def test_embedding_drop_rate_per_sample_and_dimension(
+    p: float, assert_binomial: Callable[[int, int, float], None]
+) -> None:
     x = torch.ones(2000, 3, 64)
     y = embedding_dropout(x, p, training=True, generator=_gen(13))
     assert_binomial(int((y[:, 0, :] == 0).sum()), 2000 * 64, p)
@@ -130,9 +127,7 @@ def test_embedding_eval_identity_and_gradient() -> None:
 
 def test_embedding_gradcheck_with_fixed_mask() -> None:
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda t: embedding_dropout(t, 0.5, training=True, generator=_gen(19)), (x,)
-    )
+    assert torch.autograd.gradcheck(lambda t: embedding_dropout(t, 0.5, training=True, generator=_gen(19)), (x,))
 
 
 def test_embedding_rejects_wrong_rank() -> None:

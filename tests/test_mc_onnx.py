@@ -160,9 +160,7 @@ def test_regression_graph_with_a_site_subset_and_a_drop_connect_site(tmp_path: P
     )
     x = torch.randn(4, 3)
     sites = ["3", "4"]
-    path = export_mc_onnx(
-        model, x, tmp_path / "reg.onnx", sites=sites, task="regression", return_samples=False
-    )
+    path = export_mc_onnx(model, x, tmp_path / "reg.onnx", sites=sites, task="regression", return_samples=False)
     assert not RANDOM_OPS & {n.op_type for n in onnx.load(str(path)).graph.node}
     session = _session(path)
     assert [o.name for o in session.get_outputs()] == ["mean", "std", "seed_used"]

@@ -28,9 +28,7 @@ from dropwise.package import (
 from safetensors import safe_open
 
 
-def _save(
-    repository: Path, name: str = "mlp_digits", version: int | None = None
-) -> tuple[Path, torch.nn.Module]:
+def _save(repository: Path, name: str = "mlp_digits", version: int | None = None) -> tuple[Path, torch.nn.Module]:
     spec = ZOO[name]
     torch.manual_seed(0)
     model = build(name).eval()
@@ -81,9 +79,7 @@ def test_quick_repository_holds_a_verified_package_per_network(quick_repository:
         assert torch.isfinite(loaded.model(x)).all()
 
 
-def test_weights_are_safetensors_and_loading_never_unpickles(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_weights_are_safetensors_and_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path, model = _save(tmp_path)
     with safe_open(str(path / WEIGHTS), framework="pt") as fh:
         assert set(fh.keys()) == set(model.state_dict())

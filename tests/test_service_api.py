@@ -2,7 +2,8 @@
 
 Covers model listing and description, deterministic and MC predictions checked against the network run
 directly, regression units, token models, seeds, errors for bad input on every route, body limits,
-readiness, the OpenAPI schema and the catch-all 500.
+readiness, the OpenAPI schema and the catch-all 500. Every app is pinned to `device="cpu"` because the
+tests assert it (`auto` picks a GPU wherever torch sees one); the GPU runs live in `test_service_cuda.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def client(repo: Path):
-    app = create_app(Settings(repository=repo, max_samples=64, max_rows_per_request=32))
+    app = create_app(Settings(repository=repo, device="cpu", max_samples=64, max_rows_per_request=32))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -131,9 +132,7 @@ def test_regression_answers_mean_and_std_in_target_units(client: TestClient, rep
     assert target is not None
     np.testing.assert_allclose(det["mean"], raw * target.std + target.mean, rtol=1e-5)
     assert "probabilities" not in det and "predictions" not in det
-    mc = client.post(
-        "/v1/models/mlp_diabetes/predict", json={"inputs": x, "mode": "mc", "samples": 32}
-    ).json()
+    mc = client.post("/v1/models/mlp_diabetes/predict", json={"inputs": x, "mode": "mc", "samples": 32}).json()
     assert np.asarray(mc["mean"]).shape == (4, 1) and np.asarray(mc["uncertainty"]["std"]).shape == (4, 1)
     assert min(v[0] for v in mc["uncertainty"]["std"]) > 0
     assert set(mc["uncertainty"]) == {"std"}
@@ -143,9 +142,7 @@ def test_token_model_accepts_ids_and_refuses_out_of_vocabulary(client: TestClien
     info = client.get("/v1/models/embedding_digits_tokens").json()
     assert info["input"]["dtype"] == "int64"
     length = info["input"]["shape"][1]
-    ok = client.post(
-        "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * length], "mode": "mc"}
-    )
+    ok = client.post("/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * length], "mode": "mc"})
     assert ok.status_code == 200
     as_floats = client.post("/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1.0] * length]})
     assert as_floats.status_code == 200
@@ -180,9 +177,7 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("body", "status", "field"), BAD_BODIES)
-def test_bad_bodies_answer_4xx_naming_the_field(
-    client: TestClient, body: dict, status: int, field: str
-) -> None:
+def test_bad_bodies_answer_4xx_naming_the_field(client: TestClient, body: dict, status: int, field: str) -> None:
     for path in ("/v1/models/mlp_digits/predict", "/v1/models/mlp_digits/versions/{v}/predict"):
         version = client.get("/v1/models/mlp_digits").json()["version"]
         r = client.post(path.format(v=version), json=body)
@@ -193,9 +188,7 @@ def test_bad_bodies_answer_4xx_naming_the_field(
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_nan_and_inf_are_refused(client: TestClient, literal: str) -> None:
     raw = '{"inputs": [[' + ", ".join([literal] + ["1"] * 63) + "]]}"
-    r = client.post(
-        "/v1/models/mlp_digits/predict", content=raw, headers={"content-type": "application/json"}
-    )
+    r = client.post("/v1/models/mlp_digits/predict", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and _field(r) == "inputs"
     assert "NaN or Inf" in r.json()["error"]["message"]
 
@@ -227,7 +220,7 @@ def test_malformed_json_and_content(client: TestClient) -> None:
 
 
 def test_body_limit_by_content_length_and_stream(repo: Path) -> None:
-    app = create_app(Settings(repository=repo, max_body_bytes=4096))
+    app = create_app(Settings(repository=repo, device="cpu", max_body_bytes=4096))
     with TestClient(app) as c:
         big = {"inputs": _digits(30)}
         r = c.post("/v1/models/mlp_digits/predict", json=big)
@@ -239,9 +232,7 @@ def test_body_limit_by_content_length_and_stream(repo: Path) -> None:
                 yield json.dumps([1.0] * 64).encode() + b","
             yield b"[1]]}"
 
-        r = c.post(
-            "/v1/models/mlp_digits/predict", content=chunks(), headers={"content-type": "application/json"}
-        )
+        r = c.post("/v1/models/mlp_digits/predict", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and _field(r) == "body"
         r = c.post("/v2/models/mlp_digits/infer", content=b"x" * 5000)
         assert r.status_code == 413 and isinstance(r.json()["error"], str)
@@ -254,7 +245,7 @@ def test_health_readiness_and_zero_models(client: TestClient, tmp_path: Path) ->
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert set(ready.json()["models"]) == {"mlp_digits", "embedding_digits_tokens", "mlp_diabetes"}
-    with TestClient(create_app(Settings(repository=tmp_path))) as empty:
+    with TestClient(create_app(Settings(repository=tmp_path, device="cpu"))) as empty:
         assert empty.get("/healthz").status_code == 200
         r = empty.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "not ready"
@@ -270,7 +261,7 @@ def test_tampered_package_keeps_readyz_false_and_others_serving(repo: Path, tmp_
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with TestClient(create_app(Settings(repository=copy))) as c:
+    with TestClient(create_app(Settings(repository=copy, device="cpu"))) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and any("sha256" in e for e in r.json()["errors"].values())
         assert c.post("/v1/models/mlp_digits/predict", json={"inputs": _digits(1)}).status_code == 200
@@ -303,7 +294,7 @@ def test_openapi_documents_native_routes_with_examples(client: TestClient) -> No
 
 
 def test_unexpected_exception_answers_json_500_without_traceback(repo: Path) -> None:
-    app = create_app(Settings(repository=repo))
+    app = create_app(Settings(repository=repo, device="cpu"))
 
     @app.get("/boom")
     async def boom() -> None:
@@ -312,7 +303,5 @@ def test_unexpected_exception_answers_json_500_without_traceback(repo: Path) -> 
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/boom")
         assert r.status_code == 500
-        assert r.json() == {
-            "error": {"message": "internal server error", "field": None, "type": "ServiceError"}
-        }
+        assert r.json() == {"error": {"message": "internal server error", "field": None, "type": "ServiceError"}}
         assert "secret" not in r.text

@@ -8,6 +8,7 @@ concurrently on one event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,12 @@ def _x(n: int, seed: int) -> list[list[float]]:
 
 def test_seeded_mc_result_does_not_depend_on_batch_company(repo: Path) -> None:
     target = {"inputs": _x(2, 0), "mode": "mc", "samples": 16, "seed": 5, "return_samples": True}
-    settings = Settings(repository=repo, max_queue_delay_ms=30, max_batch_size=256)
+    settings = Settings(repository=repo, device="cpu", max_queue_delay_ms=30, max_batch_size=256)
 
     async def body(client: httpx.AsyncClient) -> tuple[dict, list[dict]]:
         alone = (await client.post(URL, json=target)).json()
         others = [
-            {"inputs": _x(1 + i % 3, 100 + i), "mode": "mc", "samples": 4 + 4 * (i % 5), "seed": i}
-            for i in range(24)
+            {"inputs": _x(1 + i % 3, 100 + i), "mode": "mc", "samples": 4 + 4 * (i % 5), "seed": i} for i in range(24)
         ]
         jobs = [client.post(URL, json=b) for b in others[:12]]
         jobs += [client.post(URL, json=target) for _ in range(3)]
@@ -75,7 +75,7 @@ def test_seeded_mc_result_does_not_depend_on_batch_company(repo: Path) -> None:
 
 def test_deterministic_result_does_not_depend_on_batch_company(repo: Path) -> None:
     target = {"inputs": _x(3, 1)}
-    settings = Settings(repository=repo, max_queue_delay_ms=30)
+    settings = Settings(repository=repo, device="cpu", max_queue_delay_ms=30)
 
     async def body(client: httpx.AsyncClient) -> tuple[dict, list[dict]]:
         alone = (await client.post(URL, json=target)).json()
@@ -90,25 +90,31 @@ def test_deterministic_result_does_not_depend_on_batch_company(repo: Path) -> No
 
 
 def test_mc_requests_with_different_t_share_one_batch(repo: Path) -> None:
-    settings = Settings(repository=repo, max_queue_delay_ms=100, max_batch_size=64)
+    settings = Settings(repository=repo, device="cpu", max_queue_delay_ms=100, max_batch_size=64)
+    same = {"inputs": _x(1, 7), "mode": "mc", "seed": 1, "return_samples": True}
 
     async def body(client: httpx.AsyncClient) -> list[dict]:
-        jobs = [
-            client.post(URL, json={"inputs": _x(1, 7), "mode": "mc", "samples": t, "seed": 1})
-            for t in (2, 8, 32)
-        ]
+        jobs = [client.post(URL, json={**same, "samples": t}) for t in (2, 8, 32)]
         return [a.json() for a in await asyncio.gather(*jobs)]
 
     answers = _run(settings, body)
     assert [a["samples"] for a in answers] == [2, 8, 32]
     assert all(a["timings"]["batch_rows"] == 3 for a in answers), [a["timings"] for a in answers]
-    # T changes the estimate; the first T samples of a seeded request are the same whatever T is asked
+    # the first T samples of a seeded request are the same whatever T is asked (sample t's masks are
+    # keyed by t, not by T), so only the samples added by a larger T change the estimate
+    per_sample = [np.asarray(a["sample_outputs"]) for a in answers]
+    assert [s.shape[0] for s in per_sample] == [2, 8, 32]
+    for small, large in itertools.pairwise(per_sample):
+        np.testing.assert_allclose(large[: small.shape[0]], small, rtol=0, atol=1e-6)
+    assert not np.allclose(per_sample[2][2:], per_sample[2][:1], atol=1e-3), "the samples do not vary"
+    for answer, samples in zip(answers, per_sample, strict=True):
+        np.testing.assert_allclose(answer["probabilities"], samples.mean(axis=0), rtol=0, atol=1e-5)
     assert answers[0]["probabilities"] != answers[2]["probabilities"]
 
 
 def test_full_queue_answers_429_with_retry_after(repo: Path) -> None:
     settings = Settings(
-        repository=repo, queue_capacity=2, max_batch_size=32, max_queue_delay_ms=0, max_samples=512
+        repository=repo, device="cpu", queue_capacity=2, max_batch_size=32, max_queue_delay_ms=0, max_samples=512
     )
     heavy = {"inputs": _x(32, 3), "mode": "mc", "samples": 512, "seed": 1}
 
@@ -123,19 +129,34 @@ def test_full_queue_answers_429_with_retry_after(repo: Path) -> None:
     assert all(a.json()["error"]["type"] == "QueueFull" for a in refused)
 
 
+def _queue_depth(metrics_text: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "dropwise_queue_depth" and sample.labels.get("model") == "mlp_digits":
+                return sample.value
+    return 0.0
+
+
 def test_request_past_its_deadline_answers_504(repo: Path) -> None:
-    settings = Settings(repository=repo, max_batch_size=32, max_queue_delay_ms=0, max_samples=512)
+    """The late request's deadline is a quarter of one measured heavy pass, and it waits behind at least
+    two of them, so it runs out whatever the machine's speed (no CPU timing is built in)."""
+    settings = Settings(repository=repo, device="cpu", max_batch_size=32, max_queue_delay_ms=0, max_samples=512)
     heavy = {"inputs": _x(32, 3), "mode": "mc", "samples": 512, "seed": 1}
 
-    async def body(client: httpx.AsyncClient) -> tuple[list[httpx.Response], httpx.Response]:
-        busy = [asyncio.ensure_future(client.post(URL, json=heavy)) for _ in range(4)]
-        await asyncio.sleep(0.05)
-        late = await client.post(URL, json={"inputs": _x(1, 4), "timeout_s": 0.02})
-        return list(await asyncio.gather(*busy)), late
+    async def body(client: httpx.AsyncClient) -> tuple[float, list[httpx.Response], httpx.Response]:
+        measured = [(await client.post(URL, json=heavy)).json() for _ in range(3)]
+        pass_s = min(m["timings"]["compute_ms"] for m in measured) / 1000.0
+        busy = [asyncio.ensure_future(client.post(URL, json=heavy)) for _ in range(6)]
+        while _queue_depth((await client.get("/metrics")).text) < 2:
+            assert not all(b.done() for b in busy), "the heavy requests never queued up"
+            await asyncio.sleep(0.001)
+        late = await client.post(URL, json={"inputs": _x(1, 4), "timeout_s": max(pass_s / 4, 0.001)})
+        return pass_s, list(await asyncio.gather(*busy)), late
 
-    busy, late = _run(settings, body)
+    pass_s, busy, late = _run(settings, body)
+    assert pass_s > 0
     assert all(a.status_code == 200 for a in busy)
-    assert late.status_code == 504
+    assert late.status_code == 504, (pass_s, late.json())
     assert late.json()["error"]["field"] == "timeout"
 
 
@@ -148,15 +169,12 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_count_requests_latency_queue_batches_and_samples(repo: Path) -> None:
-    settings = Settings(repository=repo, max_queue_delay_ms=20, max_samples=64)
+    settings = Settings(repository=repo, device="cpu", max_queue_delay_ms=20, max_samples=64)
 
     async def body(client: httpx.AsyncClient) -> str:
         await asyncio.gather(*[client.post(URL, json={"inputs": _x(2, i)}) for i in range(3)])
         await asyncio.gather(
-            *[
-                client.post(URL, json={"inputs": _x(1, i), "mode": "mc", "samples": 8 * (i + 1)})
-                for i in range(2)
-            ]
+            *[client.post(URL, json={"inputs": _x(1, i), "mode": "mc", "samples": 8 * (i + 1)}) for i in range(2)]
         )
         await client.post(URL, json={"inputs": [[1.0]]})
         await client.post(URL, json={"inputs": _x(1, 0), "mode": "mc", "samples": 65})

@@ -85,21 +85,14 @@ def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:
     with running_server(onnx_repo, "--backend", "torch", "--device", "cpu") as base:
         torch_det = httpx.post(base + "/v1/models/mlp_digits/predict", json=det).json()
         torch_mc = httpx.post(base + "/v1/models/mlp_digits/predict", json=mc).json()
-        torch_reg = httpx.post(
-            base + "/v1/models/mlp_diabetes/predict", json={**mc, "inputs": [[0.1] * 10]}
-        ).json()
+        torch_reg = httpx.post(base + "/v1/models/mlp_diabetes/predict", json={**mc, "inputs": [[0.1] * 10]}).json()
     with running_server(onnx_repo, "--device", "cpu", env={"DROPWISE_BACKEND": "onnxruntime"}) as base:
         info = httpx.get(base + "/v1/models/mlp_digits").json()
         assert info["backend"] == "onnxruntime" and info["provider"] == "CPUExecutionProvider"
         onnx_det = httpx.post(base + "/v1/models/mlp_digits/predict", json=det).json()
         np.testing.assert_allclose(onnx_det["probabilities"], torch_det["probabilities"], atol=1e-5)
-        assert (
-            onnx_det["predictions"] == torch_det["predictions"]
-            and onnx_det["provider"] == "CPUExecutionProvider"
-        )
-        tokens = httpx.post(
-            base + "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[10_000] * 64]}
-        )
+        assert onnx_det["predictions"] == torch_det["predictions"] and onnx_det["provider"] == "CPUExecutionProvider"
+        tokens = httpx.post(base + "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[10_000] * 64]})
         assert tokens.status_code == 400 and tokens.json()["error"]["field"] == "inputs"
         no_mc = httpx.post(
             base + "/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * 64], "mode": "mc"}
@@ -110,9 +103,7 @@ def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:
         np.testing.assert_allclose(onnx_mc["probabilities"], torch_mc["probabilities"], atol=1e-4)
         for key, value in torch_mc["uncertainty"].items():
             np.testing.assert_allclose(onnx_mc["uncertainty"][key], value, atol=1e-4, err_msg=key)
-        onnx_reg = httpx.post(
-            base + "/v1/models/mlp_diabetes/predict", json={**mc, "inputs": [[0.1] * 10]}
-        ).json()
+        onnx_reg = httpx.post(base + "/v1/models/mlp_diabetes/predict", json={**mc, "inputs": [[0.1] * 10]}).json()
         np.testing.assert_allclose(onnx_reg["mean"], torch_reg["mean"], rtol=1e-4)
         np.testing.assert_allclose(onnx_reg["uncertainty"]["std"], torch_reg["uncertainty"]["std"], rtol=1e-3)
 
@@ -125,9 +116,7 @@ def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:
         ([], {"DROPWISE_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
     ],
 )
-def test_serve_refuses_bad_options_in_one_line(
-    repo: Path, args: list[str], env: dict[str, str], message: str
-) -> None:
+def test_serve_refuses_bad_options_in_one_line(repo: Path, args: list[str], env: dict[str, str], message: str) -> None:
     if "--repository" not in args:
         args = ["--repository", str(repo), *args]
     done = subprocess.run(

@@ -56,9 +56,7 @@ class Server:
         for model in sorted(self.models.values(), key=lambda m: m.name):
             if model.task == task and model.input_dtype == dtype and (model.has_sites or not mc):
                 return model
-        pytest.fail(
-            f"the test repository has no {task} model with {dtype} input{' and MC sites' if mc else ''}"
-        )
+        pytest.fail(f"the test repository has no {task} model with {dtype} input{' and MC sites' if mc else ''}")
 
 
 def _scan(repository: Path) -> dict[str, ServedModel]:
@@ -202,9 +200,7 @@ def test_model_metadata_and_readiness(server: Server, client: httpclient.Inferen
 
 # ------------------------------------------------------------------------------------------- inference
 @pytest.mark.parametrize("binary", [True, False])
-def test_deterministic_matches_native(
-    server: Server, client: httpclient.InferenceServerClient, binary: bool
-) -> None:
+def test_deterministic_matches_native(server: Server, client: httpclient.InferenceServerClient, binary: bool) -> None:
     model = server.pick(mc=False)
     x = _inputs_for(model, rows=5, seed=1)
     outputs = [
@@ -256,9 +252,7 @@ def test_mc_matches_native_and_is_seeded(server: Server, client: httpclient.Infe
     assert np.all(mi >= 0)
     np.testing.assert_allclose(mi, np.maximum(pe - ee, 0.0), atol=1e-4)
     native = _native(server, model, x, mode="mc", samples=16, seed=1234)
-    np.testing.assert_allclose(
-        first.as_numpy("probabilities"), np.asarray(native["probabilities"]), rtol=1e-5
-    )
+    np.testing.assert_allclose(first.as_numpy("probabilities"), np.asarray(native["probabilities"]), rtol=1e-5)
     uncertainty = native["uncertainty"]
     for name in MC_NAMES:
         np.testing.assert_allclose(
@@ -304,9 +298,7 @@ def test_regression_model(server: Server, client: httpclient.InferenceServerClie
     x = _inputs_for(model, rows=3, seed=4)
     det = client.infer(model.name, [_infer_input(model, x)])
     assert [o["name"] for o in det.get_response()["outputs"]] == ["mean"]
-    mc = client.infer(
-        model.name, [_infer_input(model, x)], parameters={"mode": "mc", "samples": 8, "seed": 3}
-    )
+    mc = client.infer(model.name, [_infer_input(model, x)], parameters={"mode": "mc", "samples": 8, "seed": 3})
     assert [o["name"] for o in mc.get_response()["outputs"]] == ["mean", "std"]
     meta = client.get_model_metadata(model.name)
     assert [o["name"] for o in meta["outputs"]] == ["mean", "std", "samples"]
@@ -442,12 +434,8 @@ def test_bad_requests_through_the_client(server: Server, client: httpclient.Infe
         _expect_error(lambda p=poisoned: client.infer(model.name, [_infer_input(model, p)]), "400", "NaN")
 
 
-def _raw(
-    server: Server, model: ServedModel, body: bytes, headers: dict[str, str] | None = None
-) -> httpx.Response:
-    request = httpx.Request(
-        "POST", f"{server.url}/v2/models/{model.name}/infer", content=body, headers=headers
-    )
+def _raw(server: Server, model: ServedModel, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    request = httpx.Request("POST", f"{server.url}/v2/models/{model.name}/infer", content=body, headers=headers)
     request.headers.pop("content-type", None)
     with httpx.Client(timeout=60) as http:
         return http.send(request)
@@ -514,9 +502,7 @@ def test_raw_http_bodies(server: Server) -> None:
         {"Content-Encoding": "gzip", "Inference-Header-Content-Length": str(length)},
     )
     assert packed.status_code == 200, packed.text
-    np.testing.assert_array_equal(
-        np.asarray(packed.json()["outputs"][0]["data"], dtype=np.float32), probabilities
-    )
+    np.testing.assert_array_equal(np.asarray(packed.json()["outputs"][0]["data"], dtype=np.float32), probabilities)
     nan_body = json.dumps(
         {"inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [1, 1], "data": [float("nan")]}]}
     ).encode()
@@ -558,9 +544,7 @@ def test_response_compression(server: Server, client: httpclient.InferenceServer
     assert raw.status_code == 200
     assert raw.headers["content-encoding"] == "gzip"
     np.testing.assert_array_equal(
-        np.asarray(raw.json()["outputs"][-1]["data"], dtype=np.float32).reshape(
-            plain.as_numpy("samples").shape
-        ),
+        np.asarray(raw.json()["outputs"][-1]["data"], dtype=np.float32).reshape(plain.as_numpy("samples").shape),
         plain.as_numpy("samples"),
     )
 

@@ -161,9 +161,7 @@ def _json_body(tensor: dict) -> bytes:
         (_json_body({"name": "x", "datatype": "FP32", "shape": [1]}), "neither 'data'"),
         (_json_body({"name": "", "datatype": "FP32", "shape": [1], "data": [1]}), "name"),
         (
-            json.dumps(
-                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "id": 3}
-            ).encode(),
+            json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "id": 3}).encode(),
             "'id'",
         ),
         (
@@ -204,9 +202,7 @@ def test_truncated_and_padded_binary_bodies() -> None:
 
 
 def test_binary_size_must_match_shape() -> None:
-    header = {
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 4}}]
-    }
+    header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 4}}]}
     head = json.dumps(header).encode()
     with pytest.raises(V2CodecError, match="does not match shape"):
         decode_body(head + b"\0" * 4, len(head))

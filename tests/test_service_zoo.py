@@ -41,9 +41,7 @@ def test_every_zoo_network_answers_both_modes(quick_repository: Path) -> None:
             x = _inputs(info, 2, 0)
             det = client.post(f"/v1/models/{name}/predict", json={"inputs": x})
             assert det.status_code == 200, (name, det.text)
-            mc = client.post(
-                f"/v1/models/{name}/predict", json={"inputs": x, "mode": "mc", "samples": 4, "seed": 1}
-            )
+            mc = client.post(f"/v1/models/{name}/predict", json={"inputs": x, "mode": "mc", "samples": 4, "seed": 1})
             assert mc.status_code == 200, (name, mc.text)
             body = mc.json()
             if info["task"] == "classification":
@@ -91,9 +89,7 @@ def test_train_mode_site_networks_stay_reproducible_under_batching(quick_reposit
                 url = f"/v1/models/{name}/predict"
                 alone = (await client.post(url, json=target)).json()
                 others = [
-                    client.post(
-                        url, json={"inputs": _inputs(info, 1, i), "mode": "mc", "samples": 3, "seed": i}
-                    )
+                    client.post(url, json={"inputs": _inputs(info, 1, i), "mode": "mc", "samples": 3, "seed": i})
                     for i in range(4)
                 ]
                 answers = await asyncio.gather(*others[:2], client.post(url, json=target), *others[2:])

@@ -31,12 +31,7 @@ NET = "mlp_classic_digits"
 FAST = ConvertOptions(progress=False, samples=32, mc_batch=8, batch_sizes=(1, 5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

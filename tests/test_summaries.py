@@ -1,4 +1,4 @@
-"""MC summaries (DESIGN section 3): values against a float64 reference, edge cases, ONNX export."""
+"""MC summaries (docs/DESIGN.md §3): values against a float64 reference, edge cases, ONNX export."""
 
 from __future__ import annotations
 

@@ -15,14 +15,7 @@ from safetensors.torch import save_file
 
 from dropwise.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NET = "mlp_classic_digits"  # classic dropout: a fold that forgot q would change the outputs

@@ -11,14 +11,7 @@ from dropwise.surgery import find_sites, fold
 from dropwise.surgery.fold import ActivatedLinear, MeanJoin, Removed, Scale
 from torch import nn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:

@@ -20,14 +20,7 @@ from dropwise.surgery import find_sites, register_site_type
 from dropwise.surgery.sites import _USER, SiteType
 from torch import nn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _foreign(module: str, name: str, **attrs: object) -> nn.Module:

@@ -10,14 +10,7 @@ from dropwise.models.layers import DropPath
 from dropwise.surgery import split, to_mc
 from torch import fx, nn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Block(nn.Module):

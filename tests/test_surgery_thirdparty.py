@@ -13,14 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from dropwise.surgery import find_sites, fold, split, to_mc  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bert(impl: str, hidden: float = 0.1, attention: float = 0.1):
@@ -102,8 +95,7 @@ def test_bert_sites_and_surgery(impl: str) -> None:
     kind = "attention_dropout" if impl == "sdpa" else "functional_dropout"
     function = "scaled_dot_product_attention#0" if impl == "sdpa" else "dropout#0"
     assert [(s.name, s.kind, s.function, s.switch) for s in functional] == [
-        (f"bert.encoder.layer.{i}.attention.self", kind, function, "parent.training (functional)")
-        for i in range(2)
+        (f"bert.encoder.layer.{i}.attention.self", kind, function, "parent.training (functional)") for i in range(2)
     ]
     assert all(s.p == pytest.approx(0.1) for s in functional)
     _check_common(model, x)

@@ -8,14 +8,7 @@ from dropwise.models.zoo import ZOO, build
 from dropwise.surgery import find_sites, fold, split, to_mc
 from torch import nn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make small convolutions ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Input shapes of the zoo's datasets (batch of 4); int64 = token ids below `vocab`.
@@ -61,12 +54,7 @@ def _model(name: str) -> nn.Module:
 
 
 def _bn_state(model: nn.Module) -> list[torch.Tensor]:
-    return [
-        b.clone()
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for b in m.buffers()
-    ]
+    return [b.clone() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

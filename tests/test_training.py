@@ -34,9 +34,7 @@ def test_one_quick_step_trains_every_network(name: str) -> None:
     before = {k: v.clone() for k, v in build(name).state_dict().items()}
     model, metrics = _quick(name, seed=0)
     after = model.state_dict()
-    changed = [
-        k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])
-    ]
+    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
     assert changed, "no parameter moved"
     assert not model.training
     assert metrics["epochs"] == 1 and metrics["seconds"] > 0
@@ -78,9 +76,7 @@ class _Recorder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10)
-        )
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
         self.seen: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,3 +164,21 @@ def test_train_command_exports_through_the_convert_pipeline(tmp_path: Path) -> N
     package = load_package(tmp_path, "embedding_digits_tokens")
     assert {"model.onnx", "model.mc.onnx", "parity.json"} <= set(package.manifest.files)
     assert json.loads((package.path / "parity.json").read_text())["passed"] is True
+
+
+def test_train_command_reports_a_failed_parity_check_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bound no float32 export can meet makes parity fail: one line, exit 2, the package still written."""
+    import json
+
+    from dropwise.cli import main
+
+    args = ["train", "mlp_digits", "--quick", "--no-progress", "--repository", str(tmp_path), "--tolerance", "1e-12"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dropwise: error: parity failed for mlp_digits: ") and "\n" not in err
+    assert "Traceback" not in err
+    package = load_package(tmp_path, "mlp_digits")
+    report = json.loads((package.path / "parity.json").read_text())
+    assert report["passed"] is False and report["failures"]

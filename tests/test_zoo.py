@@ -132,9 +132,7 @@ def test_fractal_block_columns_and_joins() -> None:
     # global drop-path: column 0 is the single shallow conv; column 2 chains the deepest convs
     assert torch.allclose(block(x, 0), block.path.shallow(x))
     deep = block.path.second.second.shallow(
-        block.path.second.first.path.shallow(
-            block.path.first.path.second.shallow(block.path.first.path.first(x))
-        )
+        block.path.second.first.path.shallow(block.path.first.path.second.shallow(block.path.first.path.first(x)))
     )
     assert torch.allclose(block(x, 2), deep)
 

@@ -2,8 +2,9 @@
 
 SOURCE is any source of ``dropwise.surgery.sources``: a package directory, a Hugging Face directory
 (``config.json`` + ``model.safetensors``), a zoo name (with ``--weights``, or the latest package of that name in
-the repository), or a ``module:factory`` reference with ``--weights`` and either ``--dataset`` or
-``--input-shape`` / ``--input-dtype`` (parity then runs on generated inputs of that spec). Importing a module
+the repository), a ``module:factory`` reference with ``--weights`` and either ``--dataset`` or
+``--input-shape`` / ``--input-dtype`` (parity then runs on generated inputs of that spec), or an ``.onnx`` file
+(surgery on its graph: ``dropwise/commands/convert_onnx.py``). Importing a module
 outside ``dropwise.models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
 2 with one line on stderr for a usage error or a failed parity check (the report is still written into the
 package, with ``passed: false``).
@@ -37,15 +38,11 @@ def convert(
         typer.Option("--repository", "-r", help="Repository for new packages (default: model_repository)."),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Package name (default from SOURCE).")] = None,
-    fold: Annotated[
-        bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")
-    ] = True,
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold dropout into the deterministic graph.")] = True,
     mc: Annotated[bool, typer.Option("--mc/--no-mc", help="Export and verify the MC graph.")] = True,
     recalibrate_bn: Annotated[
         bool,
-        typer.Option(
-            "--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."
-        ),
+        typer.Option("--recalibrate-bn", help="Re-estimate BatchNorm statistics on the training split first."),
     ] = False,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Deterministic parity bound, relative to max(1, |output|).")
@@ -63,10 +60,37 @@ def convert(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Keep the exporter's and ONNX Runtime's own warnings.")
     ] = False,
+    # --- ONNX file sources only (dropwise/commands/convert_onnx.py); --task above applies to them too ---
+    add_dropout_before_head: Annotated[
+        float | None,
+        typer.Option("--add-dropout-before-head", help="ONNX source: insert Dropout(P) before the head."),
+    ] = None,
+    dropout_after: Annotated[
+        str | None,
+        typer.Option("--dropout-after", help="ONNX source: insert Dropout after NODE[,NODE] (with --p)."),
+    ] = None,
+    p: Annotated[float | None, typer.Option("--p", help="ONNX source: drop probability for --dropout-after.")] = None,
 ) -> None:
-    """Convert a trained network into a model package with verified ONNX graphs."""
+    """Convert a trained network (or an ONNX file) into a model package with verified ONNX graphs."""
     if not verbose:
         quiet_libraries()
+    from dropwise.commands.convert_onnx import convert_onnx, is_onnx_source
+
+    if is_onnx_source(source):
+        convert_onnx(
+            source,
+            repository=repository,
+            name=name,
+            task=task or "classification",
+            add_dropout_before_head=add_dropout_before_head,
+            dropout_after=dropout_after,
+            p=p,
+            samples=samples,
+            tolerance=tolerance,
+            device=device,
+            as_json=as_json,
+        )
+        return
     from dropwise.errors import UserError
     from dropwise.surgery.convert import ConvertOptions
     from dropwise.surgery.convert import convert as run_convert

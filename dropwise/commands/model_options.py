@@ -19,9 +19,7 @@ MODEL_HELP = "Package dir, Hugging Face dir, zoo name, or module:factory."
 
 Weights = Annotated[
     Path | None,
-    typer.Option(
-        "--weights", "-w", help="Weights for a zoo name or factory: .safetensors or a .pt/.pth state_dict."
-    ),
+    typer.Option("--weights", "-w", help="Weights for a zoo name or factory: .safetensors or a .pt/.pth state_dict."),
 ]
 Name = Annotated[str | None, typer.Option("--name", help="Model name inside a repository directory.")]
 Version = Annotated[int | None, typer.Option("--version", help="Package version (default: latest).")]
@@ -41,15 +39,11 @@ Task = Annotated[
 ]
 Dataset = Annotated[
     str | None,
-    typer.Option(
-        "--dataset", help="Dataset (dropwise.models.data) giving a factory its inputs, task and data."
-    ),
+    typer.Option("--dataset", help="Dataset (dropwise.models.data) giving a factory its inputs, task and data."),
 ]
 AllowModule = Annotated[
     list[str] | None,
-    typer.Option(
-        "--allow-module", help="Trust a factory module prefix outside dropwise.models. (runs its code)."
-    ),
+    typer.Option("--allow-module", help="Trust a factory module prefix outside dropwise.models. (runs its code)."),
 ]
 
 

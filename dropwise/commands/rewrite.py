@@ -76,9 +76,7 @@ def mc_command(
     package_name: PackageName = None,
     head_dropout: Annotated[
         float | None,
-        typer.Option(
-            "--add-dropout-before-head", help="If MODEL has no site: add dropout (needs fine-tuning)."
-        ),
+        typer.Option("--add-dropout-before-head", help="If MODEL has no site: add dropout (needs fine-tuning)."),
     ] = None,
     weights: Weights = None,
     name: Name = None,

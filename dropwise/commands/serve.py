@@ -1,14 +1,26 @@
 """`dropwise serve`: start the prediction service with uvicorn.
 
+The port listens within a second of the start: uvicorn serves a `dropwise.service.startup.StartupGate`
+that answers `/healthz` at once and `/readyz` 503 naming what it waits for, while the first-start work,
+the service's imports and the loading of every model run behind it.
+
 With no `--repository` it serves the default `./model_repository`; when that holds no package yet, the
 reference networks are trained into it first (with progress bars), so `dropwise serve` alone gives a
-working service. Every option can also come from a `DROPWISE_*` environment variable (see
+working service. Another repository is trained into only with `--train-if-empty`
+(`DROPWISE_TRAIN_IF_EMPTY=1`, as the container image sets); otherwise an empty one is refused with one
+line saying what to mount or pass. With the ONNX Runtime backend, packages without `model.onnx` are
+converted at start when the repository is writable, and refused with the reason when it is not. A start
+that fails (training, conversion, no CUDA GPU for `--device cuda`, the service's import) stops the server
+with one line and exit status 2. Every option can also come from a `DROPWISE_*` environment variable (see
 `dropwise.service.settings.Settings`); a flag given on the command line wins.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,9 +30,12 @@ from dropwise.service.settings import DEFAULT_REPOSITORY, Settings
 
 
 def _has_packages(repository: Path) -> bool:
-    from dropwise.package import list_models
+    """Whether `repository` holds at least one `<model>/<version>/manifest.json`.
 
-    return bool(list_models(repository))
+    A cheap look at the file tree (no torch import), so the port listens at once; the service's scan
+    verifies each package.
+    """
+    return repository.is_dir() and any(repository.glob("*/[0-9]*/manifest.json"))
 
 
 def ensure_default_repository(
@@ -49,6 +64,68 @@ def _train_default(repository: Path, *, quick: bool, progress: bool) -> None:
     repository.mkdir(parents=True, exist_ok=True)
     for path in train_zoo(None, repository, quick=quick, progress=progress):
         print(f"dropwise: wrote {path}", file=sys.stderr, flush=True)
+
+
+def _missing_onnx(repository: Path) -> list[str]:
+    """Models whose latest package lists no `model.onnx` (the ONNX Runtime backend cannot serve them).
+
+    Reads the manifests as JSON (no torch import); the service's scan verifies them.
+    """
+    missing = []
+    for model in sorted(p for p in repository.iterdir() if p.is_dir()):
+        versions = [int(v.name) for v in model.iterdir() if v.name.isdigit() and (v / "manifest.json").is_file()]
+        if not versions:
+            continue
+        try:
+            files = json.loads((model / str(max(versions)) / "manifest.json").read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):  # a broken package is reported by the service's scan
+            continue
+        if "model.onnx" not in files:
+            missing.append(model.name)
+    return missing
+
+
+def first_start_work(
+    repository: Path, *, backend: str, train: bool, quick: bool
+) -> tuple[Callable[[], None] | None, str]:
+    """What must happen before the service can load `repository`, as a callable and a few words for
+    `/readyz` (None when nothing does). Raises `UserError` at once for what no waiting can fix: an empty
+    repository that may not be trained into, or one this process cannot write to."""
+    from dropwise.errors import UserError
+
+    empty = not repository.exists() or not _has_packages(repository)
+    if empty and not train:
+        raise UserError(
+            f"no model packages in {repository} (expected <repository>/<model>/<version>/manifest.json): "
+            "mount or pass a trained repository (dropwise train -r DIR), or allow first-start training "
+            "with --train-if-empty (DROPWISE_TRAIN_IF_EMPTY=1)"
+        )
+    convert = backend == "onnxruntime" and (empty or bool(_missing_onnx(repository)))
+    if not (empty or convert):
+        return None, ""
+    writable_dir = repository if repository.exists() else repository.parent
+    if not os.access(writable_dir, os.W_OK | os.X_OK):
+        if empty:
+            raise UserError(
+                f"{repository} is empty and not writable by this process (uid {os.getuid()}): mount a trained "
+                "repository, or a writable directory to train the reference networks into"
+            )
+        names = ", ".join(_missing_onnx(repository))
+        print(
+            f"dropwise: {repository} is read-only, so {names} cannot be converted to ONNX here and will not "
+            "be served by the onnxruntime backend (run dropwise convert on them, or use --backend torch)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None, ""
+
+    def work() -> None:
+        ensure_default_repository(repository, backend=backend, quick=quick)
+
+    if empty:
+        what = f"training the reference networks into {repository} (first start)"
+        return work, what + (" and converting them to ONNX" if backend == "onnxruntime" else "")
+    return work, f"converting {', '.join(_missing_onnx(repository))} to ONNX (onnxruntime backend)"
 
 
 def _export_onnx(repository: Path) -> None:
@@ -83,44 +160,52 @@ def build_settings(**flags: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise UserError(f"invalid settings: {problems}") from None
 
 
 def serve(
     repository: Annotated[
         Path | None,
-        typer.Option(
-            "--repository", "-r", help="Model repository (default ./model_repository, trained if empty)."
-        ),
+        typer.Option("--repository", "-r", help="Model repository (default ./model_repository, trained if empty)."),
     ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Bind address (env DROPWISE_HOST; default 127.0.0.1).")
-    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (env DROPWISE_HOST; default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env DROPWISE_PORT; default 8000).")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto | cpu | cuda (env DROPWISE_DEVICE; default auto).")
-    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (env DROPWISE_DEVICE; default auto).")] = None,
     backend: Annotated[
         str | None, typer.Option(help="torch | onnxruntime (env DROPWISE_BACKEND; default torch).")
     ] = None,
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="Rows per batch (env DROPWISE_MAX_BATCH_SIZE).")
-    ] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Rows per batch (env DROPWISE_MAX_BATCH_SIZE).")] = None,
     max_queue_delay_ms: Annotated[
         float | None, typer.Option(help="Longest wait to fill a batch (env DROPWISE_MAX_QUEUE_DELAY_MS).")
     ] = None,
     quick_train: Annotated[
         bool, typer.Option("--quick-train", help="First start: train the default networks in seconds (demo).")
     ] = False,
+    train_if_empty: Annotated[
+        bool,
+        typer.Option(
+            "--train-if-empty",
+            envvar="DROPWISE_TRAIN_IF_EMPTY",
+            help="Train the reference networks into an empty --repository (always done for the default one).",
+        ),
+    ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve on Ray Serve (replicated app; DROPWISE_RAY_GPUS_PER_REPLICA, DROPWISE_RAY_CPUS_PER_REPLICA).",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, max=1024, help="Ray Serve replicas (with --ray; default 1).")
+    ] = None,
 ) -> None:
     """Serve deterministic and MC-dropout predictions over HTTP (native /v1 API and Open Inference /v2)."""
     import uvicorn
 
     from dropwise.errors import UserError
-    from dropwise.service.app import create_app
+    from dropwise.service.startup import StartupGate
 
     settings = build_settings(
         repository=repository,
@@ -134,22 +219,52 @@ def serve(
     repo = settings.repository
     if repo.exists() and not repo.is_dir():
         raise UserError(f"repository {repo} is not a directory")
-    if repository is None and repo == DEFAULT_REPOSITORY:
-        ensure_default_repository(repo, backend=settings.backend, quick=quick_train)
-    elif not _has_packages(repo):
-        raise UserError(
-            f"no model packages in {repo} (expected <repository>/<model>/<version>/manifest.json)"
-        )
-    if settings.device == "cuda" and settings.backend == "torch":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
-    app = create_app(settings)
-    print(
-        f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs)", file=sys.stderr
+    default = repository is None and repo == DEFAULT_REPOSITORY
+    prepare, preparing = first_start_work(
+        repo, backend=settings.backend, train=default or train_if_empty, quick=quick_train
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+    if replicas is not None and not ray:
+        raise UserError("--replicas needs --ray (one uvicorn process serves without Ray)")
+    if ray:
+        from dropwise.service.ray_serve import run as run_ray
+
+        if prepare is not None:
+            print(f"dropwise: {preparing}", file=sys.stderr, flush=True)
+            prepare()
+        run_ray(settings, replicas or 1)
+        return
+
+    def build() -> Any:
+        """Import the service (torch, FastAPI) and build the app; runs behind the gate."""
+        if settings.device == "cuda" and settings.backend == "torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
+        from dropwise.service.app import create_app
+
+        return create_app(settings)
+
+    failures: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop(reason: str) -> None:
+        failures.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    gate = StartupGate(build, prepare=prepare, preparing=preparing, on_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(gate, host=settings.host, port=settings.port, log_level=settings.log_level))
+    print(
+        f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs; /readyz says "
+        "when every model is loaded)",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run()
+    if failures:
+        raise UserError(f"start-up failed: {failures[0]}")
 
 
 def register(app: typer.Typer) -> None:

@@ -43,9 +43,7 @@ def train(
     quick: Annotated[
         bool, typer.Option("--quick", help="One epoch of a few batches (for tests; metrics meaningless).")
     ] = False,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Override every network's training seed.")
-    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override every network's training seed.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     export: Annotated[
         bool,
@@ -54,6 +52,10 @@ def train(
             help="Also export model.onnx and model.mc.onnx and verify parity (dropwise convert's pipeline).",
         ),
     ] = True,
+    tolerance: Annotated[
+        float,
+        typer.Option("--tolerance", help="Deterministic parity bound of the export, relative to max(1, |output|)."),
+    ] = 1e-5,
 ) -> None:
     """Train reference networks (all by default) and write them as model packages."""
     from dropwise.errors import UserError
@@ -70,24 +72,22 @@ def train(
     def written(path: Path) -> None:
         typer.echo(_summary(path))
         if export:
-            failed.extend(_export(path, progress=progress))
+            failed.extend(_export(path, progress=progress, tolerance=tolerance))
 
     if export:
         from dropwise.commands.convert import quiet_libraries
 
         quiet_libraries()
-    train_zoo(
-        list(names or []) or None, repository, quick=quick, seed=seed, progress=progress, on_package=written
-    )
+    train_zoo(list(names or []) or None, repository, quick=quick, seed=seed, progress=progress, on_package=written)
     if failed:
         raise UserError(f"parity failed for {'; '.join(failed)} (packages written; see their parity.json)")
 
 
-def _export(path: Path, *, progress: bool) -> list[str]:
+def _export(path: Path, *, progress: bool, tolerance: float) -> list[str]:
     """Run the convert pipeline on a freshly written package; the failures as `name: reason` lines."""
     from dropwise.surgery.convert import ConvertOptions, convert_package
 
-    report = convert_package(path, ConvertOptions(progress=progress))
+    report = convert_package(path, ConvertOptions(progress=progress, tolerance=tolerance))
     if report.passed:
         typer.echo(f"  {path.parent.name}: model.onnx and model.mc.onnx written, parity passed")
         return []

@@ -1,4 +1,4 @@
-"""The dropout family as PyTorch layers (DESIGN section 2; ``p`` is the DROP probability, ``q = 1 - p``).
+"""The dropout family as PyTorch layers (docs/DESIGN.md §2; ``p`` is the DROP probability, ``q = 1 - p``).
 
 Each file holds one member: a functional form (``training`` and ``generator`` keywords) beside a module
 form (stochastic exactly when ``self.training``; ``generator`` stored as ``self.generator``). Channel

@@ -32,9 +32,7 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
         )
 
 
-def bernoulli_mask(
-    shape: Sequence[int], keep: float, like: Tensor, generator: torch.Generator | None
-) -> Tensor:
+def bernoulli_mask(shape: Sequence[int], keep: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """A {0, 1} mask of ``shape`` with ``P(1) = keep``, in the dtype and on the device of ``like``.
 
     Drawn as ``uniform < keep`` in place: on the CPU this is about 3x faster than ``Tensor.bernoulli_(keep)``

@@ -2,7 +2,7 @@
 
 Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov, "Dropout: A Simple Way to Prevent Neural
 Networks from Overfitting", JMLR 15 (2014). The paper writes p for the KEEP probability; here ``p`` is the
-DROP probability and ``q = 1 - p`` (DESIGN section 1).
+DROP probability and ``q = 1 - p`` (docs/DESIGN.md §2).
 
 - train: ``m * x`` with ``m ~ Bernoulli(q)`` per element, no rescaling;
 - eval: ``q * x`` (the "weight scaling" rule: the expectation of the training output);
@@ -21,9 +21,7 @@ from ._common import bernoulli_mask, check_probability
 __all__ = ["ClassicDropout", "classic_dropout"]
 
 
-def classic_dropout(
-    x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None
-) -> Tensor:
+def classic_dropout(x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None) -> Tensor:
     """Non-inverted dropout: ``m * x`` when ``training`` (``m ~ Bernoulli(1 - p)``), else ``(1 - p) * x``."""
     p = check_probability(p)
     q = 1.0 - p

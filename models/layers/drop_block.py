@@ -124,7 +124,8 @@ def drop_block2d(
         raise ValueError(f"drop_block2d expects [batch, channels, height, width], got shape {tuple(x.shape)}")
     if not training or p == 0.0 or x.numel() == 0:
         return x
-    mask = drop_block_mask(tuple(x.shape), p, block_size, x, generator)
+    batch, channels, height, width = x.shape
+    mask = drop_block_mask((batch, channels, height, width), p, block_size, x, generator)
     if normalize == "sample":
         per_sample = mask[0].numel()
         scale = per_sample / mask.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)

@@ -74,9 +74,7 @@ def _resolve_activation(activation: Activation) -> nn.Module | Callable[[Tensor]
         return _ACTIVATIONS[activation]()
     if callable(activation):
         return activation
-    raise TypeError(
-        f"activation must be an nn.Module, a callable, a name or None, got {type(activation).__name__}"
-    )
+    raise TypeError(f"activation must be an nn.Module, a callable, a name or None, got {type(activation).__name__}")
 
 
 def _check_inference(inference: str, gaussian_samples: int) -> None:
@@ -99,9 +97,7 @@ def _apply(activation: Callable[[Tensor], Tensor] | None, u: Tensor) -> Tensor:
     return u if activation is None else activation(u)
 
 
-def _moment_matched(
-    mean: Tensor, var: Tensor, activation: Callable[[Tensor], Tensor] | None, samples: int
-) -> Tensor:
+def _moment_matched(mean: Tensor, var: Tensor, activation: Callable[[Tensor], Tensor] | None, samples: int) -> Tensor:
     """Average ``a(u)`` over Z quantile points of ``u ~ N(mean, var)`` (element-wise)."""
     if activation is None:
         return mean
@@ -160,9 +156,9 @@ def per_example_conv2d(
     x: Tensor,
     filters: Tensor,
     bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
     *,
     grouped: bool | None = None,
@@ -212,9 +208,9 @@ def drop_connect_conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
     p: float = 0.5,
     *,
@@ -267,10 +263,13 @@ _Layer = TypeVar("_Layer", bound=nn.Module)
 
 def _copy_trained(layer: _Layer, source: nn.Linear | nn.Conv2d) -> _Layer:
     """Copy `source`'s trained weight, bias and train/eval mode into the freshly built `layer`."""
+    weight, bias = layer.weight, layer.bias
+    assert isinstance(weight, Tensor)
     with torch.no_grad():
-        layer.weight.copy_(source.weight)
+        weight.copy_(source.weight)
         if source.bias is not None:
-            layer.bias.copy_(source.bias)
+            assert isinstance(bias, Tensor)
+            bias.copy_(source.bias)
     return layer.train(source.training)
 
 

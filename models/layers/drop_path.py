@@ -70,9 +70,7 @@ class DropPath(nn.Module):
         generator: optional ``torch.Generator`` used for every gate draw.
     """
 
-    def __init__(
-        self, p: float = 0.0, *, scale_by_keep: bool = True, generator: torch.Generator | None = None
-    ) -> None:
+    def __init__(self, p: float = 0.0, *, scale_by_keep: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.p = check_probability(p)
         self.scale_by_keep = bool(scale_by_keep)
@@ -84,9 +82,7 @@ class DropPath(nn.Module):
         return 1.0 if self.scale_by_keep else 1.0 - self.p
 
     def forward(self, x: Tensor) -> Tensor:
-        return drop_path(
-            x, self.p, training=self.training, scale_by_keep=self.scale_by_keep, generator=self.generator
-        )
+        return drop_path(x, self.p, training=self.training, scale_by_keep=self.scale_by_keep, generator=self.generator)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, scale_by_keep={self.scale_by_keep}"

@@ -26,9 +26,7 @@ from ._common import bernoulli_mask, check_probability
 __all__ = ["EmbeddingDropout", "embedding_dropout"]
 
 
-def embedding_dropout(
-    x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None
-) -> Tensor:
+def embedding_dropout(x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None) -> Tensor:
     """Drop embedding dimensions of ``x: [B, L, E]`` shared across the ``L`` positions, rescale by ``1/q``."""
     p = check_probability(p)
     if x.dim() != 3:

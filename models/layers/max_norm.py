@@ -51,7 +51,9 @@ def max_norm_(module: nn.Module, max_norm: float = 3.0) -> nn.Module:
     for sub in module.modules():
         if isinstance(sub, CONSTRAINED_TYPES):
             # renorm_ rescales each slice along dim 0 whose 2-norm exceeds the radius, leaves the others
-            sub.weight.renorm_(2, 0, radius)
+            weight = sub.weight
+            assert isinstance(weight, torch.Tensor)
+            weight.renorm_(2, 0, radius)
     return module
 
 

@@ -52,9 +52,7 @@ def dropconnect_cnn(
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
     width = c
     for out_c in channels:
-        layers.append(
-            DropConnectConv2d(width, out_c, 3, padding=1, p=p, inference=inference, activation="relu")
-        )
+        layers.append(DropConnectConv2d(width, out_c, 3, padding=1, p=p, inference=inference, activation="relu"))
         width = out_c
     layers += [nn.MaxPool2d(2), nn.Flatten(), nn.Linear(width * (h // 2) * (w // 2), out_features)]
     return nn.Sequential(*layers)

@@ -1,6 +1,6 @@
 """The reference networks: name -> how to build and train it (``ZOO``), and ``build(name)``.
 
-Together the networks use every member of the dropout family (docs/CONTRACTS.md, DESIGN section 2); each
+Together the networks use every member of the dropout family (docs/CONTRACTS.md, docs/DESIGN.md §2); each
 spec lists the members it uses in ``members`` so tests can check the coverage. A network is rebuilt from its
 ``factory`` string and JSON ``kwargs`` exactly as a model package records them.
 """

@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+@router.get(
+    "/healthz", response_model=Health, response_model_exclude_none=True, summary="Liveness: the process answers"
+)
 async def healthz() -> Health:
     """Always `{"status": "ok"}` while the server runs."""
     return Health(status="ok")
@@ -24,14 +26,18 @@ async def healthz() -> Health:
     responses={503: {"model": Health, "description": "Not ready (loading, a model failed, or no models)."}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    """200 when at least one model is served and every package found is loaded; 503 otherwise."""
+    """200 when at least one model is served and every package found is loaded; 503 otherwise, with
+    `waiting_for` saying what is missing (the model being loaded, failed packages, or no packages)."""
     service: InferenceService = request.app.state.inference
     models = {info.name: info.ready for info in service.models()}
     ready = service.ready()
     body = Health(
-        status="ready" if ready else "not ready", models=models, errors=dict(service.repository.errors)
+        status="ready" if ready else "not ready",
+        models=models,
+        errors=dict(service.repository.errors),
+        waiting_for=None if ready else service.waiting_for(),
     )
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -30,9 +30,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorBody, "description": "Not answered before the deadline."},
 }
 
-ModelName = Annotated[
-    str, Path(description="Model name as listed by GET /v1/models.", examples=["mlp_digits"])
-]
+ModelName = Annotated[str, Path(description="Model name as listed by GET /v1/models.", examples=["mlp_digits"])]
 Version = Annotated[int, Path(description="Numeric package version.", examples=[1])]
 Predict = Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]
 
@@ -90,9 +88,7 @@ async def list_models(request: Request) -> ModelList:
     )
 
 
-@router.get(
-    "/models/{name}", response_model=ModelDetail, responses={404: _ERRORS[404]}, summary="Describe a model"
-)
+@router.get("/models/{name}", response_model=ModelDetail, responses={404: _ERRORS[404]}, summary="Describe a model")
 async def describe_model(request: Request, name: ModelName) -> ModelDetail:
     """Input spec, labels, task, dropout sites, versions, backend and device of the latest version."""
     return _detail(_service(request).info(name))
@@ -183,8 +179,6 @@ async def predict(request: Request, name: ModelName, body: Predict) -> PredictRe
     responses=_ERRORS,
     summary="Predict with a given version",
 )
-async def predict_version(
-    request: Request, name: ModelName, version: Version, body: Predict
-) -> PredictResponse:
+async def predict_version(request: Request, name: ModelName, version: Version, body: Predict) -> PredictResponse:
     """Like `POST /v1/models/{name}/predict` for a given version."""
     return await _predict(request, name, version, body)

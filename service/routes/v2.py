@@ -38,7 +38,13 @@ __all__ = ["SERVER_EXTENSIONS", "router"]
 router = APIRouter(tags=["Open Inference Protocol (V2)"])
 
 SERVER_NAME = "dropwise"
-SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
+SERVER_EXTENSIONS = [
+    "binary_tensor_data",
+    "parameters",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+]
 #: Request parameters this server understands; anything else is refused so a typo never goes unnoticed.
 _KNOWN_PARAMETERS = frozenset(
     {"mode", "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
@@ -210,9 +216,7 @@ class _Plan:
                 field="parameters",
             )
         if _strict_int(params, "sequence_id") or _strict_bool(params, "sequence_start"):
-            raise InvalidInput(
-                "sequence batching is not supported: the models are stateless", field="sequence_id"
-            )
+            raise InvalidInput("sequence batching is not supported: the models are stateless", field="sequence_id")
         _strict_int(params, "priority")
         mode = params.get("mode", "deterministic")
         if mode not in MODES:
@@ -250,9 +254,7 @@ class _Plan:
                 raise InvalidInput(
                     f"unknown output(s) {missing} for mode {mode!r}; available: {available}", field="outputs"
                 )
-            self.outputs = [
-                (o.name, self.binary_default if o.binary is None else o.binary) for o in requested
-            ]
+            self.outputs = [(o.name, self.binary_default if o.binary is None else o.binary) for o in requested]
         else:
             self.outputs = [(n, self.binary_default) for n in available]
 
@@ -294,9 +296,7 @@ def _model_inputs(tensors: list[TensorInput], info: ModelInfo) -> Any:
 def _compression(request: Request, size: int) -> str | None:
     if size < _COMPRESS_MIN_BYTES:
         return None
-    accepted = [
-        part.split(";")[0].strip().lower() for part in request.headers.get("accept-encoding", "").split(",")
-    ]
+    accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept-encoding", "").split(",")]
     for name in ("gzip", "deflate"):
         if name in accepted:
             return name
@@ -318,7 +318,8 @@ async def _infer(request: Request, model: str) -> Response:
     result = await service.infer(
         InferenceRequest(
             model=info.name,
-            version=info.version,
+            # unversioned: the latest version when queued (a hot swap during the body read loses nothing)
+            version=_path_version(request),
             inputs=plan.inputs,
             mode=plan.mode,
             samples=plan.samples,
@@ -384,12 +385,8 @@ router.add_api_route(
 router.add_api_route("/v2/health/live", live, methods=["GET"], summary="Server liveness")
 router.add_api_route("/v2/health/ready", ready, methods=["GET"], summary="Server readiness")
 router.add_api_route("/v2", server_metadata, methods=["GET"], summary="Server metadata")
-router.add_api_route(
-    "/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)"
-)
-router.add_api_route(
-    "/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata"
-)
+router.add_api_route("/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)")
+router.add_api_route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata")
 router.add_api_route(
     "/v2/models/{model}/ready", model_ready, methods=["GET"], summary="Model readiness (latest version)"
 )

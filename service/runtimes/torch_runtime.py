@@ -16,6 +16,12 @@ form, and applies seeded inverted dropout to PyTorch's own `nn.Dropout` layers t
 (they stay in eval mode, so BatchNorm and the like are untouched). Every request gets its own
 `torch.Generator` seeded from the request's seed, so a request's masks never depend on what else shares
 its batch.
+
+On CUDA each runtime issues its work on a CUDA stream of its own (`compute_stream`), entered by the one
+compute thread that runs the model's batches: one model's result copy then waits only for its own
+kernels, not for every other model's work on the shared default stream. Inputs are copied to the device
+and results back to the host on that same stream (a host copy synchronises it), and loading ends with a
+device synchronisation, so the weights are in place before the first batch. On the CPU it is a no-op.
 """
 
 from __future__ import annotations
@@ -52,6 +58,11 @@ def resolve_torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def compute_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A new CUDA stream on `device` for one model's compute thread; None on the CPU (no streams)."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
 def stochastic_modules(model: nn.Module) -> list[nn.Module]:
     """The dropout-family layers of `model`: modules with a drop probability `p` and a `generator`."""
     return [m for m in model.modules() if hasattr(m, "generator") and float(getattr(m, "p", 0.0)) > 0]
@@ -85,6 +96,7 @@ class TorchRuntime:
         self.provider = f"torch-{self.device}" + (
             f" ({torch.cuda.get_device_name(self._device)})" if self._device.type == "cuda" else ""
         )
+        self.stream = compute_stream(self._device)  #: the CUDA stream every batch of this model runs on
         self.model: nn.Module | None = None
         self.mc_model: nn.Module | None = None  #: the network after its recorded surgery (MC runs this one)
         self._stochastic: list[nn.Module] = []
@@ -122,15 +134,18 @@ class TorchRuntime:
         # from eval (an MC model's own train-mode sites would draw from the global generator)
         nn.Module.train(self.mc_model, False)
         self.predict_deterministic(take_rows(example, 0, 1))
+        if self._device.type == "cuda":  # weights and engine buffers were made on the loading thread's stream
+            torch.cuda.synchronize(self._device)
+
+    def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """Enter this model's CUDA stream (the calling thread's current stream); nothing on the CPU."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def _build_engine(self, example: Any) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
         assert self.mc_model is not None
-        try:
-            from dropwise.surgery.engine import MCEngine
-        except ImportError:
-            self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"
-            return
+        from dropwise.surgery.engine import MCEngine
+
         try:
             engine = MCEngine(self.mc_model, example, task=self.spec.task)
             engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split
@@ -152,8 +167,9 @@ class TorchRuntime:
     def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """Eval-mode forward pass over the batch."""
         assert self.model is not None
-        tensors = self._tensor(x)
-        raw = (self.model(*tensors) if isinstance(tensors, tuple) else self.model(tensors)).float().cpu().numpy()
+        with self._on_stream():
+            tensors = self._tensor(x)
+            raw = (self.model(*tensors) if isinstance(tensors, tuple) else self.model(tensors)).float().cpu().numpy()
         return encode_deterministic(raw, self.spec)
 
     @contextlib.contextmanager
@@ -177,6 +193,10 @@ class TorchRuntime:
     @torch.inference_mode()
     def predict_mc(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
         """MC outputs of several requests stacked in `x` (see the module docstring)."""
+        with self._on_stream():
+            return self._predict_mc(x, groups)
+
+    def _predict_mc(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
         if self.engine is None:
             return self._predict_mc_fallback(x, groups)
         tensor = self._tensor(x)

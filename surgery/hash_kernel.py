@@ -1,0 +1,104 @@
+"""A fused CPU kernel for the counter-based dropout masks, with the pure-torch path as its fallback.
+
+The masks of `dropwise.surgery.masks` (Salmon et al. 2011's counter-based idea with Wellons' ``lowbias32``
+hash) cost a dozen element-wise torch passes per 32-bit word when built from torch ops, each pass reading
+and writing the whole mask: about 5 ns per mask decision at one thread. The same arithmetic fused into one
+loop over the words (hash, split into two 16-bit halves, compare with the threshold, pick the rescale or
+0, multiply the activation) runs from registers and vectorises (AVX2 / AVX-512 clones chosen at load
+time): well under 1 ns per decision.
+
+The kernel (``hash_mask.cpp`` beside this file, registered as the torch operators
+``dropwise_kernels::hash_factors`` / ``hash_product``) is compiled on first use with
+``torch.utils.cpp_extension.load`` (gcc, about 10 s of CPU; cached by torch under ``TORCH_EXTENSIONS_DIR``,
+rebuilt only when the source changes). It is used only for what it
+reproduces bit for bit (tested against the torch path and the int64 reference formula): float32 CPU
+tensors, contiguous rows, thresholds strictly between 0 and 65536, eager mode (never while exporting or
+compiling). Everything else, and any machine where the build fails or ``DROPWISE_HASH_KERNEL=0`` is set,
+takes the pure-torch path; `available` says which one runs. The kernel has no train / eval behaviour of its
+own: it computes the MC masks the engine asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "disable_reason", "masked_factors", "masked_product"]
+
+_log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("hash_mask.cpp")
+
+_lock = threading.Lock()
+_module: Any = None
+_reason: str | None = None
+_tried = False
+
+
+def _load() -> Any:
+    """The compiled extension, building it on first call; None (with `disable_reason`) when unavailable."""
+    global _module, _reason, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if os.environ.get("DROPWISE_HASH_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+            _reason = "disabled by DROPWISE_HASH_KERNEL"
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                load(
+                    name="dropwise_hash_kernel",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-std=c++17"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+                _module = torch.ops.dropwise_kernels
+            except Exception as exc:  # no compiler, no headers, unsupported platform: torch path
+                _reason = f"build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+                _log.warning("dropwise hash kernel unavailable (%s); using the torch path", _reason)
+        _tried = True
+    return _module
+
+
+def available() -> bool:
+    """Whether the fused kernel runs on this machine (builds it on first call)."""
+    return _load() is not None
+
+
+def disable_reason() -> str | None:
+    """Why the kernel is not used (None when it is, or before the first `available` call)."""
+    return _reason
+
+
+def _usable(*tensors: Tensor) -> bool:
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return False
+    return all(t.device.type == "cpu" for t in tensors) and _load() is not None
+
+
+def masked_factors(keys32: Tensor, codes32: Tensor, n_positions: int, thr: int, scale: float) -> Tensor | None:
+    """Float32 factors ``[N, n_positions]`` (``scale`` kept, 0 dropped), or None when the kernel is unusable.
+
+    ``keys32``: site keys ``[N]`` as int32 bit patterns; ``codes32``: position codes ``[(P + 1) // 2]`` as
+    int32 bit patterns; ``0 < thr < 65536``.
+    """
+    if not _usable(keys32, codes32):
+        return None
+    return _module.hash_factors(keys32.contiguous(), codes32.contiguous(), int(n_positions), int(thr), float(scale))
+
+
+def masked_product(x: Tensor, keys32: Tensor, codes32: Tensor, thr: int, scale: float) -> Tensor | None:
+    """``x * factors`` for float32 ``x`` ``[N, P]`` in one pass, or None when the kernel is unusable."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not _usable(x, keys32, codes32):
+        return None
+    return _module.hash_product(x.contiguous(), keys32.contiguous(), codes32.contiguous(), int(thr), float(scale))

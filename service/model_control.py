@@ -31,12 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 from dropwise.package import PackageError, validate_name
 from dropwise.package.serving import ServingConfig, VersionPolicy
 from dropwise.service.batcher import ModelBatcher
 from dropwise.service.errors import InvalidInput
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_inputs import example_inputs
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec, Runtime
 from dropwise.service.settings import Settings
@@ -104,7 +104,7 @@ def effective_settings(settings: Settings, config: ServingConfig) -> Settings:
 def warm_up(runtime: Runtime) -> None:
     """One deterministic pass and, when the runtime has an MC path, one seeded MC pass on zeros."""
     spec = runtime.spec
-    example = np.zeros((1, *(max(d, 1) for d in spec.sample_shape)), dtype=spec.input_dtype)
+    example = example_inputs(spec, rows=1)
     runtime.predict_deterministic(example)
     if runtime.supports_mc:
         runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])

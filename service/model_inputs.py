@@ -52,5 +52,8 @@ def example_inputs(spec: PackageSpec, rows: int) -> ModelInputs:
     input's range), one array for a one-input model, a tuple otherwise."""
     if len(spec.inputs) <= 1:
         low = spec.input_range[0] if spec.input_range else 0
-        return np.full((rows, *spec.sample_shape), low, dtype=spec.input_dtype)
-    return tuple(np.full((rows, *s.shape[1:]), s.range[0] if s.range else 0, dtype=s.dtype) for s in spec.inputs)
+        return np.full((rows, *(max(d, 1) for d in spec.sample_shape)), low, dtype=spec.input_dtype)
+    return tuple(
+        np.full((rows, *(max(d, 1) for d in s.shape[1:])), s.range[0] if s.range else 0, dtype=s.dtype)
+        for s in spec.inputs
+    )

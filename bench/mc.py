@@ -10,7 +10,9 @@ Methods (every MC method ends with the same summaries, ``dropwise.surgery.summar
   its module file imported by path so the package's heavy ``__init__`` is not needed;
 * ``ours (torch)``: ``dropwise.surgery.engine.MCEngine`` (trunk once, batched tail, hash masks), unseeded;
 * ``ours (torch.compile)``: the same with the tail through ``torch.compile`` (``--compile``);
-* ``ours (ONNX Runtime)``: ``dropwise.surgery.mc_export.export_mc_onnx`` under default session options.
+* ``ours (ONNX Runtime)``: ``dropwise.surgery.mc_export.export_mc_onnx`` under default session options;
+* ``ours (ONNX Runtime, CUDA-op hash)``: the same graph as a CUDA session gets it
+  (``dropwise.surgery.onnx_cuda.cuda_compatible``: the hash without bitwise ops), timed on the CPU provider.
 
 Networks: ``a`` MLP 64-256-256-10, p = 0.5 after each hidden layer; ``b`` 64-1024-1024-1024 trunk and a
 1024-10 head, the only dropout (p = 0.5) before the head; ``c`` the zoo MNIST CNN (``cnn_mnist``, random
@@ -177,6 +179,13 @@ def methods(
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feeds = {"input": x.numpy(), "samples": np.array(samples, dtype=np.int64)}
         out["ours (ONNX Runtime)"] = lambda: session.run(None, feeds)
+        # the graph a CUDA session gets (hash without bitwise ops, dropwise.surgery.onnx_cuda), timed on the CPU
+        import onnx
+        from dropwise.surgery.onnx_cuda import cuda_compatible
+
+        cuda_graph = cuda_compatible(onnx.load(str(path))).SerializeToString()
+        cuda_session = ort.InferenceSession(cuda_graph, options, providers=["CPUExecutionProvider"])
+        out["ours (ONNX Runtime, CUDA-op hash)"] = lambda: cuda_session.run(None, feeds)
     return out
 
 

@@ -87,6 +87,7 @@ class ModelInfo:
     mc_available: bool
     max_samples: int
     default_samples: int
+    placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
     #: every named input in ``forward`` order; ``input_*`` above describe the first (the only one for most)
     inputs: tuple[InputSpec, ...] = ()
 
@@ -145,7 +146,7 @@ class InferenceService:
 
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
-        """True when at least one model is served, nothing is loading, and every model found serves a version.
+        """True when at least one model is served and every model found serves a version (swaps included).
 
         A refused or failing new version of a model that still serves an older one does not make the
         server unready (it is listed by `/readyz` and the repository index); a model with no servable
@@ -203,6 +204,7 @@ class InferenceService:
             max_samples=settings.max_samples,
             default_samples=min(settings.default_samples, settings.max_samples),
             inputs=spec.inputs,
+            placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:

@@ -107,7 +107,7 @@ def build_deployment(
     class DropwiseDeployment:
         """One replica of the dropwise service (the app's lifespan loads the models)."""
 
-    return DropwiseDeployment.bind()
+    return DropwiseDeployment.bind()  # type: ignore[attr-defined]  # serve.deployment returns a Deployment
 
 
 def run(settings: Settings, replicas: int) -> None:

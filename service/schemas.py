@@ -201,6 +201,10 @@ class ModelDetail(BaseModel):
     mc_available: bool
     max_samples: int
     default_samples: int
+    placement: dict[str, Any] | None = Field(
+        None,
+        description="ONNX Runtime on CUDA: the MC graph's nodes the CUDA provider has no kernel for (static count).",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -261,6 +261,11 @@ def convert_package(
                             alpha=options.alpha,
                             device=options.device,
                         )
+                    if report.providers.get("device") == "cuda":  # what the CUDA session leaves to the CPU
+                        import onnx
+                        from dropwise.surgery.onnx_cuda import cuda_compatible, placement
+
+                        report.providers["mc_placement"] = placement(cuda_compatible(onnx.load(mc_path))).to_dict()
             with steps.step("write package", report.seconds):
                 add_file(path, DETERMINISTIC_FILE, det_path)
                 if mc_path is not None:

@@ -27,6 +27,8 @@ def report_summary(report: ParityReport) -> list[str]:
     elif report.mc_error:
         lines.append(f"  {'MC graph':<22} not exported: {report.mc_error}")
     provider = report.providers.get("provider", "?")
+    if (placed := report.providers.get("mc_placement")) is not None:
+        lines.append(f"  MC graph on CUDA: {placed['cpu_nodes']} of {placed['nodes']} nodes without a CUDA kernel")
     lines.append(f"  provider {provider}; parity {'PASSED' if report.passed else 'FAILED'}")
     return lines
 

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .onnx_cuda import cuda_compatible, placement
 from .onnx_surgery import (
     McGraphInfo,
     OnnxSurgeryError,
@@ -372,6 +373,11 @@ def convert_onnx_file(
         graph=info.to_dict(),
     )
     _check(source, deterministic, mc, info, report, spec, options)
+    # where ONNX Runtime's CUDA provider would put the MC graph's nodes (static count, no GPU needed)
+    report.graph["cuda_placement"] = {
+        "as_written": placement(mc).to_dict()["cpu_nodes"],
+        "after_cuda_rewrite": placement(cuda_compatible(mc)).to_dict()["cpu_nodes"],
+    }
     surgery = ["onnx"]
     if options.add_dropout_before_head is not None:
         surgery.append(f"mc:head_dropout={options.add_dropout_before_head}")

@@ -256,6 +256,7 @@ def test_cli_and_serving(files: dict[str, Path], tmp_path: Path) -> None:
     with TestClient(create_app(Settings(repository=repo, backend="onnxruntime", device="cpu"))) as client:
         info = client.get("/v1/models/net").json()
         assert info["backend"] == "onnxruntime" and info["mc_available"]
+        assert info["placement"] is None  # only a CUDA session reports nodes left to the CPU
         det = client.post("/v1/models/net/predict", json={"inputs": x}).json()
         assert np.asarray(det["probabilities"]).shape == (3, 5)
         req = {"inputs": x, "mode": "mc", "samples": 16, "seed": 5}

@@ -26,6 +26,9 @@ from dropwise.service.settings import Settings
 from dropwise.service.startup import StartupGate
 from test_service_fixtures import DROPWISE, ROOT, build_service_repository, free_port
 
+from bench.startup import measure
+from dropwise.commands.serve import first_start_work
+
 
 @pytest.fixture(scope="module")
 def repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -50,7 +53,7 @@ def serving(gate: StartupGate) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def _until(check: Callable[[], Any], timeout: float = 120.0) -> Any:
+def _until(check: Callable[[], Any], timeout: float = 600.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -162,3 +165,22 @@ def test_cuda_without_gpu_fails_start_in_one_line(repo: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("dropwise: error: start-up failed:") and "torch sees no CUDA GPU" in last
     assert "Traceback" not in done.stderr
+
+
+def test_onnxruntime_backend_converts_packages_without_onnx_at_start(repo: Path) -> None:
+    work, what = first_start_work(repo, backend="onnxruntime", train=False, quick=True)
+    assert work is not None and what.startswith("converting ") and what.endswith("to ONNX (onnxruntime backend)")
+    assert all(name in what for name in ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes"))
+    assert first_start_work(repo, backend="torch", train=False, quick=True) == (None, "")
+
+
+@pytest.mark.slow
+def test_first_start_training_answers_healthz_from_the_start(tmp_path: Path) -> None:
+    """`dropwise serve --train-if-empty` on an empty repository: /healthz answers while the networks train,
+    /readyz names the training, then every network is served."""
+    result = measure(tmp_path / "repository", cwd=tmp_path, extra=["--train-if-empty", "--quick-train"], timeout=900)
+    assert result["ready_s"] is not None, result
+    assert result["healthz_s"] is not None and result["healthz_s"] < result["ready_s"]
+    assert result["waiting_for"][0].startswith("training the reference networks into"), result["waiting_for"]
+    assert any(reason.startswith("loading ") for reason in result["waiting_for"])
+    assert len(list((tmp_path / "repository").glob("*/1/manifest.json"))) == 10

@@ -49,7 +49,7 @@ def fold_command(
     allow_module: AllowModule = None,
 ) -> None:
     """Fold MODEL for deterministic inference (checked against its eval output) and write a package."""
-    from dropwise.surgery.fold import fold
+    from dropwise.surgery.fold import fold_with_report
     from dropwise.surgery.writing import save_source
 
     source, example = resolve(
@@ -64,9 +64,9 @@ def fold_command(
         dataset=dataset,
         allow_module=allow_module,
     )
-    folded = fold(source.model, example)
-    path = save_source(source, output, package_name, steps=["fold"], rewritten=folded)
-    typer.echo(str(folded.fold_report))
+    result = fold_with_report(source.model, example)
+    path = save_source(source, output, package_name, steps=["fold"], rewritten=result.model)
+    typer.echo(str(result.report))
     typer.echo(f"folded package -> {path}")
 
 

@@ -66,6 +66,7 @@ def _detail(info: ModelInfo) -> ModelDetail:
         mc_available=info.mc_available,
         max_samples=info.max_samples,
         default_samples=info.default_samples,
+        placement=info.placement,
     )
 
 

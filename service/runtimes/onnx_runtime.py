@@ -79,7 +79,8 @@ class OnnxRuntime:
             raise ValueError(f"{path / DETERMINISTIC_FILE}: graph inputs {self._inputs}, manifest {expected}")
         self._vocabulary_from_manifest(loaded.manifest.model_dump(mode="json"))
         if MC_FILE in loaded.manifest.files:
-            self._mc_session, _ = create_session(path / MC_FILE, self.requested_device)
+            self._mc_session, mc_info = create_session(path / MC_FILE, self.requested_device)
+            self.provider_info["mc_placement"] = mc_info.placement  # CUDA: nodes left to the CPU (None on CPU)
             # `seed` has a default (an initializer), so ONNX Runtime lists it as an overridable initializer
             self._mc_inputs = [i.name for i in self._mc_session.get_inputs()] + [
                 i.name for i in self._mc_session.get_overridable_initializers() if i.name == "seed"

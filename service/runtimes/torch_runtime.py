@@ -17,11 +17,10 @@ form, and applies seeded inverted dropout to PyTorch's own `nn.Dropout` layers t
 `torch.Generator` seeded from the request's seed, so a request's masks never depend on what else shares
 its batch.
 
-On CUDA each runtime issues its work on a CUDA stream of its own (`compute_stream`), entered by the one
-compute thread that runs the model's batches: one model's result copy then waits only for its own
-kernels, not for every other model's work on the shared default stream. Inputs are copied to the device
-and results back to the host on that same stream (a host copy synchronises it), and loading ends with a
-device synchronisation, so the weights are in place before the first batch. On the CPU it is a no-op.
+On CUDA each runtime issues its work on a CUDA stream of its own (`dropwise.service.runtimes.streams.
+ComputeStream`), entered by the one compute thread that runs the model's batches: one model's result copy
+then waits only for its own kernels, not for every other model's work on the shared default stream. On the
+CPU it is a no-op.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from dropwise.service.runtimes.base import (
     encode_mc,
     standardised_to_target,
 )
+from dropwise.service.runtimes.streams import ComputeStream
 from dropwise.surgery.sources import resolve_source
 from torch import nn
 
@@ -56,11 +56,6 @@ def resolve_torch_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
     return torch.device(device)
-
-
-def compute_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A new CUDA stream on `device` for one model's compute thread; None on the CPU (no streams)."""
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 def stochastic_modules(model: nn.Module) -> list[nn.Module]:
@@ -96,7 +91,8 @@ class TorchRuntime:
         self.provider = f"torch-{self.device}" + (
             f" ({torch.cuda.get_device_name(self._device)})" if self._device.type == "cuda" else ""
         )
-        self.stream = compute_stream(self._device)  #: the CUDA stream every batch of this model runs on
+        self._compute = ComputeStream(self._device)
+        self.stream = self._compute.stream  #: the CUDA stream every batch of this model runs on (None on CPU)
         self.model: nn.Module | None = None
         self.mc_model: nn.Module | None = None  #: the network after its recorded surgery (MC runs this one)
         self._stochastic: list[nn.Module] = []
@@ -130,16 +126,15 @@ class TorchRuntime:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
         example = example_inputs(self.spec, rows=2)
         self._build_engine(self._tensor(example))  # the engine keeps its own copy in the MC state
+        self._compute.ready()  # weights and engine buffers were queued on the loading thread's stream
         # the fallback switches the stochastic layers itself, with a seeded generator per request: it starts
         # from eval (an MC model's own train-mode sites would draw from the global generator)
         nn.Module.train(self.mc_model, False)
         self.predict_deterministic(take_rows(example, 0, 1))
-        if self._device.type == "cuda":  # weights and engine buffers were made on the loading thread's stream
-            torch.cuda.synchronize(self._device)
 
     def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
         """Enter this model's CUDA stream (the calling thread's current stream); nothing on the CPU."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        return self._compute()
 
     def _build_engine(self, example: Any) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
@@ -207,6 +202,7 @@ class TorchRuntime:
                 [g.samples for g in groups],
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
+                to_host=True,  # one device-to-host copy per batch
             )
         else:
             results, start = [], 0

@@ -177,7 +177,7 @@ def methods(
         if torch.get_num_threads() == 1:
             options.intra_op_num_threads = 1  # same thread count as torch when --threads 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feeds = {"input": x.numpy(), "samples": np.array(samples, dtype=np.int64)}
+        feeds = {"input": x.numpy(), "num_samples": np.array(samples, dtype=np.int64)}
         out["ours (ONNX Runtime)"] = lambda: session.run(None, feeds)
         # the graph a CUDA session gets (hash without bitwise ops, dropwise.surgery.onnx_cuda), timed on the CPU
         import onnx

@@ -396,7 +396,7 @@ def native_request(model: str, row: np.ndarray, mode: str) -> bytes:
     """Native API request of one row."""
     body: dict[str, object] = {"inputs": [row.tolist()], "mode": mode}
     if mode == "mc":
-        body["samples"] = SAMPLES
+        body["num_samples"] = SAMPLES
     return http_post(f"/v1/models/{model}/predict", json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 

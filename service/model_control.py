@@ -118,7 +118,7 @@ def warm_up(runtime: Runtime) -> dict[str, float]:
     took["deterministic"] = time.perf_counter() - start
     if runtime.supports_mc:
         start = time.perf_counter()
-        runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])
+        runtime.predict_mc(example, [MCGroup(rows=1, num_samples=2, seed=0)])
         took["mc"] = time.perf_counter() - start
     return took
 

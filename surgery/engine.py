@@ -42,6 +42,7 @@ from .functional_sites import trace_calls
 from .masks import HashMaskSite, MaskContext, TrainModeSite
 from .mc_layout import plan
 from .module_tools import set_training
+from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
 from .site_types import Site
 from .sites import find_sites, gating_modules
 from .split import SplitModel, split
@@ -67,36 +68,40 @@ _MAX_SEED = 1 << 63
 class MCResult:
     """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
-    Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
-    ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
-    ``std``. ``samples`` holds the per-sample outputs ``[T, B, K]`` when asked for. ``seed`` is the seed
-    the masks were drawn from (pass it back to reproduce the result).
+    Classification fills ``probabilities`` (the predictive mean, formerly ``mean_probs``: still readable
+    under that name), ``predictive_entropy``, ``expected_entropy``, ``mutual_information``,
+    ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and ``std``. When asked for,
+    ``samples`` holds the per-sample outputs ``[T, B, K]``: PROBABILITIES ``softmax(z_t)`` for
+    classification (with the raw logits in ``sample_logits``), values for regression. ``num_samples`` is
+    T. ``seed`` is the seed the masks were drawn from (pass it back to reproduce the result).
     """
 
     task: str
-    n_samples: int
+    num_samples: int
     seed: int
     std: Tensor
-    mean_probs: Tensor | None = None
+    probabilities: Tensor | None = None
     predictive_entropy: Tensor | None = None
     expected_entropy: Tensor | None = None
     mutual_information: Tensor | None = None
     variation_ratio: Tensor | None = None
     mean: Tensor | None = None
     samples: Tensor | None = None
+    sample_logits: Tensor | None = None
+
+    @property
+    def mean_probs(self) -> Tensor | None:
+        """Deprecated spelling of `probabilities`."""
+        return self.probabilities
+
+    @property
+    def n_samples(self) -> int:
+        """Deprecated spelling of `num_samples` (T)."""
+        return self.num_samples
 
     def as_dict(self) -> dict[str, Tensor]:
-        """The non-empty tensors by name."""
-        names = (
-            "mean_probs",
-            "predictive_entropy",
-            "expected_entropy",
-            "mutual_information",
-            "variation_ratio",
-            "mean",
-            "std",
-            "samples",
-        )
+        """The non-empty tensors by their output-table names (`dropwise.surgery.outputs`)."""
+        names = (*summary_names(self.task), SAMPLES, SAMPLE_LOGITS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -505,7 +510,6 @@ class MCEngine:
         return [r for r in results if r is not None]
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
-        kept = per_sample if return_samples else None
         if self.task == "classification":
             s = classification_summaries(per_sample)
             return MCResult(
@@ -513,14 +517,16 @@ class MCEngine:
                 per_sample.shape[0],
                 seed,
                 s.std,
-                mean_probs=s.mean_probs,
+                probabilities=s.probabilities,
                 predictive_entropy=s.predictive_entropy,
                 expected_entropy=s.expected_entropy,
                 mutual_information=s.mutual_information,
                 variation_ratio=s.variation_ratio,
-                samples=kept,
+                samples=torch.softmax(per_sample.float(), dim=-1) if return_samples else None,
+                sample_logits=per_sample if return_samples else None,
             )
         r = regression_summaries(per_sample)
+        kept = per_sample if return_samples else None
         return MCResult("regression", per_sample.shape[0], seed, r.std, mean=r.mean, samples=kept)
 
 
@@ -528,9 +534,10 @@ def _rows_of(summary: MCResult, start: int, n_rows: int, seed: int) -> MCResult:
     """Rows ``start .. start + n_rows - 1`` of a group's summaries (views), as one request's result."""
     fields = {}
     for name, value in summary.as_dict().items():
-        fields[name] = value[:, start : start + n_rows] if name == "samples" else value[start : start + n_rows]
+        per_sample = name in (SAMPLES, SAMPLE_LOGITS)  # [T, B, K]: rows on dim 1
+        fields[name] = value[:, start : start + n_rows] if per_sample else value[start : start + n_rows]
     std = fields.pop("std")
-    return MCResult(summary.task, summary.n_samples, seed, std, **fields)
+    return MCResult(summary.task, summary.num_samples, seed, std, **fields)
 
 
 def _to_host(summary: MCResult) -> MCResult:
@@ -546,7 +553,7 @@ def _to_host(summary: MCResult) -> MCResult:
         host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
         offset += value.numel()
     std = host.pop("std")
-    return MCResult(summary.task, summary.n_samples, summary.seed, std, **host)
+    return MCResult(summary.task, summary.num_samples, summary.seed, std, **host)
 
 
 def mc_predict(

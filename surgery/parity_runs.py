@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from dropwise.package import InputSpec
 from dropwise.surgery.export import DEFAULT_OUTPUT_NAME
+from dropwise.surgery.outputs import NUM_SAMPLES, summary_names
 from dropwise.surgery.parity import Comparison, MCParity, compare, spread_matches, z_test
 from dropwise.surgery.providers import create_session
 from dropwise.surgery.sources import generated_inputs
@@ -120,7 +121,7 @@ def mc_feeds(session: Any, names: Sequence[str], batch: Batch, samples: int) -> 
     for spec in session.get_inputs():
         if spec.name in out:
             continue
-        if spec.name in ("samples", "T", "num_samples"):
+        if spec.name in (NUM_SAMPLES, "samples", "T"):
             shape = [d if isinstance(d, int) else 1 for d in spec.shape]
             out[spec.name] = np.full(shape, samples, dtype=np.int64)
     missing = [s.name for s in session.get_inputs() if s.name not in out and "seed" not in s.name]
@@ -132,7 +133,7 @@ def mc_feeds(session: Any, names: Sequence[str], batch: Batch, samples: int) -> 
 def mc_mean_std(session: Any, graph_feeds: dict[str, np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
     """The MC graph's mean (``mean_probs`` or ``mean``) and ``std``, as float64."""
     names = [o.name for o in session.get_outputs()]
-    mean_name = "mean_probs" if task == "classification" else "mean"
+    mean_name = summary_names(task)[0]  # type: ignore[arg-type]
     if mean_name not in names or "std" not in names:
         raise ParityRunError(f"the MC graph lacks outputs {mean_name!r} and 'std': it has {names}")
     mean, std = session.run([mean_name, "std"], graph_feeds)
@@ -165,7 +166,7 @@ def mc_parity(
     if o_mean.shape != t_mean.shape:
         raise ParityRunError(f"MC graph output shape {o_mean.shape} differs from torch MC {t_mean.shape}")
     test = z_test(
-        "mean_probs" if task == "classification" else "mean",
+        summary_names(task)[0],  # type: ignore[arg-type]
         t_mean,
         t_std,
         samples,

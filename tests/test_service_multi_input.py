@@ -109,9 +109,9 @@ def test_deterministic_binary_json_and_native_agree(server: str) -> None:
 def test_mc_carries_uncertainty_per_sequence_and_is_seeded(server: str) -> None:
     ids, mask = _batch()
     with _triton(server) as client:
-        first = _infer(client, ids, mask, binary=True, mode="mc", samples=16, seed=3)
-        again = _infer(client, ids, mask, binary=False, mode="mc", samples=16, seed=3)
-        other = _infer(client, ids, mask, binary=True, mode="mc", samples=16, seed=4)
+        first = _infer(client, ids, mask, binary=True, mode="mc", num_samples=16, seed=3)
+        again = _infer(client, ids, mask, binary=False, mode="mc", num_samples=16, seed=3)
+        other = _infer(client, ids, mask, binary=True, mode="mc", num_samples=16, seed=4)
     assert first["mutual_information"].shape == (3,) and first["std"].shape == (3, 3)
     assert (first["std"].max(axis=1) > 0).all()  # every sequence has its own spread
     np.testing.assert_allclose(first["probabilities"], again["probabilities"], atol=1e-6)

@@ -168,7 +168,7 @@ def test_convert_two_named_inputs_writes_both_graphs_with_both_inputs(tmp_path: 
         ("ids", "int64", (0, 20)),
         ("mask", "int64", (0, 20)),
     ]
-    for filename, extra in (("model.onnx", []), ("model.mc.onnx", ["samples", "seed"])):
+    for filename, extra in (("model.onnx", []), ("model.mc.onnx", ["num_samples", "seed"])):
         graph = onnx.load(str(result.package_dir / filename))
         assert [i.name for i in graph.graph.input] == ["ids", "mask", *extra]
     assert result.report.mc is not None and result.report.mc.mean_std_onnx > 0
@@ -305,9 +305,9 @@ def test_torch_runtime_replays_a_recorded_head_dropout(tmp_path: Path) -> None:
         runtime.load()
     assert runtime.supports_mc
     x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
-    (out,) = runtime.predict_mc(x, [MCGroup(rows=3, samples=16, seed=7)])
+    (out,) = runtime.predict_mc(x, [MCGroup(rows=3, num_samples=16, seed=7)])
     assert out["std"].max() > 0 and out["mutual_information"].max() > 0
-    (again,) = runtime.predict_mc(x, [MCGroup(rows=3, samples=16, seed=7)])
+    (again,) = runtime.predict_mc(x, [MCGroup(rows=3, num_samples=16, seed=7)])
     np.testing.assert_array_equal(out["probabilities"], again["probabilities"])
     # deterministic predictions are the source network's eval output (the head dropout is off in eval)
     with torch.no_grad():

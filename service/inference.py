@@ -89,6 +89,7 @@ class ModelInfo:
     max_samples: int
     default_samples: int
     placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
+    evaluation: dict[str, Any] | None = None  #: `dropwise evaluate`'s summary from the manifest, when run
     #: every named input in ``forward`` order; ``input_*`` above describe the first (the only one for most)
     inputs: tuple[InputSpec, ...] = ()
 
@@ -197,6 +198,7 @@ class InferenceService:
             default_samples=min(settings.default_samples, settings.max_samples),
             inputs=spec.inputs,
             placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
+            evaluation=spec.manifest.get("evaluation"),
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:

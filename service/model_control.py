@@ -327,9 +327,9 @@ class ModelControl:
         async with self._lock(name):
             current = self.models.get(name, {})
             specs = dict(specs)
-            for version, slot in current.items():  # refused on disk now, but verified when it was loaded
+            for version, served in current.items():  # refused on disk now, but verified when it was loaded
                 if version not in specs and f"{name}/{version}" in self.repository.errors:
-                    specs[version] = slot.spec
+                    specs[version] = served.spec
             wanted = self._policy(specs).select(list(specs))
             new: dict[int, LoadedVersion] = {}
             for version in wanted:

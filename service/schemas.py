@@ -214,6 +214,12 @@ class ModelDetail(BaseModel):
         None,
         description="ONNX Runtime on CUDA: the MC graph's nodes the CUDA provider has no kernel for (static count).",
     )
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="Summary of `dropwise evaluate` (test split): deterministic vs MC accuracy / NLL / Brier / ECE, "
+        "after temperature scaling, the best OOD score per OOD set with its AUROC, MI deviation by T, the "
+        "abstention rule; the full report is the package's evaluation.json.",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -69,6 +69,7 @@ def _detail(info: ModelInfo) -> ModelDetail:
         max_samples=info.max_samples,
         default_samples=info.default_samples,
         placement=info.placement,
+        evaluation=info.evaluation,
     )
 
 

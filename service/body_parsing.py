@@ -74,8 +74,9 @@ def as_numeric_array(inputs: Any, *, field_name: str = "inputs", check_booleans:
     return x
 
 
-def parse_predict(raw: bytes) -> tuple[PredictRequest, np.ndarray]:
-    """A native predict body -> (the validated request without its inputs, the inputs as an array).
+def parse_predict(raw: bytes) -> tuple[PredictRequest, np.ndarray | dict[str, np.ndarray]]:
+    """A native predict body -> (the validated request without its inputs, the inputs as arrays: one, or
+    one per name for a model with several named inputs).
 
     Raises `BodyValidationFailed` (422) or `InvalidInput` (400: booleans, ragged rows).
     """
@@ -86,8 +87,15 @@ def parse_predict(raw: bytes) -> tuple[PredictRequest, np.ndarray]:
         raise BodyValidationFailed([dict(e) for e in errors]) from None
     # JSON booleans can only hide in the inputs when the text holds a `true` or `false` token at all
     maybe_booleans = b"true" in raw or b"false" in raw
-    inputs = as_numeric_array(body.inputs, check_booleans=maybe_booleans)
-    body.inputs = []  # travels back as the array only
+    inputs: np.ndarray | dict[str, np.ndarray]
+    if isinstance(body.inputs, dict):  # several named inputs
+        inputs = {
+            name: as_numeric_array(value, field_name=f"inputs.{name}", check_booleans=maybe_booleans)
+            for name, value in body.inputs.items()
+        }
+    else:
+        inputs = as_numeric_array(body.inputs, check_booleans=maybe_booleans)
+    body.inputs = []  # travels back as the arrays only
     return body, inputs
 
 

@@ -10,13 +10,15 @@ passes. Only the layers from the first stochastic site on differ between passes,
 4. replaces every chosen site of the tail by its hash-mask form (`dropwise.surgery.masks.HashMaskSite`): masks
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
-   Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
-   forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random draws
-   routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws stay keyed per row, and
-   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the whole
-   batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
-   (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
-   functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
+   Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional and attention dropout inside a
+   module's forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random
+   draws and dropout calls routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws
+   stay keyed per row, ``F.dropout`` / ``scaled_dot_product_attention(dropout_p=...)`` get keyed masks, and
+   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the
+   whole batch. A gate that is also the parent of a module site (BERT's sdpa attention) is wrapped after its
+   child is replaced. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the
+   whole batch (e.g. one DropConnect mask for all rows) or another library's DropBlock (batch-wide rescale)
+   reproduces only for an identical batch; a module called twice in one pass draws a fresh mask each call;
 5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, docs/DESIGN.md §3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
@@ -28,16 +30,21 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .export_split import FunctionalCallSite
+from .functional_sites import trace_calls
 from .masks import HashMaskSite, MaskContext, TrainModeSite
 from .mc_layout import plan
-from .sites import Site, call_model, find_sites
+from .module_tools import set_training
+from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
+from .site_types import Site
+from .sites import find_sites, gating_modules
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
 
@@ -61,36 +68,40 @@ _MAX_SEED = 1 << 63
 class MCResult:
     """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
-    Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
-    ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
-    ``std``. ``samples`` holds the per-sample outputs ``[T, B, K]`` when asked for. ``seed`` is the seed
-    the masks were drawn from (pass it back to reproduce the result).
+    Classification fills ``probabilities`` (the predictive mean, formerly ``mean_probs``: still readable
+    under that name), ``predictive_entropy``, ``expected_entropy``, ``mutual_information``,
+    ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and ``std``. When asked for,
+    ``samples`` holds the per-sample outputs ``[T, B, K]``: PROBABILITIES ``softmax(z_t)`` for
+    classification (with the raw logits in ``sample_logits``), values for regression. ``num_samples`` is
+    T. ``seed`` is the seed the masks were drawn from (pass it back to reproduce the result).
     """
 
     task: str
-    n_samples: int
+    num_samples: int
     seed: int
     std: Tensor
-    mean_probs: Tensor | None = None
+    probabilities: Tensor | None = None
     predictive_entropy: Tensor | None = None
     expected_entropy: Tensor | None = None
     mutual_information: Tensor | None = None
     variation_ratio: Tensor | None = None
     mean: Tensor | None = None
     samples: Tensor | None = None
+    sample_logits: Tensor | None = None
+
+    @property
+    def mean_probs(self) -> Tensor | None:
+        """Deprecated spelling of `probabilities`."""
+        return self.probabilities
+
+    @property
+    def n_samples(self) -> int:
+        """Deprecated spelling of `num_samples` (T)."""
+        return self.num_samples
 
     def as_dict(self) -> dict[str, Tensor]:
-        """The non-empty tensors by name."""
-        names = (
-            "mean_probs",
-            "predictive_entropy",
-            "expected_entropy",
-            "mutual_information",
-            "variation_ratio",
-            "mean",
-            "std",
-            "samples",
-        )
+        """The non-empty tensors by their output-table names (`dropwise.surgery.outputs`)."""
+        names = (*summary_names(self.task), SAMPLES, SAMPLE_LOGITS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -101,36 +112,33 @@ def _as_args(x: Any) -> tuple[Tensor, ...]:
 
 
 def _execution_order(model: nn.Module, example_input: Any, sites: Sequence[Site]) -> list[Site]:
-    """Sites sorted by the order their modules first run on ``example_input`` (unreached ones last)."""
-    modules = dict(model.named_modules())
+    """Sites sorted by when they first act on ``example_input`` (unreached ones last).
+
+    Module sites count from the start of their module, functional sites from the call itself (a dropout in
+    the root's own forward after every block comes last), on a copy with every gating module in train mode.
+    """
+    work = copy.deepcopy(model)
+    set_training(work, False)
+    for name in gating_modules(list(sites)):
+        work.get_submodule(name).training = True
+    events: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        trace_calls(work, example_input, {s.name for s in sites if s.function is None}, events)
     order: dict[str, int] = {}
-    handles = []
-    for site in sites:
-        module = modules.get(site.name)
-        if module is None or site.name in order:
-            continue
-
-        def hook(_m: nn.Module, _i: Any, name: str = site.name) -> None:
-            order.setdefault(name, len(order))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sorted(sites, key=lambda s: order.get(s.name, len(order)))
+    for event in events:
+        order.setdefault(event, len(order))
+    return sorted(sites, key=lambda s: order.get(s.key, len(order)))
 
 
 def choose_sites(found: Sequence[Site], sites: str | Sequence[str | Site] | None) -> list[Site]:
     """The chosen subset of ``found`` (execution order): None/"all", "last", "first", or names/keys/Sites."""
     if sites is None or sites == "all":
         return list(found)
+    ran = [s for s in found if s.called is not False] or list(found)  # never a site that did not run
     if sites == "last":
-        return [found[-1]]
+        return [ran[-1]]
     if sites == "first":
-        return [found[0]]
+        return [ran[0]]
     if isinstance(sites, str):
         sites = [sites]
     wanted = {s.key if isinstance(s, Site) else str(s) for s in sites}
@@ -147,37 +155,90 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _replacement(site: Site, module: nn.Module, index: int, context: MaskContext) -> nn.Module:
-    """The MC form of one chosen site: a hash-mask site when one exists, else a train-mode wrapper."""
-    form = _FORMS.get(site.kind) if site.function is None else None
-    if site.kind == "drop_path" and site.function is None:
+def _replacement(
+    sites: Sequence[Site], module: nn.Module, index: int, found: Sequence[Site], context: MaskContext
+) -> nn.Module:
+    """The MC form of the chosen sites acting through ``module``: a hash-mask site, else a train-mode wrapper.
+
+    A module site with a hash form becomes a `HashMaskSite`; any other module site, and the gating module of
+    functional sites (wrapped once for all its chosen calls), a `TrainModeSite` keyed by site ``index``.
+    """
+    functional = [s for s in sites if s.function is not None]
+    if functional:
+        names = {s.function for s in functional if s.function}
+        every = {s.function for s in found if s.name == functional[0].name and s.function}
+        # a FunctionalCallSite (export front-end) is one call: all of it is chosen
+        only = None if names == every or isinstance(module, FunctionalCallSite) else frozenset(names)
+        return TrainModeSite(module, context, index, functional=True, functions=only)
+    site = sites[0]
+    form = _FORMS.get(site.kind)
+    if site.kind == "drop_path":
         form = "path" if getattr(module, "scale_by_keep", True) else "path_classic"
     if form is None:
-        return TrainModeSite(module, context, index, functional=site.function is not None)
+        return TrainModeSite(module, context, index)
     return HashMaskSite(context, index, float(site.p), form)
 
 
 def _rewrite_tail(
-    tail: nn.Module, model: nn.Module, found: Sequence[Site], chosen: Sequence[Site], context: MaskContext
+    tail: nn.Module,
+    model: nn.Module,
+    found: Sequence[Site],
+    chosen: Sequence[Site],
+    context: MaskContext,
+    site_modules: dict[str, nn.Module] | None = None,
 ) -> list[nn.Module]:
-    """Replace each chosen site module inside ``tail`` (found by identity) by its MC form."""
-    in_tail = {}
+    """Replace each chosen site (module site, or the gate of functional sites) inside ``tail`` by its MC form.
+
+    Sites act through a module found by identity in ``tail``: the site module, the gating module, or the
+    module the split put in their place (``site_modules``, by site key). Deepest modules are replaced first,
+    so a gate that is also the parent of a module site (BERT's sdpa attention) keeps its replaced child.
+    """
+    in_tail: dict[int, list[str]] = {}
     for name, module in tail.named_modules(remove_duplicate=False):
         in_tail.setdefault(id(module), []).append(name)
     index = {s.key: i for i, s in enumerate(found)}
-    replaced: list[nn.Module] = []
+    groups: dict[int, tuple[nn.Module, list[Site]]] = {}
     for site in chosen:
-        module = model.get_submodule(site.name) if site.name else model
+        if site_modules is not None and site.key in site_modules:
+            module = site_modules[site.key]
+        else:
+            module = model.get_submodule(site.name) if site.name else model
+        groups.setdefault(id(module), (module, []))[1].append(site)
+
+    def depth(module: nn.Module) -> int:
+        return max((name.count(".") + 1 if name else 0 for name in in_tail.get(id(module), [])), default=0)
+
+    replaced: list[nn.Module] = []
+    for module, sites in sorted(groups.values(), key=lambda g: -depth(g[0])):
         names = in_tail.get(id(module), [])
         if not names:
             continue  # the site lies in the trunk: impossible for the split's own sites, kept for safety
-        replacement = _replacement(site, module, index[site.key], context)
+        replacement = _replacement(sites, module, index[sites[0].key], found, context)
         for name in names:
             if name == "":
                 raise ValueError("the root module itself is a site: wrap it in a container first")
             _set_submodule(tail, name, replacement)
         replaced.append(replacement)
     return replaced
+
+
+def primary_output(out: Any) -> Tensor:
+    """The tensor MC summarises: ``out`` itself, ``logits`` of a dict-like output (Hugging Face ``ModelOutput``),
+    else its first tensor value, or the first element of a tuple / list."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), Tensor):
+            return out["logits"]
+        values = list(out.values())
+    elif isinstance(out, tuple | list):
+        values = list(out)
+    else:
+        raise TypeError(f"the model returned {type(out).__name__}; MC needs a tensor (or a dict / tuple of them)")
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(f"the model returned {type(out).__name__} with no tensor in it")
 
 
 def _batched_outputs(trunk: nn.Module, example: tuple[Tensor, ...]) -> list[bool]:
@@ -303,11 +364,13 @@ class MCEngine:
         self.context = MaskContext(exportable=exportable)
         self.trunk = self.split.trunk.eval()
         self.tail = self.split.tail.eval()
-        self.replaced = _rewrite_tail(self.tail, self.model, self.sites, self.chosen, self.context)
-        self._batched = _batched_outputs(self.trunk, example)
-        if chunk_rows is None:
+        if chunk_rows is None:  # measured before the rewrite: the tail shares its modules with the model
             per_row = _bytes_per_row(self.model, example)
             chunk_rows = _chunk_rows_for(per_row, self._device(), memory_budget, chunk_bytes)
+        self.replaced = _rewrite_tail(
+            self.tail, self.model, self.sites, self.chosen, self.context, self.split.site_modules
+        )
+        self._batched = _batched_outputs(self.trunk, example)
         self.chunk_rows = int(chunk_rows)
         self._mask_sites = [m.site for m in self.replaced if isinstance(m, HashMaskSite)]
         self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
@@ -398,7 +461,7 @@ class MCEngine:
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
             try:
-                outputs.append(self._tail_fn(*args))
+                outputs.append(primary_output(self._tail_fn(*args)))
             finally:
                 self.context.keys = None
                 self.context.site_bits = None
@@ -448,18 +511,21 @@ class MCEngine:
         keys = torch.from_numpy(layout.keys).to(device)
         bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
         out = self.tail_outputs(live, index, keys, bits, check=check)
+        summaries = [
+            self._summarise(
+                out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples
+            )
+            for g in layout.groups
+        ]
+        if to_host:
+            summaries = _to_host(summaries)
         results: list[MCResult | None] = [None] * len(rows)
-        for group in layout.groups:
-            block = out[group.start : group.start + group.samples * group.rows]
-            summary = self._summarise(block.reshape(group.samples, group.rows, -1), 0, return_samples)
-            if to_host:
-                summary = _to_host(summary)
+        for group, summary in zip(layout.groups, summaries, strict=True):
             for r, offset in zip(group.requests, group.row_offsets, strict=True):
                 results[r] = _rows_of(summary, offset, rows[r], resolved[r])
         return [r for r in results if r is not None]
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
-        kept = per_sample if return_samples else None
         if self.task == "classification":
             s = classification_summaries(per_sample)
             return MCResult(
@@ -467,14 +533,16 @@ class MCEngine:
                 per_sample.shape[0],
                 seed,
                 s.std,
-                mean_probs=s.mean_probs,
+                probabilities=s.probabilities,
                 predictive_entropy=s.predictive_entropy,
                 expected_entropy=s.expected_entropy,
                 mutual_information=s.mutual_information,
                 variation_ratio=s.variation_ratio,
-                samples=kept,
+                samples=torch.softmax(per_sample.float(), dim=-1) if return_samples else None,
+                sample_logits=per_sample if return_samples else None,
             )
         r = regression_summaries(per_sample)
+        kept = per_sample if return_samples else None
         return MCResult("regression", per_sample.shape[0], seed, r.std, mean=r.mean, samples=kept)
 
 
@@ -482,25 +550,34 @@ def _rows_of(summary: MCResult, start: int, n_rows: int, seed: int) -> MCResult:
     """Rows ``start .. start + n_rows - 1`` of a group's summaries (views), as one request's result."""
     fields = {}
     for name, value in summary.as_dict().items():
-        fields[name] = value[:, start : start + n_rows] if name == "samples" else value[start : start + n_rows]
+        per_sample = name in (SAMPLES, SAMPLE_LOGITS)  # [T, B, K]: rows on dim 1
+        fields[name] = value[:, start : start + n_rows] if per_sample else value[start : start + n_rows]
     std = fields.pop("std")
-    return MCResult(summary.task, summary.n_samples, seed, std, **fields)
+    return MCResult(summary.task, summary.num_samples, seed, std, **fields)
 
 
-def _to_host(summary: MCResult) -> MCResult:
-    """The summaries on the CPU, fetched with one device-to-host copy."""
-    tensors = summary.as_dict()
-    if all(t.device.type == "cpu" for t in tensors.values()):
-        return summary
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors.values()))
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors.values()]).cpu()
-    host = {}
+def _to_host(summaries: list[MCResult]) -> list[MCResult]:
+    """The summaries on the CPU, fetched with one device-to-host copy for all of them."""
+    if all(t.device.type == "cpu" for summary in summaries for t in summary.as_dict().values()):
+        return summaries
+    return _moved(summaries, lambda flat: flat.cpu())
+
+
+def _moved(summaries: list[MCResult], move: Any) -> list[MCResult]:
+    """``summaries`` with every tensor packed into one flat tensor, moved by ``move`` once, and unpacked."""
+    tensors = [t for summary in summaries for t in summary.as_dict().values()]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = move(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    hosted = []
     offset = 0
-    for name, value in tensors.items():
-        host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
-        offset += value.numel()
-    std = host.pop("std")
-    return MCResult(summary.task, summary.n_samples, summary.seed, std, **host)
+    for summary in summaries:
+        host = {}
+        for name, value in summary.as_dict().items():
+            host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
+            offset += value.numel()
+        std = host.pop("std")
+        hosted.append(MCResult(summary.task, summary.num_samples, summary.seed, std, **host))
+    return hosted
 
 
 def mc_predict(

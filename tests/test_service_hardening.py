@@ -173,7 +173,7 @@ def test_request_over_the_sample_row_limit_is_refused_up_front_with_413(client: 
     r = client.post(URL, json={"inputs": _x(1024), "mode": "mc", "samples": 256})
     assert r.status_code == 413, r.text
     error = r.json()["error"]
-    assert error["field"] == "samples" and "65536 sample-rows" in error["message"]
+    assert error["field"] == "num_samples" and "65536 sample-rows" in error["message"]
     ok = client.post(URL, json={"inputs": _x(256), "mode": "mc", "samples": 256, "seed": 3})
     assert ok.status_code == 200
 
@@ -298,3 +298,19 @@ def test_cors_is_off_unless_origins_are_configured(repo: Path) -> None:
         assert r.headers["access-control-allow-origin"] == "https://app.example"
         other = c.options(URL, headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+# ------------------------------------------------------------------------------------------ first request
+def test_every_model_has_an_example_body_that_predict_accepts(client: TestClient) -> None:
+    for model in ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes"):
+        example = client.get(f"/v1/models/{model}/example")
+        assert example.status_code == 200, example.text
+        body = example.json()
+        assert body["mode"] == "mc" and body["seed"] == 0 and len(body["inputs"]) == 2
+        first = client.post(f"/v1/models/{model}/predict", json=body)
+        assert first.status_code == 200, first.text
+        again = client.post(f"/v1/models/{model}/predict", json=body).json()
+        assert first.json().get("probabilities", first.json().get("mean")) == again.get(
+            "probabilities", again.get("mean")
+        )
+    assert client.get("/v1/models/nope/example").status_code == 404

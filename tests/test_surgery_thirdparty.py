@@ -11,7 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dropwise.surgery import find_sites, fold, split, to_mc  # noqa: E402
+from dropwise.models.layers import drop_path  # noqa: E402
+from dropwise.surgery import MCEngine, MCModel, find_sites, fold_with_report, split, to_mc  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,13 @@ def _bert(impl: str, hidden: float = 0.1, attention: float = 0.1):
 
 def _convnext():
     cfg = transformers.ConvNextConfig(
-        num_channels=3, hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.3, num_labels=3
+        num_channels=3,
+        hidden_sizes=[8, 16],
+        depths=[1, 2],
+        num_stages=2,
+        drop_path_rate=0.3,
+        num_labels=3,
+        layer_scale_init_value=1.0,  # the default 1e-6 makes every branch, and so drop-path, invisible
     )
     torch.manual_seed(0)
     return transformers.ConvNextForImageClassification(cfg).eval(), torch.randn(2, 3, 32, 32)
@@ -61,25 +68,35 @@ def _vit():
 def _check_common(model, x) -> None:
     with torch.no_grad():
         want = model(x).logits
-    folded = fold(model, x)
-    assert all(s.function is not None for s in find_sites(folded, x))  # only gated calls, off in eval
+    result = fold_with_report(model, x)
+    folded = result.model
+    assert find_sites(folded, x) == []  # functional gates pinned, module sites removed
     with torch.no_grad():
         assert (folded(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
+        folded.train()  # a fine-tuning loop: the folded model stays deterministic and equal to eval
+        assert (folded(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
+        assert torch.equal(folded(x).logits, folded(x).logits)
     mc = to_mc(model, example_input=x)
+    assert isinstance(mc, MCModel) and isinstance(mc, type(model))
     with torch.no_grad():
         a, b = mc(x).logits, mc(x).logits
     assert not torch.equal(a, b)
     sp = split(model, x)
-    # transformers' forward is not fx-traceable: the split says why and falls back to the whole model
-    assert not sp.captured and sp.reason and "fx" in sp.reason
+    # transformers 5.x is not fx-traceable: the torch.export front-end captures it
+    assert sp.captured and sp.frontend == "export", sp.reason
     with torch.no_grad():
-        assert torch.equal(sp(x).logits, want)
-    sp_mc = split(mc, x)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        ref = mc(x).logits
-        torch.manual_seed(3)
-        assert torch.equal(sp_mc(x).logits, ref)
+        assert torch.allclose(sp(x).logits, want, atol=1e-6)
+    # the engine: seeded MC reproduces, and a row alone equals the same row in a batch
+    for sites in (None, "last"):
+        engine = MCEngine(model, x, sites)
+        assert engine.split.frontend == "export" and engine.rows_independent
+        r1, r2 = engine(x, samples=8, seed=11), engine(x, samples=8, seed=11)
+        assert torch.equal(r1.mean_probs, r2.mean_probs)
+        assert not torch.equal(r1.mean_probs, engine(x, samples=8, seed=12).mean_probs)
+        batch = engine.run_batch(x, [1, 1], [8, 8], [5, 11])
+        alone = engine(x[1:2], samples=8, seed=11)
+        assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+        assert float(r1.std.max()) > 0.0
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -132,3 +149,57 @@ def test_vit() -> None:
     got = {(s.kind, round(s.p, 3)) for s in sites}
     assert ("attention_dropout", 0.2) in got and ("dropout", 0.1) in got
     _check_common(model, x)
+
+
+class _RootGated(torch.nn.Module):
+    """Functional dropout gated by the ROOT's own flag, with a project functional form inside a child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU())
+        self.block = _Residual()
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(self.body(x))
+        return self.head(torch.nn.functional.dropout(h, 0.3, training=self.training))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + drop_path(self.fc(x), 0.2, training=self.training)
+
+
+def test_root_gated_functional_dropout_and_own_functional_forms() -> None:
+    torch.manual_seed(0)
+    model, x = _RootGated().eval(), torch.randn(4, 6)
+    sites = find_sites(model, x)
+    assert [(s.name, s.kind, s.function, s.switch) for s in sites] == [
+        ("block", "drop_path", "drop_path#0", "parent.training (functional)"),
+        ("", "functional_dropout", "dropout#0", "parent.training (functional)"),
+    ]
+    with torch.no_grad():
+        want = model(x)
+    folded = fold_with_report(model, x).model.train()
+    with torch.no_grad():
+        assert torch.allclose(folded(x), want) and find_sites(folded, x) == []
+    engine = MCEngine(model, x, "last")
+    assert engine.split.captured and engine.split.frontend == "export", engine.split.reason
+    r1, r2 = engine(x, samples=16, seed=3), engine(x, samples=16, seed=3)
+    assert torch.equal(r1.mean_probs, r2.mean_probs) and float(r1.std.max()) > 0.0
+    alone = engine(x[2:3], samples=16, seed=3)
+    batch = engine.run_batch(x, [2, 1, 1], [16, 16, 16], [1, 3, 2])
+    assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+    # every site: drop_path's draws export as bare aten.rand nodes inside `block`, which no split can key, so
+    # the engine runs the whole model as its tail, still keyed and reproducible
+    every = MCEngine(model, x)
+    assert not every.split.captured and "aten.rand" in str(every.split.reason)
+    s1, s2 = every(x, samples=16, seed=4), every(x, samples=16, seed=4)
+    assert torch.equal(s1.mean_probs, s2.mean_probs) and float(s1.std.max()) > 0.0
+    alone = every(x[2:3], samples=16, seed=4)
+    batch = every.run_batch(x, [2, 1, 1], [16, 16, 16], [1, 4, 2])
+    assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 import numpy as np
 from dropwise.service.body_parsing import BodyValidationFailed, ParsingPool, parse_predict
 from dropwise.service.deps import ApiToken
+from dropwise.service.errors import InvalidInput
+from dropwise.service.examples import example_request
 from dropwise.service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
 from dropwise.service.middleware import label_mode
 from dropwise.service.schemas import (
@@ -27,6 +29,7 @@ from dropwise.service.schemas import (
     PredictResponse,
     Uncertainty,
 )
+from dropwise.surgery.outputs import NUM_SAMPLES
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 
@@ -65,17 +68,23 @@ def _service(request: Request) -> InferenceService:
 
 
 def _detail(info: ModelInfo) -> ModelDetail:
+    inputs = [
+        InputSpecOut(
+            name=spec.name,
+            shape=list(spec.shape),
+            dtype=spec.dtype,
+            preprocessing=spec.preprocessing,
+            range=list(spec.range) if spec.range else None,
+        )
+        for spec in info.input_specs()
+    ]
     return ModelDetail(
         name=info.name,
         version=info.version,
         versions=list(info.versions),
         task=info.task,
-        input=InputSpecOut(
-            name=info.input_name,
-            shape=list(info.input_shape),
-            dtype=info.input_dtype,
-            preprocessing=info.preprocessing,
-        ),
+        input=inputs[0],
+        inputs=inputs,
         labels=list(info.labels) if info.labels else None,
         sites=list(info.sites),
         backend=info.backend,
@@ -85,6 +94,8 @@ def _detail(info: ModelInfo) -> ModelDetail:
         mc_available=info.mc_available,
         max_samples=info.max_samples,
         default_samples=info.default_samples,
+        placement=info.placement,
+        evaluation=info.evaluation,
     )
 
 
@@ -124,6 +135,26 @@ async def describe_model_version(request: Request, name: ModelName, version: Ver
     return _detail(_service(request).info(name, version))
 
 
+@router.get(
+    "/models/{name}/example",
+    response_model=PredictRequest,
+    response_model_exclude_none=True,
+    responses={404: _ERRORS[404]},
+    summary="A ready request body for the model",
+)
+async def example(request: Request, name: ModelName) -> dict[str, Any]:
+    """A body `POST /v1/models/{name}/predict` accepts as is: the first rows of the model's test split
+    (preprocessed), MC mode, the default T, seed 0 (zeros of the input shape when the package records no
+    dataset). `curl .../example | curl -d @- .../predict` gives a first answer."""
+    service = _service(request)
+    info = service.info(name)
+    spec = service.spec(name)
+    body = await asyncio.to_thread(example_request, spec, info.default_samples)
+    if not info.mc_available:
+        body = {"inputs": body["inputs"], "mode": "deterministic"}
+    return body
+
+
 def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
     out = result.outputs
     labels = info.labels
@@ -148,8 +179,8 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),
         uncertainty=uncertainty,
-        sample_outputs=_list(out.get("samples")),
-        samples=result.samples,
+        samples=_list(out.get("samples")),
+        num_samples=result.num_samples,
         seed=result.seed,
         backend=result.backend,
         device=result.device,
@@ -172,13 +203,15 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
     except BodyValidationFailed as exc:
         raise RequestValidationError(exc.errors) from None
     label_mode(request, body.mode)
+    if body.samples is not None and body.num_samples is not None:
+        raise InvalidInput(f"give {NUM_SAMPLES} only (samples is its deprecated alias)", field=NUM_SAMPLES)
     result = await service.infer(
         InferenceRequest(
             model=name,
             version=version,
             inputs=inputs,  # validated (shape, dtype, NaN/Inf) by the service
             mode=body.mode,
-            samples=body.samples,
+            num_samples=body.num_samples if body.num_samples is not None else body.samples,
             seed=body.seed,
             return_samples=body.return_samples,
             deadline_s=body.timeout_s,

@@ -499,12 +499,16 @@ class MCEngine:
         keys = torch.from_numpy(layout.keys).to(device)
         bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
         out = self.tail_outputs(live, index, keys, bits)
+        summaries = [
+            self._summarise(
+                out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples
+            )
+            for g in layout.groups
+        ]
+        if to_host:
+            summaries = _to_host(summaries)
         results: list[MCResult | None] = [None] * len(rows)
-        for group in layout.groups:
-            block = out[group.start : group.start + group.samples * group.rows]
-            summary = self._summarise(block.reshape(group.samples, group.rows, -1), 0, return_samples)
-            if to_host:
-                summary = _to_host(summary)
+        for group, summary in zip(layout.groups, summaries, strict=True):
             for r, offset in zip(group.requests, group.row_offsets, strict=True):
                 results[r] = _rows_of(summary, offset, rows[r], resolved[r])
         return [r for r in results if r is not None]
@@ -540,20 +544,28 @@ def _rows_of(summary: MCResult, start: int, n_rows: int, seed: int) -> MCResult:
     return MCResult(summary.task, summary.num_samples, seed, std, **fields)
 
 
-def _to_host(summary: MCResult) -> MCResult:
-    """The summaries on the CPU, fetched with one device-to-host copy."""
-    tensors = summary.as_dict()
-    if all(t.device.type == "cpu" for t in tensors.values()):
-        return summary
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors.values()))
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors.values()]).cpu()
-    host = {}
+def _to_host(summaries: list[MCResult]) -> list[MCResult]:
+    """The summaries on the CPU, fetched with one device-to-host copy for all of them."""
+    if all(t.device.type == "cpu" for summary in summaries for t in summary.as_dict().values()):
+        return summaries
+    return _moved(summaries, lambda flat: flat.cpu())
+
+
+def _moved(summaries: list[MCResult], move: Any) -> list[MCResult]:
+    """``summaries`` with every tensor packed into one flat tensor, moved by ``move`` once, and unpacked."""
+    tensors = [t for summary in summaries for t in summary.as_dict().values()]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = move(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    hosted = []
     offset = 0
-    for name, value in tensors.items():
-        host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
-        offset += value.numel()
-    std = host.pop("std")
-    return MCResult(summary.task, summary.num_samples, summary.seed, std, **host)
+    for summary in summaries:
+        host = {}
+        for name, value in summary.as_dict().items():
+            host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
+            offset += value.numel()
+        std = host.pop("std")
+        hosted.append(MCResult(summary.task, summary.num_samples, summary.seed, std, **host))
+    return hosted
 
 
 def mc_predict(

@@ -480,4 +480,4 @@ def test_one_shot_builds_on_a_slice_and_matches_a_prebuilt_engine() -> None:
     prebuilt = MCEngine(model, x)(x, samples=8, seed=5, return_samples=True)
     assert one_shot.samples.shape == (8, 40, 3)
     torch.testing.assert_close(one_shot.samples, prebuilt.samples, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(one_shot.mean_probs, prebuilt.mean_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_shot.probabilities, prebuilt.probabilities, rtol=1e-5, atol=1e-6)

@@ -127,7 +127,7 @@ async def describe_model(request: Request, name: ModelName) -> ModelDetail:
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=ModelDetail,
-    responses={404: _ERRORS[404]},
+    responses={404: _ERRORS[404], 422: _ERRORS[422]},
     summary="Describe a model version",
 )
 async def describe_model_version(request: Request, name: ModelName, version: Version) -> ModelDetail:

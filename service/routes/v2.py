@@ -342,44 +342,67 @@ async def infer(request: Request, model: str) -> Response:
     return await _infer(request, model)
 
 
-# Inference first: the busiest route is matched before the others.
 _BODY_DOC = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
-router.add_api_route(
+_V2_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+#: every status an Open Inference route may answer with an error, in the protocol's `{"error": "..."}` form
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/json": {"schema": _V2_ERROR_SCHEMA}}}
+    for status, description in (
+        (400, "Invalid request (the message names the field)."),
+        (401, "Missing or wrong bearer token (when DROPWISE_API_TOKEN is set)."),
+        (404, "Unknown model or version."),
+        (408, "The body was not sent in time."),
+        (413, "Body or MC work over the limit."),
+        (415, "Unsupported Content-Encoding."),
+        (422, "Malformed path parameter."),
+        (429, "Queue full; see Retry-After."),
+        (503, "Not ready, or shutting down."),
+        (504, "Not answered before the deadline."),
+    )
+}
+#: health routes answer an empty body: 200 when true, an error otherwise
+_EMPTY_OK: dict[int | str, dict[str, Any]] = {200: {"description": "Yes (empty body)."}, **_ERRORS}
+
+
+def _route(path: str, endpoint: Any, method: str, summary: str, **extra: Any) -> None:
+    router.add_api_route(path, endpoint, methods=[method], summary=summary, **{"responses": _ERRORS, **extra})
+
+
+# Inference first: the busiest route is matched before the others.
+_route(
     "/v2/models/{model}/infer",
     infer,
-    methods=["POST"],
+    "POST",
+    "Inference (latest version)",
     dependencies=[ApiToken],
-    summary="Inference (latest version)",
     openapi_extra=_BODY_DOC,
 )
-router.add_api_route(
+_route(
     "/v2/models/{model}/versions/{version}/infer",
     infer,
-    methods=["POST"],
+    "POST",
+    "Inference",
     dependencies=[ApiToken],
-    summary="Inference",
     openapi_extra=_BODY_DOC,
 )
-router.add_api_route("/v2/health/live", live, methods=["GET"], summary="Server liveness")
-router.add_api_route("/v2/health/ready", ready, methods=["GET"], summary="Server readiness")
-router.add_api_route("/v2", server_metadata, methods=["GET"], summary="Server metadata")
-router.add_api_route(
-    "/v2/models/{model}",
-    model_metadata,
-    methods=["GET"],
-    dependencies=[ApiToken],
-    summary="Model metadata (latest version)",
+_route("/v2/health/live", live, "GET", "Server liveness", response_class=Response, responses=_EMPTY_OK)
+_route("/v2/health/ready", ready, "GET", "Server readiness", response_class=Response, responses=_EMPTY_OK)
+_route("/v2", server_metadata, "GET", "Server metadata")
+_route("/v2/models/{model}", model_metadata, "GET", "Model metadata (latest version)", dependencies=[ApiToken])
+_route("/v2/models/{model}/versions/{version}", model_metadata, "GET", "Model metadata", dependencies=[ApiToken])
+_route(
+    "/v2/models/{model}/ready",
+    model_ready,
+    "GET",
+    "Model readiness (latest version)",
+    response_class=Response,
+    responses=_EMPTY_OK,
 )
-router.add_api_route(
-    "/v2/models/{model}/versions/{version}",
-    model_metadata,
-    methods=["GET"],
-    dependencies=[ApiToken],
-    summary="Model metadata",
-)
-router.add_api_route(
-    "/v2/models/{model}/ready", model_ready, methods=["GET"], summary="Model readiness (latest version)"
-)
-router.add_api_route(
-    "/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"], summary="Model readiness"
+_route(
+    "/v2/models/{model}/versions/{version}/ready",
+    model_ready,
+    "GET",
+    "Model readiness",
+    response_class=Response,
+    responses=_EMPTY_OK,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 # one standardised 8x8 digit (a "1" of the digits test split), as GET /v1/models/mlp_digits describes
 _DIGIT = [
@@ -35,11 +35,26 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PREDICT_EXAMPLES["mc"]["value"]]})
 
-    inputs: list[Any] = Field(
+    inputs: Any = Field(
         ...,
-        description="Batch of examples: nested lists shaped like the input of GET /v1/models/{name}.",
-        min_length=1,
+        description=(
+            "Batch of examples: nested lists shaped like the input of GET /v1/models/{name}; for a model with "
+            'several named inputs an object of them, e.g. {"input_ids": [[...]], "attention_mask": [[...]]}.'
+        ),
+        json_schema_extra={"anyOf": [{"type": "array"}, {"type": "object"}]},
     )
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, inputs: Any) -> Any:
+        """A non-empty list, or an object of non-empty lists (shapes and dtypes are the service's check)."""
+        arrays = inputs.values() if isinstance(inputs, dict) else [inputs]
+        if not isinstance(inputs, list | dict) or not inputs:
+            raise ValueError("inputs must be a non-empty array, or an object of named arrays")
+        if not all(isinstance(a, list) and a for a in arrays):
+            raise ValueError("each named input must be a non-empty array")
+        return inputs
+
     mode: Literal["deterministic", "mc"] = Field(
         "deterministic", description="`deterministic`: dropout off; `mc`: Monte-Carlo dropout with T samples."
     )
@@ -135,6 +150,7 @@ class InputSpecOut(BaseModel):
     shape: list[int]
     dtype: str
     preprocessing: str
+    range: list[int] | None = Field(None, description="[low, high) of an integer input (token ids, masks).")
 
 
 class ModelSummary(BaseModel):
@@ -190,7 +206,8 @@ class ModelDetail(BaseModel):
     version: int
     versions: list[int]
     task: str
-    input: InputSpecOut
+    input: InputSpecOut = Field(..., description="The first input (the only one for most models).")
+    inputs: list[InputSpecOut] = Field(..., description="Every named input, in the order the model takes them.")
     labels: list[str] | None
     sites: list[dict[str, Any]]
     backend: str

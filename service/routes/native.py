@@ -42,17 +42,23 @@ def _service(request: Request) -> InferenceService:
 
 
 def _detail(info: ModelInfo) -> ModelDetail:
+    inputs = [
+        InputSpecOut(
+            name=spec.name,
+            shape=list(spec.shape),
+            dtype=spec.dtype,
+            preprocessing=spec.preprocessing,
+            range=list(spec.range) if spec.range else None,
+        )
+        for spec in info.input_specs()
+    ]
     return ModelDetail(
         name=info.name,
         version=info.version,
         versions=list(info.versions),
         task=info.task,
-        input=InputSpecOut(
-            name=info.input_name,
-            shape=list(info.input_shape),
-            dtype=info.input_dtype,
-            preprocessing=info.preprocessing,
-        ),
+        input=inputs[0],
+        inputs=inputs,
         labels=list(info.labels) if info.labels else None,
         sites=list(info.sites),
         backend=info.backend,

@@ -24,6 +24,7 @@ from dropwise.service.errors import InvalidInput, ModelNotReady, PayloadTooLarge
 from dropwise.service.inference import MODES, InferenceRequest, InferenceService, ModelInfo
 from dropwise.service.v2_codec import (
     DecodedRequest,
+    TensorInput,
     V2CodecError,
     datatype_of,
     decode_body,
@@ -109,11 +110,8 @@ def _model_metadata(info: ModelInfo) -> dict[str, Any]:
         "versions": [str(v) for v in info.versions],
         "platform": f"dropwise_{info.backend}",
         "inputs": [
-            {
-                "name": info.input_name,
-                "datatype": _datatype_for(info.input_dtype),
-                "shape": [-1, *info.input_shape[1:]],
-            }
+            {"name": spec.name, "datatype": _datatype_for(spec.dtype), "shape": [-1, *spec.shape[1:]]}
+            for spec in info.input_specs()
         ],
         "outputs": _output_specs(info),
         "parameters": {
@@ -270,24 +268,39 @@ class _Plan:
         else:
             self.outputs = [(n, self.binary_default) for n in available]
 
-        if len(decoded.inputs) != 1:
-            raise InvalidInput(
-                f"model {info.name!r} takes exactly one input {info.input_name!r}, got {len(decoded.inputs)}",
-                field="inputs",
-            )
-        tensor = decoded.inputs[0]
-        if tensor.name != info.input_name:
-            raise InvalidInput(
-                f"unknown input {tensor.name!r}; model {info.name!r} expects {info.input_name!r}",
-                field="inputs",
-            )
-        expected = _datatype_for(info.input_dtype)
+        self.inputs = _model_inputs(decoded.inputs, info)
+
+
+def _model_inputs(tensors: list[TensorInput], info: ModelInfo) -> Any:
+    """The request's input tensors matched to the model's inputs by name and datatype: one array for a
+    one-input model, ``{name: array}`` for a model with several (checked further by the service)."""
+    specs = info.input_specs()
+    names = [spec.name for spec in specs]
+    given = [t.name for t in tensors]
+    if sorted(given) != sorted(names):
+        duplicates = sorted({n for n in given if given.count(n) > 1})
+        unknown = sorted(set(given) - set(names))
+        missing = [n for n in names if n not in given]
+        problems = [
+            f"{label} {values}"
+            for label, values in (("missing", missing), ("unknown", unknown), ("repeated", duplicates))
+            if values
+        ]
+        raise InvalidInput(
+            f"model {info.name!r} takes input(s) {names}; got {given} ({', '.join(problems)})", field="inputs"
+        )
+    by_name = {t.name: t for t in tensors}
+    for spec in specs:
+        expected = _datatype_for(spec.dtype)
+        tensor = by_name[spec.name]
         if tensor.datatype != expected:
             raise InvalidInput(
                 f"input {tensor.name!r} has datatype {tensor.datatype}; model {info.name!r} expects {expected}",
                 field="datatype",
             )
-        self.inputs = tensor.data
+    if len(specs) == 1:
+        return by_name[names[0]].data
+    return {name: by_name[name].data for name in names}
 
 
 def _compression(request: Request, size: int) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from dropwise.package import InputSpec
 from dropwise.surgery.outputs import SAMPLE_LOGITS, SAMPLES, output_names, rename_legacy, summary_names
 
 Task = Literal["classification", "regression"]
@@ -46,6 +47,8 @@ class PackageSpec:
     input_range: tuple[int, int] | None = None  #: [low, high) of token ids for integer inputs
     files: tuple[str, ...] = ()
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: every named input in ``forward`` order (the manifest's ``inputs``); ``input_*`` describe the first
+    inputs: tuple[InputSpec, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -101,7 +101,7 @@ class ModelInfo:
             InputSpec(
                 name=self.input_name,
                 shape=list(self.input_shape),
-                dtype=self.input_dtype,  # type: ignore[arg-type]
+                dtype=self.input_dtype,
                 preprocessing=self.preprocessing,
             )
         ]

@@ -39,7 +39,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from .engine import MCEngine
+from .engine import MCEngine, primary_output
 from .masks import onnx_translation_table, row_keys, sample_keys
 from .sites import Site
 from .summaries import CLASSIFICATION_OUTPUTS, REGRESSION_OUTPUTS, SummaryHead
@@ -86,7 +86,7 @@ class MCGraph(nn.Module):
             expanded.append(tensor)
         self.engine.context.keys = keys
         try:
-            out = self.tail(*expanded)
+            out = primary_output(self.tail(*expanded))  # logits of a Hugging Face ModelOutput
         finally:
             self.engine.context.keys = None
         per_sample = out.reshape(n_samples, batch, -1)

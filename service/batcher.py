@@ -18,9 +18,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 from dropwise.service.errors import DeadlineExceeded, ModelNotReady, QueueFull
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_inputs import ModelInputs, batch_rows, concat_rows
 from dropwise.service.runtimes.base import MCGroup, Outputs, Runtime
 from dropwise.service.settings import Settings
 from dropwise.service.statistics import ModelStatistics
@@ -32,7 +32,7 @@ log = logging.getLogger("dropwise.batcher")
 class Job:
     """One request's work: validated inputs, its mode, MC group and absolute deadline (monotonic clock)."""
 
-    x: np.ndarray
+    x: ModelInputs
     mode: str
     group: MCGroup | None
     deadline: float
@@ -46,7 +46,7 @@ class Job:
     @property
     def rows(self) -> int:
         """Number of examples this job carries."""
-        return int(self.x.shape[0])
+        return batch_rows(self.x)
 
 
 class ModelBatcher:
@@ -222,7 +222,7 @@ class ModelBatcher:
             self._resolve_threadsafe(job, out)
 
     def _run_deterministic(self, jobs: list[Job]) -> list[Outputs]:
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs], axis=0)
+        x = concat_rows([job.x for job in jobs])
         out = self.runtime.predict_deterministic(x)
         results: list[Outputs] = []
         start = 0
@@ -233,12 +233,12 @@ class ModelBatcher:
         return results
 
     def _run_mc(self, jobs: list[Job]) -> list[Outputs]:
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs], axis=0)
+        x = concat_rows([job.x for job in jobs])
         groups = [job.group for job in jobs]
         assert all(group is not None for group in groups)
         for job in jobs:
             assert job.group is not None
-            self.metrics.mc_samples.labels(model=self.name).observe(job.group.samples)
+            self.metrics.mc_samples.labels(model=self.name).observe(job.group.num_samples)
         return self.runtime.predict_mc(x, groups)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ futures

@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 from dropwise.package import PackageError, validate_name
 from dropwise.package.serving import ServingConfig, VersionPolicy
 from dropwise.service.batcher import ModelBatcher
 from dropwise.service.errors import InvalidInput
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_inputs import example_inputs
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec, Runtime
 from dropwise.service.settings import Settings
@@ -111,14 +111,14 @@ def warm_up(runtime: Runtime) -> dict[str, float]:
     Returns the seconds each pass took, by mode (`deterministic`, `mc`).
     """
     spec = runtime.spec
-    example = np.zeros((1, *(max(d, 1) for d in spec.sample_shape)), dtype=spec.input_dtype)
+    example = example_inputs(spec, rows=1)
     took: dict[str, float] = {}
     start = time.perf_counter()
     runtime.predict_deterministic(example)
     took["deterministic"] = time.perf_counter() - start
     if runtime.supports_mc:
         start = time.perf_counter()
-        runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])
+        runtime.predict_mc(example, [MCGroup(rows=1, num_samples=2, seed=0)])
         took["mc"] = time.perf_counter() - start
     return took
 
@@ -327,9 +327,9 @@ class ModelControl:
         async with self._lock(name):
             current = self.models.get(name, {})
             specs = dict(specs)
-            for version, slot in current.items():  # refused on disk now, but verified when it was loaded
+            for version, served in current.items():  # refused on disk now, but verified when it was loaded
                 if version not in specs and f"{name}/{version}" in self.repository.errors:
-                    specs[version] = slot.spec
+                    specs[version] = served.spec
             wanted = self._policy(specs).select(list(specs))
             new: dict[int, LoadedVersion] = {}
             for version in wanted:

@@ -21,6 +21,7 @@ from dropwise.surgery import (
     split,
     to_mc,
 )
+from dropwise.surgery.outputs import NUM_SAMPLES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,11 +100,11 @@ def _check_common(model, x) -> None:
         engine = MCEngine(model, x, sites)
         assert engine.split.frontend == "export" and engine.rows_independent
         r1, r2 = engine(x, samples=8, seed=11), engine(x, samples=8, seed=11)
-        assert torch.equal(r1.mean_probs, r2.mean_probs)
-        assert not torch.equal(r1.mean_probs, engine(x, samples=8, seed=12).mean_probs)
+        assert torch.equal(r1.probabilities, r2.probabilities)
+        assert not torch.equal(r1.probabilities, engine(x, samples=8, seed=12).probabilities)
         batch = engine.run_batch(x, [1, 1], [8, 8], [5, 11])
         alone = engine(x[1:2], samples=8, seed=11)
-        assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+        assert torch.allclose(batch[1].probabilities, alone.probabilities, atol=1e-6)
         assert float(r1.std.max()) > 0.0
 
 
@@ -198,19 +199,19 @@ def test_root_gated_functional_dropout_and_own_functional_forms() -> None:
     engine = MCEngine(model, x, "last")
     assert engine.split.captured and engine.split.frontend == "export", engine.split.reason
     r1, r2 = engine(x, samples=16, seed=3), engine(x, samples=16, seed=3)
-    assert torch.equal(r1.mean_probs, r2.mean_probs) and float(r1.std.max()) > 0.0
+    assert torch.equal(r1.probabilities, r2.probabilities) and float(r1.std.max()) > 0.0
     alone = engine(x[2:3], samples=16, seed=3)
     batch = engine.run_batch(x, [2, 1, 1], [16, 16, 16], [1, 3, 2])
-    assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+    assert torch.allclose(batch[1].probabilities, alone.probabilities, atol=1e-6)
     # every site: drop_path's draws export as bare aten.rand nodes inside `block`, which no split can key, so
     # the engine runs the whole model as its tail, still keyed and reproducible
     every = MCEngine(model, x)
     assert not every.split.captured and "aten.rand" in str(every.split.reason)
     s1, s2 = every(x, samples=16, seed=4), every(x, samples=16, seed=4)
-    assert torch.equal(s1.mean_probs, s2.mean_probs) and float(s1.std.max()) > 0.0
+    assert torch.equal(s1.probabilities, s2.probabilities) and float(s1.std.max()) > 0.0
     alone = every(x[2:3], samples=16, seed=4)
     batch = every.run_batch(x, [2, 1, 1], [16, 16, 16], [1, 4, 2])
-    assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+    assert torch.allclose(batch[1].probabilities, alone.probabilities, atol=1e-6)
 
 
 def test_mc_onnx_export_with_nested_sites_and_a_root_gate(tmp_path) -> None:
@@ -220,9 +221,9 @@ def test_mc_onnx_export_with_nested_sites_and_a_root_gate(tmp_path) -> None:
     for model, x, sites in ((bert_model, tokens, None), (root_model, torch.randn(3, 6), "last")):
         path = export_mc_onnx(model, x, tmp_path / "mc.onnx", sites=sites)
         session = ort.InferenceSession(str(path))
-        feed = {"input": x.numpy(), "samples": np.array(16, dtype=np.int64), "seed": np.array(5, dtype=np.int64)}
-        first, second = session.run(["mean_probs"], feed)[0], session.run(["mean_probs"], feed)[0]
-        want = MCEngine(model, x, sites)(x, samples=16, seed=5).mean_probs.numpy()
+        feed = {"input": x.numpy(), NUM_SAMPLES: np.array(16, dtype=np.int64), "seed": np.array(5, dtype=np.int64)}
+        first, second = session.run(["probabilities"], feed)[0], session.run(["probabilities"], feed)[0]
+        want = MCEngine(model, x, sites)(x, samples=16, seed=5).probabilities.numpy()
         assert np.array_equal(first, second)
         assert np.abs(first - want).max() <= 1e-5
 
@@ -254,9 +255,9 @@ def test_project_functional_forms_are_sites_folded_and_keyed() -> None:
         assert torch.allclose(folded(x), want) and find_sites(folded, x) == []
     engine = MCEngine(model, x)
     r1, r2 = engine(x, samples=16, seed=2), engine(x, samples=16, seed=2)
-    assert torch.equal(r1.mean_probs, r2.mean_probs) and float(r1.std.max()) > 0.0
+    assert torch.equal(r1.probabilities, r2.probabilities) and float(r1.std.max()) > 0.0
     batch = engine.run_batch(x, [3, 1], [16, 16], [9, 2])
-    assert torch.allclose(batch[1].mean_probs, engine(x[3:4], samples=16, seed=2).mean_probs, atol=1e-6)
+    assert torch.allclose(batch[1].probabilities, engine(x[3:4], samples=16, seed=2).probabilities, atol=1e-6)
 
 
 class _TwiceCalled(torch.nn.Module):

@@ -113,19 +113,22 @@ def test_hf_image_directory_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and "pytorch_model.bin is pickle" in err and len(err.strip().splitlines()) == 1
 
 
-def test_convert_hf_directory_exports_a_two_input_graph(
+def test_convert_hf_directory_exports_both_two_input_graphs(
     bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     result = convert(
         str(bert_dir),
         repository=tmp_path,
         input_shape="8",
-        options=ConvertOptions(progress=False, mc=False, batch_sizes=(1, 5)),
+        options=ConvertOptions(progress=False, samples=32, mc_batch=8, batch_sizes=(1, 5)),
     )
     assert result.report.passed, result.report.failures()
     assert result.report.options["inputs"].startswith("generated (input_ids int64 in [0, 50]")
     graph = onnx.load(str(result.package_dir / "model.onnx"))
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+    mc = onnx.load(str(result.package_dir / "model.mc.onnx"))
+    assert [i.name for i in mc.graph.input] == ["input_ids", "attention_mask", "num_samples", "seed"]
+    assert result.report.mc is not None and result.report.mc.mean_std_onnx > 0  # hidden + attention dropout
 
 
 class TwoInputNet(nn.Module):

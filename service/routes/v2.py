@@ -19,12 +19,14 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
-from dropwise.service.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServiceError
+from dropwise.service.body_parsing import ParsingPool
+from dropwise.service.deps import ApiToken
+from dropwise.service.errors import InvalidInput, ModelNotReady, ServiceError
 from dropwise.service.inference import MODES, InferenceRequest, InferenceService, ModelInfo
+from dropwise.service.middleware import label_mode
 from dropwise.service.v2_codec import (
     DecodedRequest,
     TensorInput,
-    V2CodecError,
     datatype_of,
     decode_body,
     decompress_body,
@@ -60,10 +62,6 @@ _MAX_TIMEOUT_US = 86_400 * 1_000_000
 _THREAD_THRESHOLD = 256 * 1024
 #: Responses smaller than this are never compressed, even when the client accepts it.
 _COMPRESS_MIN_BYTES = 1024
-
-
-def _error(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(exc.to_v2(), status_code=exc.status, headers=exc.headers or None)
 
 
 def _service(request: Request) -> InferenceService:
@@ -133,9 +131,9 @@ async def live() -> Response:
 
 async def ready(request: Request) -> Response:
     """200 once every model of the repository is loaded (never with zero models), else 503."""
-    if _service(request).ready():
-        return Response(status_code=200)
-    return _error(ModelNotReady("server is not ready: models are loading, failed, or none are served"))
+    if not _service(request).ready():
+        raise ModelNotReady("server is not ready: models are loading, failed, or none are served")
+    return Response(status_code=200)
 
 
 async def server_metadata() -> dict[str, Any]:
@@ -150,42 +148,19 @@ async def server_metadata() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- models
 async def model_metadata(request: Request, model: str) -> Response:
     """Name, versions, platform, input and output tensors (-1 marks a dynamic dimension)."""
-    try:
-        info = _service(request).info(model, _path_version(request))
-    except ServiceError as exc:
-        return _error(exc)
+    info = _service(request).info(model, _path_version(request))
     return JSONResponse(_model_metadata(info))
 
 
 async def model_ready(request: Request, model: str) -> Response:
     """200 when the model version is loaded, 404 when unknown, 503 when it failed to load."""
-    service = _service(request)
-    try:
-        info = service.info(model, _path_version(request))
-    except ServiceError as exc:
-        return _error(exc)
-    if info.ready:
-        return Response(status_code=200)
-    return _error(ModelNotReady(f"model {model!r} version {info.version} is not loaded"))
+    info = _service(request).info(model, _path_version(request))
+    if not info.ready:
+        raise ModelNotReady(f"model {model!r} version {info.version} is not loaded")
+    return Response(status_code=200)
 
 
 # ---------------------------------------------------------------------------------------------- infer
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    text = (declared or "").strip()
-    if text.isascii() and text.isdigit() and (len(text) > 18 or int(text) > limit):
-        raise PayloadTooLarge(f"request body of {text} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _strict_int(parameters: Mapping[str, Any], name: str) -> int | None:
     value = parameters.get(name)
     if value is None:
@@ -312,15 +287,15 @@ def _compression(request: Request, size: int) -> str | None:
 async def _infer(request: Request, model: str) -> Response:
     service = _service(request)
     info = service.info(model, _path_version(request))
+    service.admit(info.name, info.version)  # 429 / 503 before a byte of the body is read
     limit = service.settings.max_body_bytes
-    raw = await _read_body(request, limit)
+    raw = await request.body()  # bounded (413) and timed (408) by the body guard middleware
     body = decompress_body(raw, request.headers.get("content-encoding"), limit)
     header_length = parse_header_length(request.headers.get("inference-header-content-length"), len(body))
-    if len(body) > _THREAD_THRESHOLD:
-        decoded = await asyncio.to_thread(decode_body, body, header_length)
-    else:
-        decoded = decode_body(body, header_length)
+    parsing: ParsingPool = request.app.state.parsing
+    decoded = await parsing.run(decode_body, body, header_length)  # off the event loop when large
     plan = _Plan(decoded, info)
+    label_mode(request, plan.mode)
     result = await service.infer(
         InferenceRequest(
             model=info.name,
@@ -364,12 +339,7 @@ async def infer(request: Request, model: str) -> Response:
     ``predictions`` (or ``mean``), and for MC ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio``, ``std``, ``samples``.
     """
-    try:
-        return await _infer(request, model)
-    except V2CodecError as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-    except ServiceError as exc:
-        return _error(exc)
+    return await _infer(request, model)
 
 
 # Inference first: the busiest route is matched before the others.
@@ -378,6 +348,7 @@ router.add_api_route(
     "/v2/models/{model}/infer",
     infer,
     methods=["POST"],
+    dependencies=[ApiToken],
     summary="Inference (latest version)",
     openapi_extra=_BODY_DOC,
 )
@@ -385,14 +356,27 @@ router.add_api_route(
     "/v2/models/{model}/versions/{version}/infer",
     infer,
     methods=["POST"],
+    dependencies=[ApiToken],
     summary="Inference",
     openapi_extra=_BODY_DOC,
 )
 router.add_api_route("/v2/health/live", live, methods=["GET"], summary="Server liveness")
 router.add_api_route("/v2/health/ready", ready, methods=["GET"], summary="Server readiness")
 router.add_api_route("/v2", server_metadata, methods=["GET"], summary="Server metadata")
-router.add_api_route("/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)")
-router.add_api_route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata")
+router.add_api_route(
+    "/v2/models/{model}",
+    model_metadata,
+    methods=["GET"],
+    dependencies=[ApiToken],
+    summary="Model metadata (latest version)",
+)
+router.add_api_route(
+    "/v2/models/{model}/versions/{version}",
+    model_metadata,
+    methods=["GET"],
+    dependencies=[ApiToken],
+    summary="Model metadata",
+)
 router.add_api_route(
     "/v2/models/{model}/ready", model_ready, methods=["GET"], summary="Model readiness (latest version)"
 )

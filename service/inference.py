@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from dropwise.package import InputSpec
+from dropwise.service.abstention import abstain_flags, resolve_rule
 from dropwise.service.batcher import Job
 from dropwise.service.body_parsing import as_numeric_array
 from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ServiceError
@@ -25,7 +26,7 @@ from dropwise.service.model_inputs import ModelInputs, batch_rows
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec
 from dropwise.service.settings import Settings
-from dropwise.surgery.outputs import NUM_SAMPLES, output_names
+from dropwise.surgery.outputs import ABSTAIN, NUM_SAMPLES, output_names
 
 log = logging.getLogger("dropwise.service")
 
@@ -41,6 +42,8 @@ class InferenceRequest:
 
     `num_samples` (T) None means the configured default T; `seed` None draws a fresh seed (reported back);
     `deadline_s` is a timeout in seconds counted from submission (None: the configured request timeout).
+    `abstain` ("auto" or a threshold, MC classification only) adds the per-row `abstain` output
+    (`dropwise.service.abstention`).
     """
 
     model: str
@@ -51,6 +54,7 @@ class InferenceRequest:
     seed: int | None = None
     return_samples: bool = False
     deadline_s: float | None = None
+    abstain: str | float | None = None
 
 
 @dataclass
@@ -103,18 +107,18 @@ class ModelInfo:
             InputSpec(
                 name=self.input_name,
                 shape=list(self.input_shape),
-                dtype=self.input_dtype,  # type: ignore[arg-type]
+                dtype=self.input_dtype,
                 preprocessing=self.preprocessing,
             )
         ]
 
-    def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
+    def output_names(self, mode: str, return_samples: bool = False, abstain: bool = False) -> list[str]:
         """Output tensor names for `mode`, in the order of the table `dropwise.surgery.outputs`.
 
         Classification: `probabilities`, `predictions`, and in MC mode the uncertainty summaries;
         regression: `mean`, and in MC mode `std`. `samples` last, in MC mode when `return_samples`.
         """
-        return output_names(self.task, mode, return_samples)
+        return output_names(self.task, mode, return_samples, abstain)
 
 
 class InferenceService:
@@ -309,8 +313,11 @@ class InferenceService:
         timeout = settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
+        rule = None if request.abstain is None else resolve_rule(spec, request.abstain, request.mode)
         job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
         outputs = await slot.batcher.submit(job)
+        if rule is not None:
+            outputs = {**outputs, ABSTAIN: abstain_flags(outputs, *rule)}
         total = time.perf_counter() - started
         return InferenceResult(
             model=spec.name,

@@ -179,6 +179,7 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),
         uncertainty=uncertainty,
+        abstain=None if "abstain" not in out else [bool(v) for v in np.asarray(out["abstain"])],
         samples=_list(out.get("samples")),
         num_samples=result.num_samples,
         seed=result.seed,
@@ -214,6 +215,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
             num_samples=body.num_samples if body.num_samples is not None else body.samples,
             seed=body.seed,
             return_samples=body.return_samples,
+            abstain=body.abstain,
             deadline_s=body.timeout_s,
         )
     )

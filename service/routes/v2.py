@@ -5,7 +5,8 @@ Content-Type and by default puts tensors after the JSON header (``Inference-Head
 infer route reads the raw body and decodes it with :mod:`dropwise.service.v2_codec` instead of a pydantic model.
 
 Per-request settings travel in the request's ``parameters``: ``mode`` ("deterministic" | "mc"),
-``num_samples`` (T; ``samples`` is accepted as a deprecated alias), ``seed``, ``return_samples``, plus the
+``num_samples`` (T; ``samples`` is accepted as a deprecated alias), ``seed``, ``return_samples``,
+``abstain`` ("auto" or a threshold: adds the BOOL output ``abstain``), plus the
 protocol's own ``binary_data_output`` and
 ``timeout`` (microseconds, as the Triton client sends it). Every failure answers ``{"error": "..."}`` with a
 4xx status for bad input; nothing a client sends gives a 500.
@@ -52,10 +53,10 @@ SERVER_EXTENSIONS = [
 ]
 #: Request parameters this server understands; anything else is refused so a typo never goes unnoticed.
 _KNOWN_PARAMETERS = frozenset(
-    {"mode", NUM_SAMPLES, "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
+    {"mode", NUM_SAMPLES, "samples", "seed", "return_samples", "abstain", "binary_data_output", "timeout", "priority"}
     | {"sequence_id", "sequence_start", "sequence_end"}
 )
-_MC_ONLY_PARAMETERS = (NUM_SAMPLES, "samples", "return_samples")
+_MC_ONLY_PARAMETERS = (NUM_SAMPLES, "samples", "return_samples", "abstain")
 #: Longest request timeout accepted (one day, in microseconds as the Triton client sends it).
 _MAX_TIMEOUT_US = 86_400 * 1_000_000
 #: Bodies above this size are decoded and encoded in a worker thread so the event loop stays free.
@@ -88,7 +89,9 @@ def _datatype_for(dtype: str) -> str:
 def _output_specs(info: ModelInfo) -> list[dict[str, Any]]:
     """Every output a model can answer, with its datatype and shape (-1 = dynamic), from the output table."""
     width = len(info.labels) if info.task == "classification" and info.labels else None
-    names = info.output_names("mc" if info.mc_available else "deterministic", info.mc_available)
+    names = info.output_names(
+        "mc" if info.mc_available else "deterministic", info.mc_available, abstain=info.mc_available
+    )
     return [
         {
             "name": name,
@@ -224,7 +227,8 @@ class _Plan:
         if requested is not None and any(o.name == "samples" for o in requested):
             return_samples = True
         self.return_samples = return_samples
-        available = info.output_names(mode, return_samples)
+        self.abstain = params.get("abstain")  # "auto" or a threshold, checked by the service
+        available = info.output_names(mode, return_samples, abstain=self.abstain is not None)
         if requested:
             names = [o.name for o in requested]
             duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -306,6 +310,7 @@ async def _infer(request: Request, model: str) -> Response:
             num_samples=plan.num_samples,
             seed=plan.seed,
             return_samples=plan.return_samples,
+            abstain=plan.abstain,
             deadline_s=plan.deadline_s,
         )
     )

@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from dropwise.package import InputSpec
+from dropwise.service.model_inputs import ModelInputs
 from dropwise.surgery.outputs import SAMPLE_LOGITS, SAMPLES, output_names, rename_legacy, summary_names
 
 Task = Literal["classification", "regression"]
@@ -99,12 +100,12 @@ class Runtime(Protocol):
         """Whether `predict_mc` can answer the per-sample `samples` output (`return_samples`)."""
         ...
 
-    def predict_deterministic(self, x: np.ndarray) -> Outputs:
+    def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """One deterministic (eval-mode) pass over a batch `x` [B, ...] -> named outputs with batch dim B."""
         ...
 
     def predict_mc(
-        self, x: np.ndarray, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
     ) -> list[Outputs]:
         """MC-dropout for several requests stacked in `x` (rows in `groups` order) -> one output dict each.
 

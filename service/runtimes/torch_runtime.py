@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dropwise.service.model_inputs import ModelInputs, as_tuple, example_inputs, take_rows
+from dropwise.service.model_inputs import ModelInputs, example_inputs, take_rows
 from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
@@ -235,7 +235,8 @@ class TorchRuntime:
         for group in groups:
             if check is not None:
                 check()
-            rows = as_tuple(self._tensor(take_rows(x, start, start + group.rows)))
+            tensors = self._tensor(take_rows(x, start, start + group.rows))
+            rows: tuple[torch.Tensor, ...] = tensors if isinstance(tensors, tuple) else (tensors,)
             start += group.rows
             n = group.num_samples
             expanded = [r.unsqueeze(0).expand(n, *r.shape).reshape(-1, *r.shape[1:]) for r in rows]

@@ -187,13 +187,19 @@ def test_full_queue_is_shed_before_the_body_is_read(repo: Path) -> None:
     async def body(c: httpx.AsyncClient) -> list[httpx.Response]:
         batcher = c._transport.app.state.inference._slot("mlp_digits", None).batcher  # type: ignore[attr-defined]
         batcher._executor.submit(release.wait)  # hold the model's one compute thread
-        try:
-            queued = [asyncio.ensure_future(c.post(URL, json={"inputs": _x(1, i)})) for i in range(3)]
-            for _ in range(3000):  # one request holds the worker, two fill the queue
-                if batcher.depth == 2:
-                    break
+
+        async def until(condition: Callable[[], bool]) -> None:
+            for _ in range(3000):
+                if condition():
+                    return
                 await asyncio.sleep(0.01)
-            assert batcher.depth == 2
+            raise AssertionError("the batcher never reached the expected state")
+
+        try:  # one request taken by the worker (waiting for the held thread), then two filling the queue
+            queued = [asyncio.ensure_future(c.post(URL, json={"inputs": _x(1, 0)}))]
+            await until(lambda: batcher._inflight is not None)
+            queued += [asyncio.ensure_future(c.post(URL, json={"inputs": _x(1, i)})) for i in (1, 2)]
+            await until(lambda: batcher.depth == 2)
             shed = [await c.post(URL, content=b"{not json"), await c.post("/v2/models/mlp_digits/infer", content=b"{")]
         finally:
             release.set()

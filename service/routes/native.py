@@ -174,7 +174,7 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
     return PredictResponse(
         model=result.model,
         version=result.version,
-        mode=result.mode,  # type: ignore[arg-type]
+        mode=result.mode,
         predictions=predictions,
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),

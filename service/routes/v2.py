@@ -324,7 +324,7 @@ async def _infer(request: Request, model: str) -> Response:
     size = sum(array.nbytes for _, array, _ in outputs)
     encoding = _compression(request, size)
     args = (result.model, str(result.version), outputs)
-    options = {"request_id": decoded.id, "parameters": parameters, "compression": encoding}
+    options: dict[str, Any] = {"request_id": decoded.id, "parameters": parameters, "compression": encoding}
     if size > _THREAD_THRESHOLD:
         encoded = await asyncio.to_thread(encode_response, *args, **options)
     else:

@@ -200,7 +200,7 @@ def _one_input(name: str, shape: Sequence[int] | None, dtype: str | None, prepro
     if shape is None or dtype is None:
         raise PackageError("save_package needs input_shape and input_dtype, or inputs")
     try:
-        return InputSpec(name=name, shape=[-1, *shape], dtype=dtype, preprocessing=preprocessing)  # type: ignore[arg-type]
+        return InputSpec(name=name, shape=[-1, *shape], dtype=dtype, preprocessing=preprocessing)
     except ValidationError as exc:
         raise PackageError(f"invalid input spec: {exc}") from exc
 

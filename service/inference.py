@@ -7,6 +7,7 @@ It owns the loaded runtimes (one per model version) and their dynamic batchers, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -15,15 +16,17 @@ from typing import Any
 
 import numpy as np
 from dropwise.package import InputSpec
+from dropwise.service.abstention import abstain_flags, resolve_rule
 from dropwise.service.batcher import Job
-from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
+from dropwise.service.body_parsing import as_numeric_array
+from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ServiceError
 from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.model_control import LoadedVersion, ModelControl
 from dropwise.service.model_inputs import ModelInputs, batch_rows
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec
 from dropwise.service.settings import Settings
-from dropwise.surgery.outputs import NUM_SAMPLES, output_names
+from dropwise.surgery.outputs import ABSTAIN, NUM_SAMPLES, output_names
 
 log = logging.getLogger("dropwise.service")
 
@@ -39,6 +42,8 @@ class InferenceRequest:
 
     `num_samples` (T) None means the configured default T; `seed` None draws a fresh seed (reported back);
     `deadline_s` is a timeout in seconds counted from submission (None: the configured request timeout).
+    `abstain` ("auto" or a threshold, MC classification only) adds the per-row `abstain` output
+    (`dropwise.service.abstention`).
     """
 
     model: str
@@ -49,6 +54,7 @@ class InferenceRequest:
     seed: int | None = None
     return_samples: bool = False
     deadline_s: float | None = None
+    abstain: str | float | None = None
 
 
 @dataclass
@@ -101,18 +107,18 @@ class ModelInfo:
             InputSpec(
                 name=self.input_name,
                 shape=list(self.input_shape),
-                dtype=self.input_dtype,  # type: ignore[arg-type]
+                dtype=self.input_dtype,
                 preprocessing=self.preprocessing,
             )
         ]
 
-    def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
+    def output_names(self, mode: str, return_samples: bool = False, abstain: bool = False) -> list[str]:
         """Output tensor names for `mode`, in the order of the table `dropwise.surgery.outputs`.
 
         Classification: `probabilities`, `predictions`, and in MC mode the uncertainty summaries;
         regression: `mean`, and in MC mode `std`. `samples` last, in MC mode when `return_samples`.
         """
-        return output_names(self.task, mode, return_samples)
+        return output_names(self.task, mode, return_samples, abstain)
 
 
 class InferenceService:
@@ -136,6 +142,11 @@ class InferenceService:
     async def stop(self) -> None:
         """Stop every batcher (pending requests are answered with 503)."""
         await self.control.stop()
+
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown of every batcher at once (see `ModelBatcher.drain`)."""
+        batchers = [slot.batcher for versions in self._models.values() for slot in versions.values()]
+        await asyncio.gather(*(b.drain(grace_s) for b in batchers))
 
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
@@ -167,6 +178,10 @@ class InferenceService:
                 f" ({'; '.join(reasons)})" if reasons else ""
             )
         return f"model packages in {self.settings.repository} (none found)"
+
+    def has_model(self, name: str) -> bool:
+        """Whether `name` is a model of the repository (loaded or not)."""
+        return name in self._models
 
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
@@ -217,24 +232,31 @@ class InferenceService:
             f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
         )
 
+    def spec(self, name: str, version: int | None = None) -> PackageSpec:
+        """The package spec of a served model version (latest when `version` is None); raises `ModelNotFound`."""
+        return self._slot(name, version, describe=True).runtime.spec
+
+    def admit(self, name: str, version: int | None = None) -> None:
+        """Refuse up front, before the body is read or parsed: unknown model (404), not loaded or shutting
+        down (503), queue full (429 with Retry-After)."""
+        slot = self._slot(name, version)
+        if not slot.serving:
+            raise ModelNotReady(f"model {name!r} version {slot.spec.version} is not loaded")
+        slot.batcher.admit()
+
     # ---------------------------------------------------------------- inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Validate, queue and run one request; raises a `ServiceError` subclass on any failure."""
         started = time.perf_counter()
         mode_label = request.mode if request.mode in MODES else "invalid"
-        status = "error"
         result: InferenceResult | None = None
         try:
             result = await self._infer(request, started)
-            status = "200"
             return result
-        except ServiceError as exc:
-            status = str(exc.status)
-            raise
-        finally:
+        finally:  # answers are counted by the app's middleware; this is the inference latency
             elapsed = time.perf_counter() - started
             model_label = request.model if request.model in self._models else "_unknown"
-            self.metrics.observe_request(model_label, mode_label, status, elapsed)
+            self.metrics.observe_latency(model_label, mode_label, elapsed)
             self._count(request, result, elapsed)
 
     def _count(self, request: InferenceRequest, result: InferenceResult | None, elapsed: float) -> None:
@@ -277,6 +299,13 @@ class InferenceService:
                     field="return_samples",
                 )
             samples = self._check_samples(request.num_samples, settings)
+            limit, rows = self.settings.max_mc_sample_rows, batch_rows(x)
+            if rows * samples > limit:
+                raise PayloadTooLarge(
+                    f"{rows} rows x T={samples} = {rows * samples} sample-rows exceeds the limit of "
+                    f"{limit} sample-rows per MC request (max_mc_sample_rows); send fewer rows or a smaller T",
+                    field=NUM_SAMPLES,
+                )
             seed = self._check_seed(request.seed)
             group = MCGroup(
                 rows=batch_rows(x), num_samples=samples, seed=seed, return_samples=bool(request.return_samples)
@@ -284,8 +313,11 @@ class InferenceService:
         timeout = settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
+        rule = None if request.abstain is None else resolve_rule(spec, request.abstain, request.mode)
         job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
         outputs = await slot.batcher.submit(job)
+        if rule is not None:
+            outputs = {**outputs, ABSTAIN: abstain_flags(outputs, *rule)}
         total = time.perf_counter() - started
         return InferenceResult(
             model=spec.name,
@@ -402,11 +434,9 @@ def _validate_array(
     max_rows: int,
     field_name: str,
 ) -> np.ndarray:
-    """One input array checked against its shape (without the batch), dtype and integer range."""
-    try:
-        x = np.asarray(inputs)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"inputs are not a rectangular numeric array: {exc}", field=field_name) from None
+    """One input array checked against its shape (without the batch), dtype and integer range; booleans
+    are refused (numpy would read `true` as 1.0)."""
+    x = as_numeric_array(inputs, field_name=field_name)
     wanted = f"[batch, {', '.join(map(str, expected))}]"
     if x.dtype == object or x.dtype.kind in "USV":
         raise InvalidInput(

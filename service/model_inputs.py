@@ -44,7 +44,7 @@ def concat_rows(parts: Sequence[ModelInputs]) -> ModelInputs:
         return parts[0]
     if isinstance(parts[0], tuple):
         return tuple(np.concatenate([as_tuple(p)[i] for p in parts], axis=0) for i in range(len(parts[0])))
-    return np.concatenate(parts, axis=0)  # type: ignore[arg-type]
+    return np.concatenate(parts, axis=0)
 
 
 def example_inputs(spec: PackageSpec, rows: int) -> ModelInputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 # one standardised 8x8 digit (a "1" of the digits test split), as GET /v1/models/mlp_digits describes
 _DIGIT = [
@@ -70,7 +70,18 @@ class PredictRequest(BaseModel):
     return_samples: StrictBool = Field(
         False, description="MC only: also return `samples`, the per-sample probabilities (or values)."
     )
+    preprocess: StrictBool = Field(
+        False,
+        description="`inputs` are raw (e.g. pixels 0..16 for the digits models): apply the package's recorded "
+        "preprocessing (`input.preprocessing` of GET /v1/models/{name}) first.",
+    )
     timeout_s: float | None = Field(None, ge=0.001, le=3600, description="Deadline in seconds (504 past it).")
+    abstain: Literal["auto"] | StrictInt | StrictFloat | None = Field(
+        None,
+        description="MC classification: also answer `abstain` per row. `auto`: the rule `dropwise evaluate` "
+        "stored (best OOD score on validation, threshold keeping 95% of in-distribution inputs); a number: "
+        "that threshold on the stored score (predictive entropy when none is stored).",
+    )
 
 
 class Uncertainty(BaseModel):
@@ -123,6 +134,7 @@ class PredictResponse(BaseModel):
     )
     mean: list[list[float]] | None = Field(None, description="Regression: predicted value (MC: mean over T).")
     uncertainty: Uncertainty | None = Field(None, description="MC only.")
+    abstain: list[bool] | None = Field(None, description="With `abstain` in the request: true = do not trust this row.")
     samples: list[list[list[float]]] | None = Field(
         None,
         description="MC with return_samples: per-sample probabilities softmax(z_t) (regression: values), "

@@ -59,19 +59,21 @@ class Evaluation:
         return self.report["summary"]
 
 
-def _load(package: str | Path, allow_modules: Iterable[str] | None) -> tuple[Any, Any, Path]:
-    from dropwise.package import load_package
+def _load(package: str | Path, allow_modules: Iterable[str] | None) -> tuple[Any, Any, Any]:
+    """(deterministic network, MC network, manifest): the recorded surgery replayed by the one resolver.
 
-    from .loading import apply_surgery
+    The deterministic network is the package's network as its weights describe it (an MC rewrite's eval
+    output is the same); the MC network is the rewritten one when the package records an MC rewrite.
+    """
+    from dropwise.package import verify_package
 
-    loaded = load_package(package, allow_modules=list(allow_modules) if allow_modules else None)
-    model = loaded.model
-    assert model is not None
-    manifest = loaded.manifest
-    dtype = torch.int64 if manifest.input.dtype == "int64" else torch.float32
-    example = torch.zeros((2, *[max(d, 1) for d in manifest.input.shape[1:]]), dtype=dtype)
-    model = apply_surgery(model, [s for s in manifest.surgery if s != "fold"], example).eval()
-    return model, manifest, Path(loaded.path)
+    from .sources import resolve_source
+
+    source = resolve_source(str(package), allow_modules=list(allow_modules) if allow_modules else None)
+    assert source.path is not None
+    manifest = verify_package(source.path)
+    mc_model = source.model if any(step.startswith("mc") for step in source.surgery) else source.base
+    return source.base.eval(), mc_model, manifest
 
 
 def _data(manifest: Any, data: str | Path | None) -> EvalData:
@@ -138,13 +140,19 @@ def _classification_block(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 
 def _evaluate_classification(
-    model: Any, data: EvalData, ts: tuple[int, ...], seed: int, extra_ood: np.ndarray | None, progress: bool
+    model: Any,
+    mc_model: Any,
+    data: EvalData,
+    ts: tuple[int, ...],
+    seed: int,
+    extra_ood: np.ndarray | None,
+    progress: bool,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     t_max = max(ts)
     example = torch.from_numpy(data.x_test[:2])
-    engine = MCEngine(model, example, task="classification")
+    engine = MCEngine(mc_model, example, task="classification")
     ood_test = ood_sets(data.dataset, data.x_test, "test", seed, extra_ood)
     ood_val = ood_sets(data.dataset, data.x_val, "val", seed + 1, extra_ood)
     rows = len(data.x_val) + len(data.x_test) + sum(map(len, ood_test.values())) + sum(map(len, ood_val.values()))
@@ -291,13 +299,13 @@ def _classification_summary(report: dict[str, Any], tc: int) -> dict[str, Any]:
 
 
 def _evaluate_regression(
-    model: Any, data: EvalData, ts: tuple[int, ...], seed: int, manifest: Any, progress: bool
+    model: Any, mc_model: Any, data: EvalData, ts: tuple[int, ...], seed: int, manifest: Any, progress: bool
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     t_max = max(ts)
     scale = float(manifest.target.std) if manifest.target is not None else 1.0
-    engine = MCEngine(model, torch.from_numpy(data.x_test[:2]), task="regression")
+    engine = MCEngine(mc_model, torch.from_numpy(data.x_test[:2]), task="regression")
     with tqdm(total=len(data.x_val) + len(data.x_test), desc=f"MC T={t_max}", disable=not progress, leave=False) as bar:
         s_val, s_test = _mc(engine, data.x_val, t_max, seed, bar), _mc(engine, data.x_test, t_max, seed + 10**6, bar)
     y_val = data.y_val.reshape(len(data.y_val), -1).astype(np.float64)
@@ -347,13 +355,13 @@ def evaluate_package(
     ts = tuple(sorted({int(t) for t in num_samples}))
     if not ts or ts[0] < 2:
         raise EvaluationDataError(f"num_samples must be integers >= 2, got {list(ts)}")
-    model, manifest, _ = _load(package, allow_modules)
+    model, mc_model, manifest = _load(package, allow_modules)
     evaluation_data = _data(manifest, data)
     extra = load_npz(ood, need_y=False)[0] if ood is not None else None
     if manifest.task == "classification":
-        report = _evaluate_classification(model, evaluation_data, ts, seed, extra, progress)
+        report = _evaluate_classification(model, mc_model, evaluation_data, ts, seed, extra, progress)
     else:
-        report = _evaluate_regression(model, evaluation_data, ts, seed, manifest, progress)
+        report = _evaluate_regression(model, mc_model, evaluation_data, ts, seed, manifest, progress)
     report = {
         "model": manifest.name,
         "version": manifest.version,

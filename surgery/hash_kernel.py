@@ -9,8 +9,9 @@ time): well under 1 ns per decision.
 
 The kernel (``hash_mask.cpp`` beside this file, registered as the torch operators
 ``dropwise_kernels::hash_factors`` / ``hash_product``) is compiled on first use with
-``torch.utils.cpp_extension.load`` (gcc, about 10 s of CPU; cached by torch under ``TORCH_EXTENSIONS_DIR``,
-rebuilt only when the source changes). It is used only for what it
+``torch.utils.cpp_extension.load`` (gcc, about 10 s of CPU) and kept under
+``$TORCH_EXTENSIONS_DIR/dropwise`` with a hash of the source, torch version and flags in its name, so it is
+rebuilt only when one of them changes. It is used only for what it
 reproduces bit for bit (tested against the torch path and the int64 reference formula): float32 CPU
 tensors, contiguous rows, thresholds strictly between 0 and 65536, eager mode (never while exporting or
 compiling). The build runs in a background thread started by the first mask: a process never stalls on
@@ -22,8 +23,10 @@ own: it computes the MC masks the engine asks for.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,19 +46,49 @@ _reason: str | None = None
 _builder: threading.Thread | None = None
 
 
+_FLAGS = ["-O3", "-std=c++17"]
+
+
+def _cache_dir() -> Path:
+    """Where built kernels are kept: ``$TORCH_EXTENSIONS_DIR/dropwise`` (default ``~/.cache/torch_extensions``)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    return Path(root) / "dropwise"
+
+
+def _library_path() -> Path:
+    """The built library for this source, torch version and flags (a content hash in its name)."""
+    digest = hashlib.sha256()
+    digest.update(_SOURCE.read_bytes())
+    digest.update(f"{torch.__version__}|{' '.join(_FLAGS)}".encode())
+    return _cache_dir() / f"dropwise_hash_kernel_{digest.hexdigest()[:16]}.so"
+
+
 def _build() -> None:
-    """Compile and load the extension (runs once, in a background thread); sets `_module` or `_reason`."""
+    """Load the cached library, or compile it (runs once per process, in a background thread).
+
+    No shared lock: a process that finds no library compiles in a private temporary directory, then
+    atomically renames the result into the cache (concurrent builders write identical files), so a build
+    killed half-way leaves nothing that makes another process wait.
+    """
     global _module, _reason
     try:
-        from torch.utils.cpp_extension import load
+        target = _library_path()
+        if not target.is_file():
+            from torch.utils.cpp_extension import load
 
-        load(
-            name="dropwise_hash_kernel",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-std=c++17"],
-            is_python_module=False,
-            verbose=False,
-        )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
+                load(
+                    name="dropwise_hash_kernel",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=_FLAGS,
+                    build_directory=tmp,
+                    is_python_module=False,
+                    verbose=False,
+                )
+                os.replace(Path(tmp) / "dropwise_hash_kernel.so", target)
+        else:
+            torch.ops.load_library(str(target))
         _module = torch.ops.dropwise_kernels
     except Exception as exc:  # no compiler, no headers, unsupported platform: torch path
         _reason = f"build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"

@@ -45,7 +45,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from .engine import MCEngine
+from .engine import MCEngine, primary_output
 from .masks import onnx_translation_table, row_keys, sample_keys
 from .outputs import NUM_SAMPLES, mc_graph_output_names
 from .sites import Site
@@ -92,7 +92,7 @@ class MCGraph(nn.Module):
             expanded.append(tensor)
         self.engine.context.keys = keys
         try:
-            out = self.tail(*expanded)
+            out = primary_output(self.tail(*expanded))  # logits of a Hugging Face ModelOutput
         finally:
             self.engine.context.keys = None
         per_sample = out.reshape(n_samples, batch, -1)

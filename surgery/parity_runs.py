@@ -133,7 +133,7 @@ def mc_feeds(session: Any, names: Sequence[str], batch: Batch, samples: int) -> 
 def mc_mean_std(session: Any, graph_feeds: dict[str, np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
     """The MC graph's mean (``mean_probs`` or ``mean``) and ``std``, as float64."""
     names = [o.name for o in session.get_outputs()]
-    mean_name = summary_names(task)[0]  # type: ignore[arg-type]
+    mean_name = summary_names(task)[0]
     if mean_name not in names or "std" not in names:
         raise ParityRunError(f"the MC graph lacks outputs {mean_name!r} and 'std': it has {names}")
     mean, std = session.run([mean_name, "std"], graph_feeds)
@@ -166,7 +166,7 @@ def mc_parity(
     if o_mean.shape != t_mean.shape:
         raise ParityRunError(f"MC graph output shape {o_mean.shape} differs from torch MC {t_mean.shape}")
     test = z_test(
-        summary_names(task)[0],  # type: ignore[arg-type]
+        summary_names(task)[0],
         t_mean,
         t_std,
         samples,

@@ -350,7 +350,7 @@ def _dataset_fields(dataset: str) -> dict[str, Any]:
     spec = InputSpec(
         name="input",
         shape=[-1, *ds.input_shape],
-        dtype=ds.input_dtype,  # type: ignore[arg-type]
+        dtype=ds.input_dtype,
         preprocessing=ds.preprocessing,
     )
     return {"inputs": [spec], "task": ds.task, "labels": ds.labels, "target": ds.target, "dataset": dataset}
@@ -403,7 +403,8 @@ def _from_huggingface(path: Path, weights: Path | None, sequence_length: int | N
         model = from_pretrained(str(path), head, attn)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise SourceError(f"{path}: cannot load the model: {one_line(exc)}") from exc
-    saved = json.loads(model.model.config.to_json_string(use_diff=False))
+    config_of: Any = model.model.config  # a transformers PretrainedConfig
+    saved = json.loads(config_of.to_json_string(use_diff=False))
     kwargs = {"config": saved, "head": head, "attn_implementation": attn}
     if head == "sequence_classification":
         length = sequence_length or min(DEFAULT_SEQUENCE_LENGTH, int(config.get("max_position_embeddings", 512)))

@@ -66,6 +66,34 @@ def test_cli_writes_the_report_plots_and_summary_into_the_package(repo: Path) ->
         assert info["evaluation"]["num_samples"] == 8
         assert info["evaluation"]["abstention"] == extra["abstention"]
         assert client.get("/v1/models/mlp_diabetes").json()["evaluation"] is None
+        # acting on uncertainty: the stored rule ("auto") or a threshold, per row, both APIs
+        rng = np.random.default_rng(3)
+        x = np.concatenate([rng.normal(size=(3, 64)), np.zeros((1, 64))]).astype(np.float32).tolist()
+        body = {"inputs": x, "mode": "mc", "num_samples": 8, "seed": 1}
+        auto = client.post("/v1/models/mlp_digits/predict", json={**body, "abstain": "auto"}).json()
+        rule = extra["abstention"]
+        score = auto["uncertainty"][rule["score"]] if rule["score"] != "max_probability" else None
+        if score is not None:
+            assert auto["abstain"] == [v > rule["threshold"] for v in score]
+        assert len(auto["abstain"]) == 4
+        every = client.post("/v1/models/mlp_digits/predict", json={**body, "abstain": -1.0}).json()
+        assert every["abstain"] == [True] * 4
+        assert (
+            client.post("/v1/models/mlp_digits/predict", json={**body, "abstain": 1e9}).json()["abstain"] == [False] * 4
+        )
+        assert "abstain" not in client.post("/v1/models/mlp_digits/predict", json=body).json()
+        for bad in ({"inputs": x, "abstain": "auto"}, {**body, "abstain": "sometimes"}):
+            r = client.post("/v1/models/mlp_digits/predict", json=bad)
+            assert r.status_code in (400, 422) and r.json()["error"]["field"].startswith("abstain"), r.text
+        r = client.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10], "mode": "mc", "abstain": 1})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "abstain"
+        v2 = {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64], "data": np.ravel(x).tolist()}],
+            "parameters": {"mode": "mc", "num_samples": 8, "seed": 1, "abstain": "auto"},
+        }
+        answer = client.post("/v2/models/mlp_digits/infer", json=v2).json()
+        (flags,) = [o for o in answer["outputs"] if o["name"] == "abstain"]
+        assert flags["datatype"] == "BOOL" and flags["data"] == auto["abstain"]
 
 
 def test_regression_reports_rmse_nll_and_interval_coverage(repo: Path) -> None:

@@ -7,7 +7,12 @@ so a failed build fails here instead of silently falling back.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +120,19 @@ def test_masks_never_wait_for_the_build(monkeypatch: pytest.MonkeyPatch) -> None
     gate.set()
     builder.join(60)
     assert not builder.is_alive()
+
+
+def test_cached_library_loads_without_any_lock(tmp_path: Path) -> None:
+    built = hash_kernel._library_path()  # the library this session built or found
+    target = tmp_path / "dropwise" / built.name  # content-hashed name under $TORCH_EXTENSIONS_DIR/dropwise
+    target.parent.mkdir(parents=True)
+    shutil.copy(built, target)
+    (target.parent / "lock").touch()  # what a killed torch build leaves behind: never waited for
+    code = (
+        "from dropwise.surgery import hash_kernel as h; "
+        "assert h._library_path() == __import__('pathlib').Path(__import__('sys').argv[1]), h._library_path(); "
+        "assert h.available(), h.disable_reason()"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(target)], env=env, timeout=240, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]

@@ -173,7 +173,12 @@ def test_model_metadata_and_readiness(server: Server, client: httpclient.Inferen
             result = client.infer(
                 model.name,
                 [_infer_input(model, x)],
-                parameters={"mode": "mc", "samples": 3, "return_samples": True},
+                parameters={
+                    "mode": "mc",
+                    "samples": 3,
+                    "return_samples": True,
+                    **({"abstain": 0.5} if model.task == "classification" else {}),
+                },
             )
             for output in meta["outputs"]:
                 answered = result.get_output(output["name"])

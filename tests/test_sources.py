@@ -18,6 +18,7 @@ from dropwise.models.zoo.mlp import dropout_mlp
 from dropwise.package import PackageError, load_package, save_package
 from dropwise.service.repository import spec_from_manifest
 from dropwise.service.runtimes.base import MCGroup
+from dropwise.service.runtimes.onnx_runtime import OnnxRuntime
 from dropwise.service.runtimes.torch_runtime import TorchRuntime
 from dropwise.surgery.convert import ConvertOptions, convert
 from dropwise.surgery.sources import SourceError, parse_input_specs, resolve_source
@@ -113,19 +114,22 @@ def test_hf_image_directory_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and "pytorch_model.bin is pickle" in err and len(err.strip().splitlines()) == 1
 
 
-def test_convert_hf_directory_exports_a_two_input_graph(
+def test_convert_hf_directory_exports_both_two_input_graphs(
     bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     result = convert(
         str(bert_dir),
         repository=tmp_path,
         input_shape="8",
-        options=ConvertOptions(progress=False, mc=False, batch_sizes=(1, 5)),
+        options=ConvertOptions(progress=False, samples=32, mc_batch=8, batch_sizes=(1, 5)),
     )
     assert result.report.passed, result.report.failures()
     assert result.report.options["inputs"].startswith("generated (input_ids int64 in [0, 50]")
     graph = onnx.load(str(result.package_dir / "model.onnx"))
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+    mc = onnx.load(str(result.package_dir / "model.mc.onnx"))
+    assert [i.name for i in mc.graph.input] == ["input_ids", "attention_mask", "num_samples", "seed"]
+    assert result.report.mc is not None and result.report.mc.mean_std_onnx > 0  # hidden + attention dropout
 
 
 class TwoInputNet(nn.Module):
@@ -172,6 +176,25 @@ def test_convert_two_named_inputs_writes_both_graphs_with_both_inputs(tmp_path: 
         graph = onnx.load(str(result.package_dir / filename))
         assert [i.name for i in graph.graph.input] == ["ids", "mask", *extra]
     assert result.report.mc is not None and result.report.mc.mean_std_onnx > 0
+    # both runtimes serve the two named inputs; their deterministic answers agree, MC is seeded
+    ids = np.random.default_rng(0).integers(0, 20, size=(4, 6), dtype=np.int64)
+    mask = np.ones((4, 6), dtype=np.int64)
+    mask[0, 3:] = 0
+    spec = spec_from_manifest(manifest, result.package_dir)
+    onnx_runtime = OnnxRuntime(spec, device="cpu")
+    onnx_runtime.load()
+    torch_runtime = TorchRuntime(spec, device="cpu")
+    with pytest.raises(PackageError, match="allow-list"):  # the service trusts dropwise.models. only
+        torch_runtime.load()
+    deterministic = onnx_runtime.predict_deterministic((ids, mask))["probabilities"]
+    with torch.no_grad():
+        model = load_package(result.package_dir, allow_modules=[__name__]).model
+        want = torch.softmax(model(torch.from_numpy(ids), torch.from_numpy(mask)), dim=-1).numpy()
+    np.testing.assert_allclose(deterministic, want, atol=1e-5)
+    group = [MCGroup(rows=4, num_samples=16, seed=5)]
+    first, again = (onnx_runtime.predict_mc((ids, mask), group)[0] for _ in range(2))
+    np.testing.assert_array_equal(first["probabilities"], again["probabilities"])
+    assert first["std"].max() > 0
 
 
 # --------------------------------------------------------------------------------------------- weights files

@@ -17,7 +17,7 @@ deterministic graph has one output `output` (logits, or the standardised regress
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +118,18 @@ class OnnxRuntime:
         (raw,) = self._session.run(None, self._feeds(x))[:1]
         return encode_deterministic(np.asarray(raw), self.spec)
 
-    def predict_mc(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed)."""
+    def predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
+        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed); `check` runs
+        before each call and may raise to abandon the rest."""
         if self._mc_session is None:
             raise RuntimeError(f"{self.spec.name}: no {MC_FILE} in the package")
         results: list[Outputs] = []
         start = 0
         for group in groups:
+            if check is not None:
+                check()
             rows = take_rows(x, start, start + group.rows)
             start += group.rows
             feeds = {**self._feeds(rows), self._count_input: np.array(group.num_samples, dtype=np.int64)}

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dropwise.service.model_inputs import ModelInputs, as_tuple, example_inputs, take_rows
+from dropwise.service.model_inputs import ModelInputs, example_inputs, take_rows
 from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
@@ -191,14 +191,19 @@ class TorchRuntime:
                 m.generator = gen
 
     @torch.inference_mode()
-    def predict_mc(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC outputs of several requests stacked in `x` (see the module docstring)."""
+    def predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
+        """MC outputs of several requests stacked in `x` (see the module docstring); `check` runs before
+        every chunk of the engine's tail (or every request of the fallback) and may raise to abandon."""
         with self._on_stream():
-            return self._predict_mc(x, groups)
+            return self._predict_mc(x, groups, check)
 
-    def _predict_mc(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def _predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         if self.engine is None:
-            return self._predict_mc_fallback(x, groups)
+            return self._predict_mc_fallback(x, groups, check)
         tensor = self._tensor(x)
         if self.shares_trunk:
             results = self.engine.run_batch(
@@ -208,22 +213,30 @@ class TorchRuntime:
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
                 to_host=True,  # one device-to-host copy per batch
+                check=check,
             )
         else:
             results, start = [], 0
             for g in groups:
                 part = take_rows(tensor, start, start + g.rows)
                 start += g.rows
-                results += self.engine.run_batch(part, [g.rows], [g.num_samples], [g.seed], g.return_samples)
+                results += self.engine.run_batch(
+                    part, [g.rows], [g.num_samples], [g.seed], g.return_samples, check=check
+                )
         return [encode_mc(r.as_dict(), self.spec, g.return_samples) for r, g in zip(results, groups, strict=True)]
 
-    def _predict_mc_fallback(self, x: ModelInputs, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def _predict_mc_fallback(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
         assert self.mc_model is not None
         results: list[Outputs] = []
         start = 0
         for group in groups:
-            rows = as_tuple(self._tensor(take_rows(x, start, start + group.rows)))
+            if check is not None:
+                check()
+            tensors = self._tensor(take_rows(x, start, start + group.rows))
+            rows: tuple[torch.Tensor, ...] = tensors if isinstance(tensors, tuple) else (tensors,)
             start += group.rows
             n = group.num_samples
             expanded = [r.unsqueeze(0).expand(n, *r.shape).reshape(-1, *r.shape[1:]) for r in rows]

@@ -281,7 +281,7 @@ def build(name: str, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
 
 def outputs(result: Any, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean, per-sample outputs) of an engine result, on the CPU."""
-    mean = result.mean_probs if task == "classification" else result.mean
+    mean = result.probabilities if task == "classification" else result.mean
     samples = result.samples
     return mean.detach().float().cpu(), None if samples is None else samples.detach().float().cpu()
 

@@ -15,6 +15,10 @@ Scenarios (issue 6, goal "serving"):
    the same network with its own batching (max batch 64). LitServe runs the usual vectorised MC dropout: the
    batch repeated T times through the network in train mode, then the same summaries.
 
+Pinning: with two or more CPUs the server under test (every process of it) runs on the first CPU and the
+load generator on the second (``os.sched_setaffinity``), for every server alike (``--no-pin`` to turn it
+off), so throughput measures one server core rather than the machine.
+
 Load generator: every client owns one HTTP/1.1 keep-alive connection (raw asyncio streams, requests encoded
 once up front, responses read by Content-Length and checked for status 200), so the client side costs little
 next to the servers. Every server runs in its own subprocess; the models are untrained (weights do not change
@@ -196,12 +200,44 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> 
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
+SERVER_CORES: set[int] | None = None
+"""CPUs the server under test may use (set by `main`; None = unpinned)."""
+
+
+def pin(no_pin: bool) -> tuple[set[int], set[int]] | None:
+    """Pin this process (the load generator) to one CPU and reserve another for the servers.
+
+    With at least two CPUs allowed, the server under test gets the first and the load generator the second,
+    for every server alike, so the clients no longer compete with the server for its core. Returns
+    (server CPUs, client CPUs), or None when unpinned.
+    """
+    global SERVER_CORES
+    allowed = sorted(os.sched_getaffinity(0))
+    if no_pin or len(allowed) < 2:
+        SERVER_CORES = None
+        return None
+    SERVER_CORES = {allowed[0]}
+    client = {allowed[1]}
+    os.sched_setaffinity(0, client)
+    return SERVER_CORES, client
+
+
 @contextmanager
 def _process(command: Sequence[str], ready_url: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     with tempfile.TemporaryFile() as log:
         # A session of its own: LitServe forks an API server and inference workers, and every one of them
         # must go when the run ends.
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+        cores = SERVER_CORES
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            # every server alike: pinned before it starts, so its workers and threads inherit the core
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+        )
         try:
             try:
                 _wait_ready(ready_url, process)
@@ -396,7 +432,7 @@ def native_request(model: str, row: np.ndarray, mode: str) -> bytes:
     """Native API request of one row."""
     body: dict[str, object] = {"inputs": [row.tolist()], "mode": mode}
     if mode == "mc":
-        body["samples"] = SAMPLES
+        body["num_samples"] = SAMPLES
     return http_post(f"/v1/models/{model}/predict", json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 
@@ -532,7 +568,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per scenario (order alternates)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per run")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator")
     args = parser.parse_args(argv)
+    args.pinned = pin(args.no_pin)
     rng = np.random.default_rng(0)
     vector = rng.standard_normal(64).astype(np.float32)
     rows: list[Row] = []
@@ -556,7 +594,12 @@ def report(rows: Sequence[Row], args: argparse.Namespace) -> str:
         f"Serving benchmark: {args.clients} clients (one keep-alive connection each), loopback, "
         f"{args.repeats} rounds of {args.duration:.0f} s measured (after {args.warmup:.0f} s warm-up) per "
         f"configuration, MC T={SAMPLES}, one row per request; {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}; "
+        + (
+            f"server pinned to CPU {sorted(args.pinned[0])}, load generator to CPU {sorted(args.pinned[1])}."
+            if getattr(args, "pinned", None)
+            else "unpinned (server and load generator share the CPUs)."
+        ),
         "",
         "| scenario | server | requests | errors | throughput (req/s) | per round (req/s) "
         "| p50 (ms) | p99 (ms) | server CPU (ms/request) |",

@@ -238,7 +238,7 @@ class ModelBatcher:
         assert all(group is not None for group in groups)
         for job in jobs:
             assert job.group is not None
-            self.metrics.mc_samples.labels(model=self.name).observe(job.group.samples)
+            self.metrics.mc_samples.labels(model=self.name).observe(job.group.num_samples)
         return self.runtime.predict_mc(x, groups)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ futures

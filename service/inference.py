@@ -19,8 +19,9 @@ from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, 
 from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.model_control import LoadedVersion, ModelControl
 from dropwise.service.repository import ModelRepository
-from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec
+from dropwise.service.runtimes.base import MCGroup, PackageSpec
 from dropwise.service.settings import Settings
+from dropwise.surgery.outputs import NUM_SAMPLES, output_names
 
 log = logging.getLogger("dropwise.service")
 
@@ -34,7 +35,7 @@ __all__ = ["InferenceRequest", "InferenceResult", "InferenceService", "ModelInfo
 class InferenceRequest:
     """One prediction request, already decoded from HTTP.
 
-    `samples` None means the configured default T; `seed` None draws a fresh seed (reported back);
+    `num_samples` (T) None means the configured default T; `seed` None draws a fresh seed (reported back);
     `deadline_s` is a timeout in seconds counted from submission (None: the configured request timeout).
     """
 
@@ -42,7 +43,7 @@ class InferenceRequest:
     inputs: np.ndarray
     version: int | None = None
     mode: str = "deterministic"
-    samples: int | None = None
+    num_samples: int | None = None
     seed: int | None = None
     return_samples: bool = False
     deadline_s: float | None = None
@@ -50,7 +51,7 @@ class InferenceRequest:
 
 @dataclass
 class InferenceResult:
-    """Named numpy outputs of one request plus where and how it ran."""
+    """Named numpy outputs of one request plus where and how it ran (`num_samples` = T, MC only)."""
 
     model: str
     version: int
@@ -59,7 +60,7 @@ class InferenceResult:
     backend: str
     device: str
     provider: str
-    samples: int | None = None
+    num_samples: int | None = None
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -88,21 +89,12 @@ class ModelInfo:
     placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
 
     def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
-        """Output tensor names for `mode` (the order the V2 API lists them in).
+        """Output tensor names for `mode`, in the order of the table `dropwise.surgery.outputs`.
 
-        Classification: `probabilities`, `predictions`, and in MC mode the `MC_SUMMARIES`; regression:
-        `mean`, and in MC mode `std` (the only summary a regression MC answer carries). `samples` last,
-        in MC mode when `return_samples`.
+        Classification: `probabilities`, `predictions`, and in MC mode the uncertainty summaries;
+        regression: `mean`, and in MC mode `std`. `samples` last, in MC mode when `return_samples`.
         """
-        if self.task == "classification":
-            names = ["probabilities", "predictions"]
-            if mode == "mc":
-                names += list(MC_SUMMARIES)
-        else:
-            names = ["mean", "std"] if mode == "mc" else ["mean"]
-        if mode == "mc" and return_samples:
-            names.append("samples")
-        return names
+        return output_names(self.task, mode, return_samples)
 
 
 class InferenceService:
@@ -258,15 +250,17 @@ class InferenceService:
                     f"model {spec.name!r} has no MC-dropout path on backend {slot.runtime.backend!r}",
                     field="mode",
                 )
-            if request.return_samples and not getattr(slot.runtime, "mc_returns_samples", True):
+            if request.return_samples and not slot.runtime.mc_returns_samples:
                 raise InvalidInput(
                     f"model {spec.name!r} on {slot.runtime.backend} cannot return per-sample outputs "
                     "(its MC graph was exported without them)",
                     field="return_samples",
                 )
-            samples = self._check_samples(request.samples, settings)
+            samples = self._check_samples(request.num_samples, settings)
             seed = self._check_seed(request.seed)
-            group = MCGroup(rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples))
+            group = MCGroup(
+                rows=x.shape[0], num_samples=samples, seed=seed, return_samples=bool(request.return_samples)
+            )
         timeout = settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
@@ -281,7 +275,7 @@ class InferenceService:
             backend=slot.runtime.backend,
             device=slot.runtime.device,
             provider=slot.runtime.provider,
-            samples=samples,
+            num_samples=samples,
             seed=seed,
             timings={
                 "queue_ms": job.queue_s * 1000.0,
@@ -296,9 +290,12 @@ class InferenceService:
         if samples is None:
             return min(settings.default_samples, settings.max_samples)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
-            raise InvalidInput(f"samples must be an integer, got {samples!r}", field="samples")
+            raise InvalidInput(f"{NUM_SAMPLES} must be an integer, got {samples!r}", field=NUM_SAMPLES)
         if not 1 <= int(samples) <= settings.max_samples:
-            raise InvalidInput(f"samples must be between 1 and {settings.max_samples}, got {samples}", field="samples")
+            raise InvalidInput(
+                f"{NUM_SAMPLES} (T) must be between 1 and {settings.max_samples}, got {samples}",
+                field=NUM_SAMPLES,
+            )
         return int(samples)
 
     @staticmethod

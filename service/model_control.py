@@ -118,7 +118,7 @@ def warm_up(runtime: Runtime) -> dict[str, float]:
     took["deterministic"] = time.perf_counter() - start
     if runtime.supports_mc:
         start = time.perf_counter()
-        runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])
+        runtime.predict_mc(example, [MCGroup(rows=1, num_samples=2, seed=0)])
         took["mc"] = time.perf_counter() - start
     return took
 
@@ -327,9 +327,9 @@ class ModelControl:
         async with self._lock(name):
             current = self.models.get(name, {})
             specs = dict(specs)
-            for version, slot in current.items():  # refused on disk now, but verified when it was loaded
+            for version, served in current.items():  # refused on disk now, but verified when it was loaded
                 if version not in specs and f"{name}/{version}" in self.repository.errors:
-                    specs[version] = slot.spec
+                    specs[version] = served.spec
             wanted = self._policy(specs).select(list(specs))
             new: dict[int, LoadedVersion] = {}
             for version in wanted:

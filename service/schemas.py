@@ -21,11 +21,11 @@ PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "mc": {
         "summary": "MC-dropout prediction with uncertainty, T=32, fixed seed",
-        "value": {"inputs": [_DIGIT], "mode": "mc", "samples": 32, "seed": 7},
+        "value": {"inputs": [_DIGIT], "mode": "mc", "num_samples": 32, "seed": 7},
     },
     "mc_with_samples": {
         "summary": "MC-dropout returning every per-sample probability vector",
-        "value": {"inputs": [_DIGIT], "mode": "mc", "samples": 8, "seed": 7, "return_samples": True},
+        "value": {"inputs": [_DIGIT], "mode": "mc", "num_samples": 8, "seed": 7, "return_samples": True},
     },
 }
 
@@ -43,11 +43,18 @@ class PredictRequest(BaseModel):
     mode: Literal["deterministic", "mc"] = Field(
         "deterministic", description="`deterministic`: dropout off; `mc`: Monte-Carlo dropout with T samples."
     )
-    samples: StrictInt | None = Field(None, description="MC sample count T (default: the server's default T).")
+    num_samples: StrictInt | None = Field(None, description="MC sample count T (default: the server's default T).")
+    samples: StrictInt | None = Field(
+        None,
+        description="Deprecated alias of `num_samples` (give one of the two).",
+        json_schema_extra={"deprecated": True},
+    )
     seed: StrictInt | None = Field(
         None, description="Seed of the dropout masks; the same request and seed give the same answer."
     )
-    return_samples: StrictBool = Field(False, description="MC only: also return every per-sample output.")
+    return_samples: StrictBool = Field(
+        False, description="MC only: also return `samples`, the per-sample probabilities (or values)."
+    )
     timeout_s: float | None = Field(None, ge=0.001, le=3600, description="Deadline in seconds (504 past it).")
 
 
@@ -80,7 +87,7 @@ class PredictResponse(BaseModel):
                         "variation_ratio": [0.06],
                         "std": [[0.01, 0.08, 0.02, 0.0, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
                     },
-                    "samples": 32,
+                    "num_samples": 32,
                     "seed": 7,
                     "backend": "torch",
                     "device": "cpu",
@@ -101,10 +108,12 @@ class PredictResponse(BaseModel):
     )
     mean: list[list[float]] | None = Field(None, description="Regression: predicted value (MC: mean over T).")
     uncertainty: Uncertainty | None = Field(None, description="MC only.")
-    sample_outputs: list[list[list[float]]] | None = Field(
-        None, description="MC with return_samples: per-sample probabilities (or values), shape [T, batch, K]."
+    samples: list[list[list[float]]] | None = Field(
+        None,
+        description="MC with return_samples: per-sample probabilities softmax(z_t) (regression: values), "
+        "shape [T, batch, K] (renamed from `sample_outputs`).",
     )
-    samples: int | None = Field(None, description="MC: the T used.")
+    num_samples: int | None = Field(None, description="MC: the T used (renamed from `samples`).")
     seed: int | None = Field(None, description="MC: the seed used (drawn by the server when not given).")
     backend: str
     device: str

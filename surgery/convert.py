@@ -46,6 +46,7 @@ from dropwise.package import (
     validate_name,
 )
 from dropwise.surgery.export import DEFAULT_OUTPUT_NAME, ExportError, export_deterministic
+from dropwise.surgery.outputs import summary_names
 from dropwise.surgery.parity import (
     DEFAULT_ALPHA,
     DEFAULT_TOLERANCE,
@@ -253,7 +254,7 @@ def _mc_feeds(session: Any, input_name: str, x: torch.Tensor, samples: int) -> d
 
 def _mc_mean_std(session: Any, feeds: dict[str, np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
-    mean_name = "mean_probs" if task == "classification" else "mean"
+    mean_name = summary_names(task)[0]
     if mean_name not in names or "std" not in names:
         raise ConvertError(f"the MC graph lacks outputs {mean_name!r} and 'std': it has {names}")
     mean, std = session.run([mean_name, "std"], feeds)
@@ -294,7 +295,7 @@ def _mc_parity(
     if o_mean.shape != t_mean.shape:
         raise ConvertError(f"MC graph output shape {o_mean.shape} differs from torch MC {t_mean.shape}")
     test = z_test(
-        "mean_probs" if task == "classification" else "mean",
+        summary_names(task)[0],
         t_mean,
         t_std,
         options.samples,

@@ -42,6 +42,7 @@ from .functional_sites import trace_calls
 from .masks import HashMaskSite, MaskContext, TrainModeSite
 from .mc_layout import plan
 from .module_tools import set_training
+from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
 from .site_types import Site
 from .sites import find_sites, gating_modules
 from .split import SplitModel, split
@@ -67,36 +68,40 @@ _MAX_SEED = 1 << 63
 class MCResult:
     """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
-    Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
-    ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
-    ``std``. ``samples`` holds the per-sample outputs ``[T, B, K]`` when asked for. ``seed`` is the seed
-    the masks were drawn from (pass it back to reproduce the result).
+    Classification fills ``probabilities`` (the predictive mean, formerly ``mean_probs``: still readable
+    under that name), ``predictive_entropy``, ``expected_entropy``, ``mutual_information``,
+    ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and ``std``. When asked for,
+    ``samples`` holds the per-sample outputs ``[T, B, K]``: PROBABILITIES ``softmax(z_t)`` for
+    classification (with the raw logits in ``sample_logits``), values for regression. ``num_samples`` is
+    T. ``seed`` is the seed the masks were drawn from (pass it back to reproduce the result).
     """
 
     task: str
-    n_samples: int
+    num_samples: int
     seed: int
     std: Tensor
-    mean_probs: Tensor | None = None
+    probabilities: Tensor | None = None
     predictive_entropy: Tensor | None = None
     expected_entropy: Tensor | None = None
     mutual_information: Tensor | None = None
     variation_ratio: Tensor | None = None
     mean: Tensor | None = None
     samples: Tensor | None = None
+    sample_logits: Tensor | None = None
+
+    @property
+    def mean_probs(self) -> Tensor | None:
+        """Deprecated spelling of `probabilities`."""
+        return self.probabilities
+
+    @property
+    def n_samples(self) -> int:
+        """Deprecated spelling of `num_samples` (T)."""
+        return self.num_samples
 
     def as_dict(self) -> dict[str, Tensor]:
-        """The non-empty tensors by name."""
-        names = (
-            "mean_probs",
-            "predictive_entropy",
-            "expected_entropy",
-            "mutual_information",
-            "variation_ratio",
-            "mean",
-            "std",
-            "samples",
-        )
+        """The non-empty tensors by their output-table names (`dropwise.surgery.outputs`)."""
+        names = (*summary_names(self.task), SAMPLES, SAMPLE_LOGITS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -494,18 +499,21 @@ class MCEngine:
         keys = torch.from_numpy(layout.keys).to(device)
         bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
         out = self.tail_outputs(live, index, keys, bits)
+        summaries = [
+            self._summarise(
+                out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples
+            )
+            for g in layout.groups
+        ]
+        if to_host:
+            summaries = _to_host(summaries)
         results: list[MCResult | None] = [None] * len(rows)
-        for group in layout.groups:
-            block = out[group.start : group.start + group.samples * group.rows]
-            summary = self._summarise(block.reshape(group.samples, group.rows, -1), 0, return_samples)
-            if to_host:
-                summary = _to_host(summary)
+        for group, summary in zip(layout.groups, summaries, strict=True):
             for r, offset in zip(group.requests, group.row_offsets, strict=True):
                 results[r] = _rows_of(summary, offset, rows[r], resolved[r])
         return [r for r in results if r is not None]
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
-        kept = per_sample if return_samples else None
         if self.task == "classification":
             s = classification_summaries(per_sample)
             return MCResult(
@@ -513,14 +521,16 @@ class MCEngine:
                 per_sample.shape[0],
                 seed,
                 s.std,
-                mean_probs=s.mean_probs,
+                probabilities=s.probabilities,
                 predictive_entropy=s.predictive_entropy,
                 expected_entropy=s.expected_entropy,
                 mutual_information=s.mutual_information,
                 variation_ratio=s.variation_ratio,
-                samples=kept,
+                samples=torch.softmax(per_sample.float(), dim=-1) if return_samples else None,
+                sample_logits=per_sample if return_samples else None,
             )
         r = regression_summaries(per_sample)
+        kept = per_sample if return_samples else None
         return MCResult("regression", per_sample.shape[0], seed, r.std, mean=r.mean, samples=kept)
 
 
@@ -528,25 +538,34 @@ def _rows_of(summary: MCResult, start: int, n_rows: int, seed: int) -> MCResult:
     """Rows ``start .. start + n_rows - 1`` of a group's summaries (views), as one request's result."""
     fields = {}
     for name, value in summary.as_dict().items():
-        fields[name] = value[:, start : start + n_rows] if name == "samples" else value[start : start + n_rows]
+        per_sample = name in (SAMPLES, SAMPLE_LOGITS)  # [T, B, K]: rows on dim 1
+        fields[name] = value[:, start : start + n_rows] if per_sample else value[start : start + n_rows]
     std = fields.pop("std")
-    return MCResult(summary.task, summary.n_samples, seed, std, **fields)
+    return MCResult(summary.task, summary.num_samples, seed, std, **fields)
 
 
-def _to_host(summary: MCResult) -> MCResult:
-    """The summaries on the CPU, fetched with one device-to-host copy."""
-    tensors = summary.as_dict()
-    if all(t.device.type == "cpu" for t in tensors.values()):
-        return summary
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors.values()))
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors.values()]).cpu()
-    host = {}
+def _to_host(summaries: list[MCResult]) -> list[MCResult]:
+    """The summaries on the CPU, fetched with one device-to-host copy for all of them."""
+    if all(t.device.type == "cpu" for summary in summaries for t in summary.as_dict().values()):
+        return summaries
+    return _moved(summaries, lambda flat: flat.cpu())
+
+
+def _moved(summaries: list[MCResult], move: Any) -> list[MCResult]:
+    """``summaries`` with every tensor packed into one flat tensor, moved by ``move`` once, and unpacked."""
+    tensors = [t for summary in summaries for t in summary.as_dict().values()]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = move(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    hosted = []
     offset = 0
-    for name, value in tensors.items():
-        host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
-        offset += value.numel()
-    std = host.pop("std")
-    return MCResult(summary.task, summary.n_samples, summary.seed, std, **host)
+    for summary in summaries:
+        host = {}
+        for name, value in summary.as_dict().items():
+            host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
+            offset += value.numel()
+        std = host.pop("std")
+        hosted.append(MCResult(summary.task, summary.num_samples, summary.seed, std, **host))
+    return hosted
 
 
 def mc_predict(

@@ -42,7 +42,7 @@ def test_mixed_t_batch_equals_requests_alone_and_host_copy_is_exact() -> None:
     for result, n, t, seed in zip(batched, rows, samples, seeds, strict=True):
         alone = engine(x[start : start + n], samples=t, seed=seed, return_samples=True)
         start += n
-        assert result.seed == seed and result.n_samples == t
+        assert result.seed == seed and result.num_samples == t
         torch.testing.assert_close(result.samples, alone.samples, rtol=1e-5, atol=1e-6)
         for name, value in alone.as_dict().items():
             torch.testing.assert_close(result.as_dict()[name], value, rtol=1e-5, atol=1e-6)
@@ -64,3 +64,25 @@ def test_chunk_policy_cpu_cache_sized_gpu_one_pass() -> None:
     assert cpu == max(128, (1 << 20) // 4096)
     assert gpu >= (256 << 20) // (4 * 4096) >= 64 * 32  # a GPU adds a quarter of its free memory
     assert MCEngine(model, x, chunk_rows=gpu).chunk_rows == gpu
+
+
+def test_one_copy_packing_restores_every_summary() -> None:
+    from dropwise.surgery.engine import _moved
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    engine = MCEngine(model, x)
+    groups = [engine(x[:2], samples=4, seed=1, return_samples=True), engine(x[2:], samples=6, seed=2)]
+    moves: list[int] = []
+
+    def move(flat: torch.Tensor) -> torch.Tensor:
+        moves.append(flat.numel())
+        return flat.clone()
+
+    restored = _moved(groups, move)
+    assert len(moves) == 1
+    for before, after in zip(groups, restored, strict=True):
+        assert after.seed == before.seed and after.num_samples == before.num_samples
+        assert before.as_dict().keys() == after.as_dict().keys()
+        for name, value in before.as_dict().items():
+            assert torch.equal(after.as_dict()[name], value) and after.as_dict()[name].dtype == value.dtype

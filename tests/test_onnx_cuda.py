@@ -98,7 +98,7 @@ def test_zoo_mc_graph_runs_wholly_on_cuda_kernels(name: str, tmp_path: Path) -> 
     after = placement(rewritten)
     assert after.cpu_count == 0 and not after.unknown, after.to_dict()
     name_in = _input_name(original)
-    feeds = [{name_in: x.numpy(), "samples": np.array(4), "seed": np.array(s)} for s in (0, 2**40 + 123)]
+    feeds = [{name_in: x.numpy(), "num_samples": np.array(4), "seed": np.array(s)} for s in (0, 2**40 + 123)]
     _same_outputs(original, rewritten, feeds)
 
 
@@ -125,7 +125,7 @@ def test_onnx_file_mc_graph_runs_wholly_on_cuda_kernels() -> None:
     rewritten = cuda_compatible(mc)
     assert placement(mc).cpu_count > 0 and placement(rewritten).cpu_count == 0
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
-    _same_outputs(mc, rewritten, [{"x": x, "samples": np.array(8), "seed": np.array(s)} for s in (1, 2**50)])
+    _same_outputs(mc, rewritten, [{"x": x, "num_samples": np.array(8), "seed": np.array(s)} for s in (1, 2**50)])
 
 
 def test_kernel_table_covers_the_ops_the_rewrite_emits() -> None:
@@ -145,9 +145,9 @@ def test_cuda_session_without_cpu_fallback(tmp_path: Path) -> None:
     session, info = create_session(path, "cuda", strict_placement=True)
     assert info.provider == CUDA_PROVIDER and info.placement is not None and info.placement["cpu_nodes"] == 0
     assert info.provider_options[CUDA_PROVIDER]["use_tf32"] == "0"
-    feeds = {_input_name(onnx.load(str(path))): x.numpy(), "samples": np.array(16), "seed": np.array(5)}
-    gpu = session.run(["sample_outputs", "seed_used"], feeds)
-    cpu = _cpu(onnx.load(str(path))).run(["sample_outputs", "seed_used"], feeds)
+    feeds = {_input_name(onnx.load(str(path))): x.numpy(), "num_samples": np.array(16), "seed": np.array(5)}
+    gpu = session.run(["samples", "seed_used"], feeds)
+    cpu = _cpu(onnx.load(str(path))).run(["samples", "seed_used"], feeds)
     assert int(gpu[1]) == int(cpu[1])
     assert np.abs(gpu[0] - cpu[0]).max() <= 1e-4 * max(1.0, float(np.abs(cpu[0]).max()))  # fp32, TF32 off
 

@@ -240,9 +240,9 @@ def test_per_model_configuration_overrides_the_global_settings(repo: Path) -> No
         other = client.get("/v1/models/mlp_diabetes").json()
         assert (other["max_samples"], other["default_samples"]) == (64, 32)
         r = client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1), "mode": "mc", "samples": 17})
-        assert r.status_code == 400 and r.json()["error"]["field"] == "samples"
+        assert r.status_code == 400 and r.json()["error"]["field"] == "num_samples"
         r = client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1), "mode": "mc"})
-        assert r.status_code == 200 and r.json()["samples"] == 4
+        assert r.status_code == 200 and r.json()["num_samples"] == 4
         served = client.app.state.inference.control.models[MODEL][1]  # type: ignore[attr-defined]
         assert served.batcher.settings.max_batch_size == 8
         assert served.batcher.settings.queue_capacity == 5

@@ -53,7 +53,7 @@ def test_serve_default_repository_over_tcp_with_env_settings(repo: Path, tmp_pat
         too_many = httpx.post(
             base + "/v1/models/mlp_digits/predict", json={"inputs": _x(1, 0), "mode": "mc", "samples": 41}
         )
-        assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "samples"
+        assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "num_samples"
         target = {"inputs": _x(2, 9), "mode": "mc", "samples": 40, "seed": 123}
 
         async def burst() -> list[dict]:

@@ -235,13 +235,21 @@ def serve(
         run_ray(settings, replicas or 1)
         return
 
-    def build() -> Any:
-        """Import the service (torch, FastAPI) and build the app; runs behind the gate."""
+    def check_device() -> None:
+        """`--device cuda` without a GPU fails before any training (it imports torch: behind the gate)."""
         if settings.device == "cuda" and settings.backend == "torch":
             import torch
 
             if not torch.cuda.is_available():
                 raise UserError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
+
+    def first_start() -> None:
+        check_device()
+        if prepare is not None:
+            prepare()
+
+    def build() -> Any:
+        """Import the service (torch, FastAPI) and build the app; runs behind the gate."""
         from dropwise.service.app import create_app
 
         return create_app(settings)
@@ -254,7 +262,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    gate = StartupGate(build, prepare=prepare, preparing=preparing, on_failure=stop)
+    gate = StartupGate(build, prepare=first_start, preparing=preparing or "checking the device", on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(gate, host=settings.host, port=settings.port, log_level=settings.log_level))
     print(
         f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs; /readyz says "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
+from dropwise.service.errors import InvalidInput
 from dropwise.service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
 from dropwise.service.schemas import (
     PREDICT_EXAMPLES,
@@ -17,6 +18,7 @@ from dropwise.service.schemas import (
     PredictResponse,
     Uncertainty,
 )
+from dropwise.surgery.outputs import NUM_SAMPLES
 from fastapi import APIRouter, Body, Path, Request
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -124,8 +126,8 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),
         uncertainty=uncertainty,
-        sample_outputs=_list(out.get("samples")),
-        samples=result.samples,
+        samples=_list(out.get("samples")),
+        num_samples=result.num_samples,
         seed=result.seed,
         backend=result.backend,
         device=result.device,
@@ -140,13 +142,15 @@ def _list(value: np.ndarray | None) -> Any:
 
 async def _predict(request: Request, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
     service = _service(request)
+    if body.samples is not None and body.num_samples is not None:
+        raise InvalidInput(f"give {NUM_SAMPLES} only (samples is its deprecated alias)", field=NUM_SAMPLES)
     result = await service.infer(
         InferenceRequest(
             model=name,
             version=version,
             inputs=body.inputs,  # validated (shape, dtype, NaN/Inf) by the service
             mode=body.mode,
-            samples=body.samples,
+            num_samples=body.num_samples if body.num_samples is not None else body.samples,
             seed=body.seed,
             return_samples=body.return_samples,
             deadline_s=body.timeout_s,

@@ -5,7 +5,8 @@ Content-Type and by default puts tensors after the JSON header (``Inference-Head
 infer route reads the raw body and decodes it with :mod:`dropwise.service.v2_codec` instead of a pydantic model.
 
 Per-request settings travel in the request's ``parameters``: ``mode`` ("deterministic" | "mc"),
-``samples`` (T), ``seed``, ``return_samples``, plus the protocol's own ``binary_data_output`` and
+``num_samples`` (T; ``samples`` is accepted as a deprecated alias), ``seed``, ``return_samples``, plus the
+protocol's own ``binary_data_output`` and
 ``timeout`` (microseconds, as the Triton client sends it). Every failure answers ``{"error": "..."}`` with a
 4xx status for bad input; nothing a client sends gives a 500.
 """
@@ -29,6 +30,8 @@ from dropwise.service.v2_codec import (
     encode_response,
     parse_header_length,
 )
+from dropwise.surgery.outputs import NUM_SAMPLES, output_shape
+from dropwise.surgery.outputs import spec as output_spec
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -46,10 +49,10 @@ SERVER_EXTENSIONS = [
 ]
 #: Request parameters this server understands; anything else is refused so a typo never goes unnoticed.
 _KNOWN_PARAMETERS = frozenset(
-    {"mode", "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
+    {"mode", NUM_SAMPLES, "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
     | {"sequence_id", "sequence_start", "sequence_end"}
 )
-_MC_ONLY_PARAMETERS = ("samples", "return_samples")
+_MC_ONLY_PARAMETERS = (NUM_SAMPLES, "samples", "return_samples")
 #: Longest request timeout accepted (one day, in microseconds as the Triton client sends it).
 _MAX_TIMEOUT_US = 86_400 * 1_000_000
 #: Bodies above this size are decoded and encoded in a worker thread so the event loop stays free.
@@ -84,22 +87,17 @@ def _datatype_for(dtype: str) -> str:
 
 
 def _output_specs(info: ModelInfo) -> list[dict[str, Any]]:
-    """Every output a model can answer, with its datatype and shape (-1 = dynamic)."""
-    classes = len(info.labels) if info.labels else -1
-    per_class = [-1, classes] if info.task == "classification" else [-1, -1]
-    shapes: dict[str, tuple[str, list[int]]] = {
-        "probabilities": ("FP32", per_class),
-        "predictions": ("INT64", [-1]),
-        "mean": ("FP32", [-1, -1]),
-        "predictive_entropy": ("FP32", [-1]),
-        "expected_entropy": ("FP32", [-1]),
-        "mutual_information": ("FP32", [-1]),
-        "variation_ratio": ("FP32", [-1]),
-        "std": ("FP32", per_class),
-        "samples": ("FP32", [-1, *per_class]),
-    }
+    """Every output a model can answer, with its datatype and shape (-1 = dynamic), from the output table."""
+    width = len(info.labels) if info.task == "classification" and info.labels else None
     names = info.output_names("mc" if info.mc_available else "deterministic", info.mc_available)
-    return [{"name": n, "datatype": shapes[n][0], "shape": shapes[n][1]} for n in names if n in shapes]
+    return [
+        {
+            "name": name,
+            "datatype": datatype_of(np.dtype(output_spec(name).dtype)),
+            "shape": output_shape(name, info.task, width),
+        }
+        for name in names
+    ]
 
 
 def _model_metadata(info: ModelInfo) -> dict[str, Any]:
@@ -224,7 +222,15 @@ class _Plan:
         if mode not in MODES:
             raise InvalidInput(f"parameters.mode must be one of {list(MODES)}, got {mode!r}", field="mode")
         self.mode: str = mode
-        self.samples = _strict_int(params, "samples")
+        self.num_samples = _strict_int(params, NUM_SAMPLES)
+        alias = _strict_int(params, "samples")
+        if alias is not None:
+            if self.num_samples is not None:
+                raise InvalidInput(
+                    f"give parameters.{NUM_SAMPLES} only (parameters.samples is its deprecated alias)",
+                    field=NUM_SAMPLES,
+                )
+            self.num_samples = alias
         self.seed = _strict_int(params, "seed")
         return_samples = bool(_strict_bool(params, "return_samples"))
         if mode == "deterministic":
@@ -309,7 +315,7 @@ async def _infer(request: Request, model: str) -> Response:
             version=_path_version(request),
             inputs=plan.inputs,
             mode=plan.mode,
-            samples=plan.samples,
+            num_samples=plan.num_samples,
             seed=plan.seed,
             return_samples=plan.return_samples,
             deadline_s=plan.deadline_s,
@@ -321,7 +327,7 @@ async def _infer(request: Request, model: str) -> Response:
     outputs = [(name, np.asarray(result.outputs[name]), binary) for name, binary in plan.outputs]
     parameters: dict[str, Any] = {"mode": result.mode, "backend": result.backend, "device": result.device}
     if result.mode == "mc":
-        parameters.update(samples=result.samples, seed=result.seed)
+        parameters.update({NUM_SAMPLES: result.num_samples, "seed": result.seed})
     size = sum(array.nbytes for _, array, _ in outputs)
     encoding = _compression(request, size)
     args = (result.model, str(result.version), outputs)
@@ -340,7 +346,7 @@ async def infer(request: Request, model: str) -> Response:
     """Run a deterministic or MC-dropout prediction.
 
     Body: a V2 inference request, JSON alone or JSON followed by binary tensors (set
-    ``Inference-Header-Content-Length``). ``parameters``: ``mode``, ``samples``, ``seed``,
+    ``Inference-Header-Content-Length``). ``parameters``: ``mode``, ``num_samples`` (T), ``seed``,
     ``return_samples``, ``binary_data_output``, ``timeout`` (µs). Outputs: ``probabilities``,
     ``predictions`` (or ``mean``), and for MC ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio``, ``std``, ``samples``.

@@ -1,9 +1,12 @@
 """The ONNX Runtime runtime: deterministic predictions from `model.onnx`, MC from `model.mc.onnx`.
 
-The MC graph (`dropwise.surgery.mc_export`) takes the input, `samples` (int64 scalar T) and `seed` (int64 scalar)
-and answers the summaries of `dropwise.surgery.summaries` by name (`mean_probs`, ..., or regression `mean`, `std`),
-optionally `sample_outputs` [T, B, K]. Its masks hash (seed, row within the request, sample, site,
-position), so each request runs as its own call and its result does not depend on its batch company.
+The MC graph (`dropwise.surgery.mc_export`) takes the input, `num_samples` (int64 scalar T; `samples` in graphs
+exported before the output table) and `seed` (int64 scalar)
+and answers the summaries of `dropwise.surgery.summaries` by the names of `dropwise.surgery.outputs`
+(`probabilities`, ..., or regression `mean`, `std`), optionally `samples` [T, B, K] (graphs exported
+before the output table say `mean_probs` and `sample_outputs`; `encode_mc` reads both). Its masks hash
+(seed, row within the request, sample, site, position), so each request runs as its own call and its
+result does not depend on its batch company.
 
 Sessions are opened through `dropwise.surgery.providers.create_session`, which detects ONNX Runtime's silent CPU
 fallback; the provider that really runs is what the service reports. The deterministic graph has one input
@@ -23,8 +26,9 @@ from dropwise.service.runtimes.base import (
     Outputs,
     PackageSpec,
     encode_deterministic,
-    standardised_to_target,
+    encode_mc,
 )
+from dropwise.surgery.outputs import LEGACY_NAMES, NUM_SAMPLES, SAMPLES
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
@@ -45,6 +49,7 @@ class OnnxRuntime:
         self._mc_session: Any = None
         self._mc_inputs: list[str] = []
         self._mc_outputs: list[str] = []
+        self._count_input = NUM_SAMPLES
 
     @property
     def supports_mc(self) -> bool:
@@ -54,7 +59,7 @@ class OnnxRuntime:
     @property
     def mc_returns_samples(self) -> bool:
         """Whether the MC graph exposes its per-sample outputs (`return_samples` can be honoured)."""
-        return "sample_outputs" in self._mc_outputs
+        return any(SAMPLES in (name, LEGACY_NAMES.get(name)) for name in self._mc_outputs)
 
     def load(self) -> None:
         """Verify the package, open the sessions and warm up; raises when `model.onnx` is missing."""
@@ -81,9 +86,11 @@ class OnnxRuntime:
                 i.name for i in self._mc_session.get_overridable_initializers() if i.name == "seed"
             ]
             self._mc_outputs = [o.name for o in self._mc_session.get_outputs()]
-            unknown = set(self._mc_inputs) - {self.spec.input_name, "samples", "seed"}
-            if unknown or "samples" not in self._mc_inputs or "seed" not in self._mc_inputs:
+            count = [name for name in (NUM_SAMPLES, "samples") if name in self._mc_inputs]
+            unknown = set(self._mc_inputs) - {self.spec.input_name, NUM_SAMPLES, "samples", "seed"}
+            if unknown or len(count) != 1 or "seed" not in self._mc_inputs:
                 raise ValueError(f"{path / MC_FILE}: unexpected MC graph inputs {self._mc_inputs}")
+            self._count_input = count[0]
         example = np.zeros((1, *self.spec.sample_shape), dtype=self.spec.input_dtype)
         self.predict_deterministic(example)
 
@@ -112,37 +119,9 @@ class OnnxRuntime:
         for group in groups:
             rows = x[start : start + group.rows]
             start += group.rows
-            feeds = {self.spec.input_name: rows, "samples": np.array(group.samples, dtype=np.int64)}
+            feeds = {self.spec.input_name: rows, self._count_input: np.array(group.num_samples, dtype=np.int64)}
             if "seed" in self._mc_inputs:
                 feeds["seed"] = np.array(group.seed, dtype=np.int64)
             values = dict(zip(self._mc_outputs, self._mc_session.run(self._mc_outputs, feeds), strict=True))
-            results.append(self._encode(values, group.return_samples))
+            results.append(encode_mc(values, self.spec, group.return_samples))
         return results
-
-    def _encode(self, values: dict[str, np.ndarray], return_samples: bool) -> Outputs:
-        """The MC graph's named outputs as the service's output names (target units for regression)."""
-        import torch
-
-        if self.spec.task == "classification":
-            probs = np.asarray(values["mean_probs"], dtype=np.float32)
-            out: Outputs = {
-                "probabilities": probs,
-                "predictions": probs.argmax(axis=-1).astype(np.int64),
-                **{
-                    name: np.asarray(values[name], dtype=np.float32)
-                    for name in ("predictive_entropy", "expected_entropy", "mutual_information")
-                },
-                "variation_ratio": np.asarray(values["variation_ratio"], dtype=np.float32),
-                "std": np.asarray(values["std"], dtype=np.float32),
-            }
-            if return_samples and "sample_outputs" in values:
-                logits = torch.from_numpy(np.asarray(values["sample_outputs"], dtype=np.float32))
-                out["samples"] = torch.softmax(logits, dim=-1).numpy()
-            return out
-        out = {
-            "mean": standardised_to_target(np.asarray(values["mean"]), self.spec),
-            "std": standardised_to_target(np.asarray(values["std"]), self.spec, scale_only=True),
-        }
-        if return_samples and "sample_outputs" in values:
-            out["samples"] = standardised_to_target(np.asarray(values["sample_outputs"]), self.spec)
-        return out

@@ -40,7 +40,7 @@ from dropwise.service.runtimes.base import (
     PackageSpec,
     encode_deterministic,
     encode_mc,
-    standardised_to_target,
+    summarise_samples,
 )
 from dropwise.service.runtimes.streams import ComputeStream
 from torch import nn
@@ -103,6 +103,11 @@ class TorchRuntime:
     def supports_mc(self) -> bool:
         """MC mode needs at least one dropout-family layer."""
         return self.engine is not None or bool(self._stochastic or self._dropouts)
+
+    @property
+    def mc_returns_samples(self) -> bool:
+        """The engine and the fallback loop both keep the per-sample outputs when asked."""
+        return True
 
     def load(self) -> None:
         """Verify and rebuild the network from safetensors, move it to the device and warm it up."""
@@ -184,7 +189,7 @@ class TorchRuntime:
             results = self.engine.run_batch(
                 tensor,
                 [g.rows for g in groups],
-                [g.samples for g in groups],
+                [g.num_samples for g in groups],
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
                 to_host=True,  # one device-to-host copy per batch
@@ -194,36 +199,8 @@ class TorchRuntime:
             for g in groups:
                 part = tensor[start : start + g.rows]
                 start += g.rows
-                results += self.engine.run_batch(part, [g.rows], [g.samples], [g.seed], g.return_samples)
-        return [self._encode_result(r, g.return_samples) for r, g in zip(results, groups, strict=True)]
-
-    def _encode_result(self, result: Any, return_samples: bool) -> Outputs:
-        """An engine `MCResult` as named numpy outputs (target units for regression)."""
-
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().float().cpu().numpy()
-
-        if self.spec.task == "classification":
-            probs = arr(result.mean_probs)
-            out: Outputs = {
-                "probabilities": probs,
-                "predictions": probs.argmax(axis=-1).astype(np.int64),
-                "predictive_entropy": arr(result.predictive_entropy),
-                "expected_entropy": arr(result.expected_entropy),
-                "mutual_information": arr(result.mutual_information),
-                "variation_ratio": arr(result.variation_ratio),
-                "std": arr(result.std),
-            }
-            if return_samples and result.samples is not None:
-                out["samples"] = arr(torch.softmax(result.samples.float(), dim=-1))
-            return out
-        out = {
-            "mean": standardised_to_target(arr(result.mean), self.spec),
-            "std": standardised_to_target(arr(result.std), self.spec, scale_only=True),
-        }
-        if return_samples and result.samples is not None:
-            out["samples"] = standardised_to_target(arr(result.samples), self.spec)
-        return out
+                results += self.engine.run_batch(part, [g.rows], [g.num_samples], [g.seed], g.return_samples)
+        return [encode_mc(r.as_dict(), self.spec, g.return_samples) for r, g in zip(results, groups, strict=True)]
 
     def _predict_mc_fallback(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
@@ -233,9 +210,11 @@ class TorchRuntime:
         for group in groups:
             rows = self._tensor(x[start : start + group.rows])
             start += group.rows
-            expanded = rows.unsqueeze(0).expand(group.samples, *rows.shape).reshape(-1, *rows.shape[1:])
+            n = group.num_samples
+            expanded = rows.unsqueeze(0).expand(n, *rows.shape).reshape(-1, *rows.shape[1:])
             with self._mc_mode(group.seed):
                 out = self.model(expanded)
-            samples = out.reshape(group.samples, group.rows, *out.shape[1:])
-            results.append(encode_mc(samples, self.spec, group.return_samples))
+            per_sample = out.reshape(n, group.rows, *out.shape[1:])
+            values = summarise_samples(per_sample, self.spec.task)
+            results.append(encode_mc(values, self.spec, group.return_samples))
         return results

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dropwise.surgery import hash_kernel
 from dropwise.surgery.engine import MCEngine
 from dropwise.surgery.summaries import classification_summaries
 from torch import nn
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
+    hash_kernel.available()  # wait for the mask kernel's build (started in the background otherwise)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "

@@ -147,13 +147,13 @@ def row(label: str, model: nn.Module, x: Any, samples: int) -> dict[str, Any]:
         a, b = engine(x, samples=32, seed=7), engine(x, samples=32, seed=7)
         alone = engine(x[1:2], samples=32, seed=7)
         batch = engine.run_batch(x, [1, 1, x.shape[0] - 2], [32, 32, 32], [3, 7, 9])
-        out[f"seeded_{choice}"] = bool(torch.equal(a.mean_probs, b.mean_probs))
-        out[f"row_{choice}"] = float((batch[1].mean_probs - alone.mean_probs).abs().max())
+        out[f"seeded_{choice}"] = bool(torch.equal(a.probabilities, b.probabilities))
+        out[f"row_{choice}"] = float((batch[1].probabilities - alone.probabilities).abs().max())
     engine = MCEngine(model, x, "all")
     res = engine(x, samples=samples, seed=11)
     mean, std = _naive(model, x, samples)
     se = (res.std.pow(2) / samples + std.pow(2) / samples).sqrt().clamp_min(1e-6)
-    out["z_max"] = float(((res.mean_probs - mean).abs() / se).max())
+    out["z_max"] = float(((res.probabilities - mean).abs() / se).max())
     return out
 
 

@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 from dropwise.package import PackageError, validate_name
 from dropwise.package.serving import ServingConfig, VersionPolicy
 from dropwise.service.batcher import ModelBatcher
 from dropwise.service.errors import InvalidInput
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_inputs import example_inputs
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec, Runtime
 from dropwise.service.settings import Settings
@@ -111,7 +111,7 @@ def warm_up(runtime: Runtime) -> dict[str, float]:
     Returns the seconds each pass took, by mode (`deterministic`, `mc`).
     """
     spec = runtime.spec
-    example = np.zeros((1, *(max(d, 1) for d in spec.sample_shape)), dtype=spec.input_dtype)
+    example = example_inputs(spec, rows=1)
     took: dict[str, float] = {}
     start = time.perf_counter()
     runtime.predict_deterministic(example)

@@ -37,6 +37,8 @@ def spec_from_manifest(manifest: Manifest, path: Path) -> PackageSpec:
         target_std=float(target.std) if target else 1.0,
         files=tuple(sorted(manifest.files)),
         manifest=manifest.model_dump(mode="json"),
+        inputs=tuple(manifest.inputs),
+        input_range=manifest.input.range,
     )
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -432,15 +432,25 @@ class MCEngine:
 
     @torch.inference_mode()
     def tail_outputs(
-        self, live: Sequence[Tensor], index: Tensor, keys: Tensor, site_bits: dict[int, Tensor] | None = None
+        self,
+        live: Sequence[Tensor],
+        index: Tensor,
+        keys: Tensor,
+        site_bits: dict[int, Tensor] | None = None,
+        *,
+        check: Callable[[], None] | None = None,
     ) -> Tensor:
         """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``.
 
         ``site_bits``: precomputed site keys ``[M]`` per hash-mask site (see `masks.MaskContext`).
+        ``check`` is called before every chunk; an exception it raises abandons the computation (a server
+        uses it to stop work whose deadline has passed).
         """
         outputs = []
         total = int(index.shape[0])
         for start in range(0, total, self.chunk_rows):
+            if check is not None:
+                check()
             stop = min(start + self.chunk_rows, total)
             whole = start == 0 and stop == total  # one pass: no slicing
             idx = index if whole else index[start:stop]
@@ -467,13 +477,15 @@ class MCEngine:
         return_samples: bool = False,
         *,
         to_host: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> list[MCResult]:
         """Several requests batched along dimension 0 of ``x``, each with its own T and seed.
 
         The trunk runs once for all rows; the tail runs once (chunked) for all ``sum_r T_r * B_r``
         sample-rows; requests with the same T are summarised together (one call per distinct T). A ``None``
         seed draws a fresh one from torch's global generator (reported in the result). ``to_host``: return
-        CPU tensors, fetched from the device with one copy for the whole batch. Returns one `MCResult` per
+        CPU tensors, fetched from the device with one copy for the whole batch. ``check`` is called before
+        each tail chunk (see `tail_outputs`). Returns one `MCResult` per
         request, in order.
         """
         args = _as_args(x)
@@ -498,7 +510,7 @@ class MCEngine:
         index = torch.from_numpy(layout.index).to(device)
         keys = torch.from_numpy(layout.keys).to(device)
         bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
-        out = self.tail_outputs(live, index, keys, bits)
+        out = self.tail_outputs(live, index, keys, bits, check=check)
         summaries = [
             self._summarise(
                 out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples

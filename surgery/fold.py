@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from dropwise.errors import DropwiseError
+
 from .mc import plain_copy
 from .module_tools import FrozenEval, call_model, set_training
 from .site_types import SWITCH_FUNCTIONAL, Site
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 
-class FoldError(RuntimeError):
+class FoldError(DropwiseError, RuntimeError):
     """The folded model does not reproduce the eval output (a bug: please report it)."""
 
 

@@ -285,18 +285,12 @@ def keep_product(
     the same bits. ``site_bits``: as in `keep_factor`.
     """
     thr = threshold(p)
-    if (
-        not exportable
-        and 0 < thr < _LEVELS
-        and x.dtype == torch.float32
-        and x.dim() >= 2
-        and x.is_contiguous()
-        and hash_kernel.available()
-    ):
+    if not exportable and 0 < thr < _LEVELS and x.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous():
         n_positions = x[0].numel()
-        site_k = _to_int32_bits(site_keys(keys, site)) if site_bits is None else site_bits
-        codes = _position_codes((n_positions + 1) // 2, site_k.device, True)
-        out = hash_kernel.masked_product(x.reshape(x.shape[0], n_positions), site_k, codes, thr, scale)
+        if site_bits is None:
+            site_bits = _to_int32_bits(site_keys(keys, site))
+        codes = _position_codes((n_positions + 1) // 2, site_bits.device, True)
+        out = hash_kernel.masked_product(x.reshape(x.shape[0], n_positions), site_bits, codes, thr, scale)
         if out is not None:
             return out.reshape(x.shape)
     factors = keep_factor(keys, site, tuple(x.shape[1:]), p, scale, x.dtype, exportable=exportable, site_bits=site_bits)

@@ -26,13 +26,15 @@ from typing import Any, cast
 
 from torch import nn
 
+from dropwise.errors import DropwiseError
+
 from .site_types import SWITCH_FUNCTIONAL, SWITCH_MODULE, Site, site_type_of
 from .sites import find_sites, forward_reads_training
 
 __all__ = ["HeadDropoutLinear", "MCModel", "NoStochasticSiteError", "apply_mc_state", "plain_copy", "to_mc"]
 
 
-class NoStochasticSiteError(ValueError):
+class NoStochasticSiteError(DropwiseError, ValueError):
     """The model has no stochastic site with ``p > 0``: MC sampling would return identical samples."""
 
 

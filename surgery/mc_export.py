@@ -2,7 +2,8 @@
 
 MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes them one ONNX Runtime call:
 
-* inputs: the model input (``input_name``, dynamic batch), ``num_samples`` (int64 scalar T, read at run
+* inputs: the model's inputs by name (``input_name``, or ``input_names`` for a model with several, e.g.
+  ``input_ids`` and ``attention_mask``; one dynamic batch dimension), ``num_samples`` (int64 scalar T, read at run
   time) and ``seed`` (int64 scalar, OPTIONAL: it has an initializer -1, so callers may leave it out);
 * the trunk (``dropwise.surgery.split``) runs once on the B rows; its live tensors are expanded to T * B rows
   (sample-major, ``n = t * B + b``) and the rewritten tail of `dropwise.surgery.engine.MCEngine` runs once;
@@ -44,7 +45,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from .engine import MCEngine
+from .engine import MCEngine, primary_output
 from .masks import onnx_translation_table, row_keys, sample_keys
 from .outputs import NUM_SAMPLES, mc_graph_output_names
 from .sites import Site
@@ -73,12 +74,15 @@ class MCGraph(nn.Module):
         self.head = SummaryHead(engine.task)
         self.return_samples = return_samples
 
-    def forward(self, x: Tensor, num_samples: Tensor, seed: Tensor) -> tuple[Tensor, ...]:
-        """Summaries (+ per-sample outputs) of T = ``num_samples`` passes with masks keyed by ``seed``."""
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        """``forward(*inputs, num_samples, seed)``: summaries (+ per-sample outputs) of T = ``num_samples`` passes
+        with masks keyed by ``seed``; ``inputs`` are the model's positional inputs (one for most models)."""
+        *inputs, num_samples, seed = args
+        x = inputs[0]
         n_samples = num_samples.item()
         torch._check(n_samples >= 1)
         batch = x.shape[0]
-        live = self.trunk(x)
+        live = self.trunk(*inputs)
         rows = torch.arange(batch, dtype=torch.int64, device=x.device)
         keys = sample_keys(row_keys(seed.reshape(1).expand(batch), rows), num_samples)
         expanded = []
@@ -88,7 +92,7 @@ class MCGraph(nn.Module):
             expanded.append(tensor)
         self.engine.context.keys = keys
         try:
-            out = self.tail(*expanded)
+            out = primary_output(self.tail(*expanded))  # logits of a Hugging Face ModelOutput
         finally:
             self.engine.context.keys = None
         per_sample = out.reshape(n_samples, batch, -1)
@@ -165,7 +169,7 @@ def _check_exportable(engine: MCEngine) -> None:
 
 def export_mc_onnx(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Tensor, ...],
     path: str | Path,
     *,
     sites: str | Sequence[str | Site] | None = None,
@@ -173,6 +177,7 @@ def export_mc_onnx(
     task: str = "classification",
     input_name: str = "input",
     opset: int | None = None,
+    input_names: Sequence[str] | None = None,
 ) -> Path:
     """Export the MC-dropout graph of ``model`` (see the module docstring) to ``path``; returns the path.
 
@@ -184,7 +189,11 @@ def export_mc_onnx(
     engine = MCEngine(model, example_input, sites, task=task, exportable=True)
     _check_exportable(engine)
     graph = MCGraph(engine, return_samples).eval()
-    example = (example_input, torch.tensor(2, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    names = list(input_names) if input_names is not None else [input_name]
+    if len(names) != len(inputs):
+        raise ValueError(f"{len(inputs)} example input(s) but {len(names)} input name(s): {names}")
+    example = (*inputs, torch.tensor(2, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
     batch = torch.export.Dim("batch", min=1)
     kwargs: dict[str, Any] = {}
     if opset is not None:
@@ -195,9 +204,9 @@ def export_mc_onnx(
             program = torch.onnx.export(
                 graph,
                 example,
-                input_names=[input_name, NUM_SAMPLES, "seed"],
+                input_names=[*names, NUM_SAMPLES, "seed"],
                 output_names=output_names(task, return_samples),
-                dynamic_shapes={"x": {0: batch}, "num_samples": None, "seed": None},
+                dynamic_shapes={"args": (*({0: batch} for _ in inputs), None, None)},
                 dynamo=True,
                 verbose=False,
                 custom_translation_table=onnx_translation_table(),

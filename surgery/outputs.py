@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "ABSTAIN",
     "LEGACY_NAMES",
     "NUM_SAMPLES",
     "OUTPUTS",
@@ -51,6 +52,8 @@ SAMPLES = "samples"
 """Per-sample outputs ``[T, B, K]``: probabilities (classification) or values (regression)."""
 SAMPLE_LOGITS = "sample_logits"
 """Per-sample logits ``[T, B, K]`` (classification: Python results and MC graphs, never a service output)."""
+ABSTAIN = "abstain"
+"""Per-row abstention flags ``[B]``, answered when a request asks for them (``abstain``)."""
 SEED_USED = "seed_used"
 """The MC ONNX graph's last output: the seed its masks were drawn from (int64 scalar)."""
 
@@ -71,6 +74,7 @@ class OutputSpec:
     description: str
     summary: bool = False
     per_sample: bool = False
+    on_request: bool = False
 
 
 _C = ("classification",)
@@ -121,6 +125,15 @@ OUTPUTS: tuple[OutputSpec, ...] = (
         "per-sample outputs: probabilities softmax(z_t) (classification) or values (regression)",
         per_sample=True,
     ),
+    OutputSpec(
+        ABSTAIN,
+        "bool",
+        ("B",),
+        _C,
+        _MC,
+        "true where the request's abstention rule says not to trust the prediction (score above threshold)",
+        on_request=True,
+    ),
 )
 """Every output, in the order responses and metadata list them."""
 
@@ -139,15 +152,18 @@ def spec(name: str) -> OutputSpec:
     return _BY_NAME[name]
 
 
-def output_names(task: Task, mode: Mode, return_samples: bool = False) -> list[str]:
+def output_names(task: Task, mode: Mode, return_samples: bool = False, abstain: bool = False) -> list[str]:
     """Output names a service answer holds for ``task`` and ``mode``, in table order.
 
-    ``samples`` only in MC mode and only when ``return_samples``.
+    ``samples`` only in MC mode and only when ``return_samples``; ``abstain`` only when asked for.
     """
     return [
         s.name
         for s in OUTPUTS
-        if task in s.tasks and mode in s.modes and (not s.per_sample or (mode == "mc" and return_samples))
+        if task in s.tasks
+        and mode in s.modes
+        and (not s.per_sample or (mode == "mc" and return_samples))
+        and (not s.on_request or abstain)
     ]
 
 

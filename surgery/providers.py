@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import onnxruntime as ort
 
+from dropwise.errors import DropwiseError
+
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
@@ -30,7 +32,7 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 _DEVICE_OF_PROVIDER = {CPU_PROVIDER: "cpu", CUDA_PROVIDER: "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
-class ProviderError(RuntimeError):
+class ProviderError(DropwiseError, RuntimeError):
     """The requested device cannot be used (for example ``cuda`` without a working CUDA provider)."""
 
 

@@ -57,7 +57,9 @@ def test_list_and_describe_models(client: TestClient, repo: Path) -> None:
         "shape": manifest.input.shape,
         "dtype": "float32",
         "preprocessing": manifest.input.preprocessing,
+        "range": None,
     }
+    assert info["inputs"] == [info["input"]]  # one-input models list their one input
     assert info["labels"] == manifest.labels
     assert info["task"] == "classification" and info["sites"] == manifest.sites
     assert info["provider"] == "torch-cpu" and info["mc_available"] is True

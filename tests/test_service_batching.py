@@ -186,14 +186,15 @@ def test_metrics_count_requests_latency_queue_batches_and_samples(repo: Path) ->
     m = _samples(_run(settings, body))
 
     def requests(mode: str, status: str, model: str = "mlp_digits") -> float:
-        key = ("dropwise_requests_total", (("mode", mode), ("model", model), ("status", status)))
+        route = "/v1/models/{name}/predict"
+        key = ("dropwise_requests_total", (("mode", mode), ("model", model), ("route", route), ("status", status)))
         return m.get(key, 0.0)
 
     assert requests("deterministic", "200") == 3
     assert requests("mc", "200") == 2
     assert requests("deterministic", "400") == 1
     assert requests("mc", "400") == 1
-    assert requests("deterministic", "404", model="_unknown") == 1
+    assert requests("_none", "404", model="_unknown") == 1  # refused before its body was read
     latency = ("dropwise_request_latency_seconds_count", (("mode", "mc"), ("model", "mlp_digits")))
     assert m[latency] == 3  # two answered, one refused for its T
     assert m[("dropwise_queue_time_seconds_count", (("model", "mlp_digits"),))] == 5

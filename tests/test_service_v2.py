@@ -70,9 +70,9 @@ def _scan(repository: Path) -> dict[str, ServedModel]:
             name=manifest["name"],
             version=int(manifest["version"]),
             task=manifest["task"],
-            input_name=manifest["input"]["name"],
-            input_shape=tuple(manifest["input"]["shape"]),
-            input_dtype=manifest["input"]["dtype"],
+            input_name=manifest["inputs"][0]["name"],
+            input_shape=tuple(manifest["inputs"][0]["shape"]),
+            input_dtype=manifest["inputs"][0]["dtype"],
             labels=manifest.get("labels"),
             has_sites=bool(manifest.get("sites")),
         )
@@ -173,7 +173,12 @@ def test_model_metadata_and_readiness(server: Server, client: httpclient.Inferen
             result = client.infer(
                 model.name,
                 [_infer_input(model, x)],
-                parameters={"mode": "mc", "samples": 3, "return_samples": True},
+                parameters={
+                    "mode": "mc",
+                    "samples": 3,
+                    "return_samples": True,
+                    **({"abstain": 0.5} if model.task == "classification" else {}),
+                },
             )
             for output in meta["outputs"]:
                 answered = result.get_output(output["name"])

@@ -6,22 +6,31 @@ by class name and module path (tests/test_surgery_sites.py).
 
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-
-from dropwise.models.layers import drop_path  # noqa: E402
-from dropwise.surgery import MCEngine, MCModel, find_sites, fold_with_report, split, to_mc  # noqa: E402
+import transformers  # the dev extra: a missing transformers fails here instead of skipping the module
+from dropwise.models.layers import classic_dropout, drop_path, embedding_dropout
+from dropwise.surgery import (
+    MCEngine,
+    MCModel,
+    export_mc_onnx,
+    find_sites,
+    fold_with_report,
+    split,
+    to_mc,
+)
+from dropwise.surgery.outputs import NUM_SAMPLES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _bert(impl: str, hidden: float = 0.1, attention: float = 0.1):
+def _bert(impl: str, hidden: float = 0.1, attention: float = 0.1, layers: int = 2):
     cfg = transformers.BertConfig(
         vocab_size=50,
         hidden_size=16,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=16,
@@ -91,11 +100,11 @@ def _check_common(model, x) -> None:
         engine = MCEngine(model, x, sites)
         assert engine.split.frontend == "export" and engine.rows_independent
         r1, r2 = engine(x, samples=8, seed=11), engine(x, samples=8, seed=11)
-        assert torch.equal(r1.mean_probs, r2.mean_probs)
-        assert not torch.equal(r1.mean_probs, engine(x, samples=8, seed=12).mean_probs)
+        assert torch.equal(r1.probabilities, r2.probabilities)
+        assert not torch.equal(r1.probabilities, engine(x, samples=8, seed=12).probabilities)
         batch = engine.run_batch(x, [1, 1], [8, 8], [5, 11])
         alone = engine(x[1:2], samples=8, seed=11)
-        assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+        assert torch.allclose(batch[1].probabilities, alone.probabilities, atol=1e-6)
         assert float(r1.std.max()) > 0.0
 
 
@@ -190,16 +199,80 @@ def test_root_gated_functional_dropout_and_own_functional_forms() -> None:
     engine = MCEngine(model, x, "last")
     assert engine.split.captured and engine.split.frontend == "export", engine.split.reason
     r1, r2 = engine(x, samples=16, seed=3), engine(x, samples=16, seed=3)
-    assert torch.equal(r1.mean_probs, r2.mean_probs) and float(r1.std.max()) > 0.0
+    assert torch.equal(r1.probabilities, r2.probabilities) and float(r1.std.max()) > 0.0
     alone = engine(x[2:3], samples=16, seed=3)
     batch = engine.run_batch(x, [2, 1, 1], [16, 16, 16], [1, 3, 2])
-    assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+    assert torch.allclose(batch[1].probabilities, alone.probabilities, atol=1e-6)
     # every site: drop_path's draws export as bare aten.rand nodes inside `block`, which no split can key, so
     # the engine runs the whole model as its tail, still keyed and reproducible
     every = MCEngine(model, x)
     assert not every.split.captured and "aten.rand" in str(every.split.reason)
     s1, s2 = every(x, samples=16, seed=4), every(x, samples=16, seed=4)
-    assert torch.equal(s1.mean_probs, s2.mean_probs) and float(s1.std.max()) > 0.0
+    assert torch.equal(s1.probabilities, s2.probabilities) and float(s1.std.max()) > 0.0
     alone = every(x[2:3], samples=16, seed=4)
     batch = every.run_batch(x, [2, 1, 1], [16, 16, 16], [1, 4, 2])
-    assert torch.allclose(batch[1].mean_probs, alone.mean_probs, atol=1e-6)
+    assert torch.allclose(batch[1].probabilities, alone.probabilities, atol=1e-6)
+
+
+def test_mc_onnx_export_with_nested_sites_and_a_root_gate(tmp_path) -> None:
+    """export_mc_onnx on BERT sdpa (attention gate that is also a parent) and on a root-gated model."""
+    bert_model, tokens = _bert("sdpa", layers=1)
+    root_model = _RootGated().eval()
+    for model, x, sites in ((bert_model, tokens, None), (root_model, torch.randn(3, 6), "last")):
+        path = export_mc_onnx(model, x, tmp_path / "mc.onnx", sites=sites)
+        session = ort.InferenceSession(str(path))
+        feed = {"input": x.numpy(), NUM_SAMPLES: np.array(16, dtype=np.int64), "seed": np.array(5, dtype=np.int64)}
+        first, second = session.run(["probabilities"], feed)[0], session.run(["probabilities"], feed)[0]
+        want = MCEngine(model, x, sites)(x, samples=16, seed=5).probabilities.numpy()
+        assert np.array_equal(first, second)
+        assert np.abs(first - want).max() <= 1e-5
+
+
+class _OwnForms(torch.nn.Module):
+    """The project's functional forms called inside a forward, gated by the module's own flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = embedding_dropout(self.embed(tokens), 0.3, training=self.training)
+        return self.head(classic_dropout(h.mean(1), 0.4, training=self.training))
+
+
+def test_project_functional_forms_are_sites_folded_and_keyed() -> None:
+    torch.manual_seed(0)
+    model, x = _OwnForms().eval(), torch.randint(0, 20, (4, 5))
+    sites = find_sites(model, x)
+    assert [(s.kind, s.function, round(s.p, 2), s.switch) for s in sites] == [
+        ("embedding_dropout", "embedding_dropout#0", 0.3, "parent.training (functional)"),
+        ("classic_dropout", "classic_dropout#0", 0.4, "parent.training (functional)"),
+    ]
+    with torch.no_grad():
+        want = model(x)  # classic dropout's eval form: q * h
+        folded = fold_with_report(model, x).model.train()
+        assert torch.allclose(folded(x), want) and find_sites(folded, x) == []
+    engine = MCEngine(model, x)
+    r1, r2 = engine(x, samples=16, seed=2), engine(x, samples=16, seed=2)
+    assert torch.equal(r1.probabilities, r2.probabilities) and float(r1.std.max()) > 0.0
+    batch = engine.run_batch(x, [3, 1], [16, 16], [9, 2])
+    assert torch.allclose(batch[1].probabilities, engine(x[3:4], samples=16, seed=2).probabilities, atol=1e-6)
+
+
+class _TwiceCalled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.drop(h) - self.drop(h)  # zero when both calls share one mask
+
+
+def test_a_module_called_twice_draws_a_mask_per_call() -> None:
+    torch.manual_seed(0)
+    model, x = _TwiceCalled().eval(), torch.randn(3, 6)
+    result = MCEngine(model, x, task="regression")(x, samples=8, seed=1, return_samples=True)
+    assert float(result.samples.abs().max()) > 0.0

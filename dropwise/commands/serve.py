@@ -200,11 +200,17 @@ def serve(
     replicas: Annotated[
         int | None, typer.Option("--replicas", min=1, max=1024, help="Ray Serve replicas (with --ray; default 1).")
     ] = None,
+    allow_unauthenticated: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-unauthenticated",
+            help="Bind a non-loopback address without DROPWISE_API_TOKEN (env DROPWISE_ALLOW_UNAUTHENTICATED=1).",
+        ),
+    ] = None,
 ) -> None:
     """Serve deterministic and MC-dropout predictions over HTTP (native /v1 API and Open Inference /v2)."""
-    import uvicorn
-
     from dropwise.errors import UserError
+    from dropwise.service.server import GracefulServer, build_server, check_bind
     from dropwise.service.startup import StartupGate
 
     settings = build_settings(
@@ -215,7 +221,9 @@ def serve(
         backend=backend,
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
+        allow_unauthenticated=allow_unauthenticated or None,
     )
+    check_bind(settings)  # before any training or loading: an open non-loopback bind needs consent
     repo = settings.repository
     if repo.exists() and not repo.is_dir():
         raise UserError(f"repository {repo} is not a directory")
@@ -255,7 +263,7 @@ def serve(
         return create_app(settings)
 
     failures: list[str] = []
-    server: uvicorn.Server | None = None
+    server: GracefulServer | None = None
 
     def stop(reason: str) -> None:
         failures.append(reason)
@@ -263,7 +271,14 @@ def serve(
             server.should_exit = True
 
     gate = StartupGate(build, prepare=first_start, preparing=preparing or "checking the device", on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(gate, host=settings.host, port=settings.port, log_level=settings.log_level))
+
+    async def drain(grace_s: float) -> None:
+        """SIGTERM: queued requests answer 503, the computing batch finishes within the grace period."""
+        app = gate.app
+        if app is not None:
+            await app.state.inference.drain(grace_s)  # type: ignore[attr-defined]
+
+    server = build_server(gate, settings, drain)  # graceful shutdown on SIGTERM, exit status 0
     print(
         f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs; /readyz says "
         "when every model is loaded)",

@@ -11,12 +11,14 @@ implement it: `dropwise.service.runtimes.torch_runtime.TorchRuntime` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from dropwise.package import InputSpec
+from dropwise.service.model_inputs import ModelInputs
 from dropwise.surgery.outputs import SAMPLE_LOGITS, SAMPLES, output_names, rename_legacy, summary_names
 
 Task = Literal["classification", "regression"]
@@ -46,6 +48,8 @@ class PackageSpec:
     input_range: tuple[int, int] | None = None  #: [low, high) of token ids for integer inputs
     files: tuple[str, ...] = ()
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: every named input in ``forward`` order (the manifest's ``inputs``); ``input_*`` describe the first
+    inputs: tuple[InputSpec, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -96,15 +100,19 @@ class Runtime(Protocol):
         """Whether `predict_mc` can answer the per-sample `samples` output (`return_samples`)."""
         ...
 
-    def predict_deterministic(self, x: np.ndarray) -> Outputs:
+    def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """One deterministic (eval-mode) pass over a batch `x` [B, ...] -> named outputs with batch dim B."""
         ...
 
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         """MC-dropout for several requests stacked in `x` (rows in `groups` order) -> one output dict each.
 
         Requests with different T share the trunk pass. Each dict holds the outputs of
         `dropwise.surgery.outputs.output_names(task, "mc", group.return_samples)`, made by `encode_mc`.
+        `check` is called between chunks of work; an exception it raises abandons the computation (the
+        batcher stops work past its deadline).
         """
         ...
 

@@ -6,6 +6,8 @@ the form the model takes (already preprocessed). A package without a recorded da
 generator instead: two rows of zeros of each input's shape and dtype (dynamic dimensions set to 1), which
 is a valid input whatever the model computes from it. The body asks for an MC prediction with the model's
 default T and seed 0, so pasting it gives a reproducible answer.
+
+`preprocess(spec, raw)` applies a package's recorded preprocessing to raw inputs (`"preprocess": true`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 from typing import Any
 
 import numpy as np
+from dropwise.service.errors import InvalidInput
 from dropwise.service.runtimes.base import PackageSpec
 
 ROWS = 2
@@ -53,4 +56,37 @@ def example_request(spec: PackageSpec, num_samples: int) -> dict[str, Any]:
     return {"inputs": inputs, "mode": "mc", "num_samples": num_samples, "seed": 0}
 
 
-__all__ = ["example_inputs", "example_request"]
+@functools.lru_cache(maxsize=64)
+def _normalisation(dataset: str) -> tuple[float, float, float] | None:
+    from dropwise.models.data import DATASETS, load_dataset
+
+    if dataset not in DATASETS:
+        return None
+    norm = load_dataset(dataset).normalisation
+    if not {"scale", "mean", "std"} <= set(norm):
+        return None
+    return float(norm["scale"]), float(norm["mean"]), float(norm["std"])
+
+
+def preprocess(spec: PackageSpec, inputs: Any) -> np.ndarray:
+    """Raw inputs -> what the model takes, by the package's recorded preprocessing.
+
+    Image packages (the dataset records `{scale, mean, std}`): `x = (raw / scale - mean) / std`, the formula
+    their `input.preprocessing` sentence states. Raises `InvalidInput` for a package whose preprocessing is
+    not recorded as numbers (send preprocessed inputs to those).
+    """
+    training = spec.manifest.get("training") or {}
+    dataset = training.get("dataset") if isinstance(training, dict) else None
+    norm = _normalisation(dataset) if isinstance(dataset, str) and len(spec.inputs) <= 1 else None
+    if norm is None or isinstance(inputs, dict):
+        raise InvalidInput(
+            f"model {spec.name!r} records no numeric preprocessing; send preprocessed inputs "
+            f"(as GET /v1/models/{spec.name} describes) without 'preprocess'",
+            field="preprocess",
+        )
+    scale, mean, std = norm
+    raw = np.asarray(inputs, dtype=np.float64)
+    return ((raw / scale - mean) / std).astype(np.float32)
+
+
+__all__ = ["example_inputs", "example_request", "preprocess"]

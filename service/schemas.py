@@ -70,6 +70,11 @@ class PredictRequest(BaseModel):
     return_samples: StrictBool = Field(
         False, description="MC only: also return `samples`, the per-sample probabilities (or values)."
     )
+    preprocess: StrictBool = Field(
+        False,
+        description="`inputs` are raw (e.g. pixels 0..16 for the digits models): apply the package's recorded "
+        "preprocessing (`input.preprocessing` of GET /v1/models/{name}) first.",
+    )
     timeout_s: float | None = Field(None, ge=0.001, le=3600, description="Deadline in seconds (504 past it).")
     abstain: Literal["auto"] | StrictInt | StrictFloat | None = Field(
         None,

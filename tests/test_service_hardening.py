@@ -314,3 +314,18 @@ def test_every_model_has_an_example_body_that_predict_accepts(client: TestClient
             "probabilities", again.get("mean")
         )
     assert client.get("/v1/models/nope/example").status_code == 404
+
+
+def test_raw_inputs_with_preprocess_match_preprocessed_inputs(client: TestClient) -> None:
+    from dropwise.models.data import load_dataset
+
+    norm = load_dataset("digits").normalisation
+    raw = np.random.default_rng(3).integers(0, 17, size=(2, 64)).astype(float)
+    ready = ((raw / norm["scale"] - norm["mean"]) / norm["std"]).tolist()
+    request = {"mode": "mc", "num_samples": 8, "seed": 5}
+    by_hand = client.post(URL, json={**request, "inputs": ready})
+    by_server = client.post(URL, json={**request, "inputs": raw.tolist(), "preprocess": True})
+    assert by_hand.status_code == by_server.status_code == 200, by_server.text
+    np.testing.assert_allclose(by_server.json()["probabilities"], by_hand.json()["probabilities"], atol=1e-5)
+    tokens = client.post("/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * 64], "preprocess": True})
+    assert tokens.status_code == 400 and tokens.json()["error"]["field"] == "preprocess"

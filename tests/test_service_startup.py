@@ -175,6 +175,7 @@ def test_onnxruntime_backend_converts_packages_without_onnx_at_start(repo: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_first_start_training_answers_healthz_from_the_start(tmp_path: Path) -> None:
     """`dropwise serve --train-if-empty` on an empty repository: /healthz answers while the networks train,
     /readyz names the training, then every network is served."""

@@ -15,7 +15,7 @@ import numpy as np
 from dropwise.service.body_parsing import BodyValidationFailed, ParsingPool, parse_predict
 from dropwise.service.deps import ApiToken
 from dropwise.service.errors import InvalidInput
-from dropwise.service.examples import example_request
+from dropwise.service.examples import example_request, preprocess
 from dropwise.service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
 from dropwise.service.middleware import label_mode
 from dropwise.service.schemas import (
@@ -204,6 +204,8 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
     except BodyValidationFailed as exc:
         raise RequestValidationError(exc.errors) from None
     label_mode(request, body.mode)
+    if body.preprocess:
+        inputs = await asyncio.to_thread(preprocess, service.spec(name, version), inputs)
     if body.samples is not None and body.num_samples is not None:
         raise InvalidInput(f"give {NUM_SAMPLES} only (samples is its deprecated alias)", field=NUM_SAMPLES)
     result = await service.infer(

@@ -17,7 +17,7 @@ import time
 import torch
 from dropwise.models.data import load_dataset
 from dropwise.models.zoo import ZOO, build
-from dropwise.surgery import fold
+from dropwise.surgery import fold_with_report
 from torch import nn
 
 
@@ -42,7 +42,8 @@ def main() -> None:
         x = load_dataset(spec.dataset).test[0][: args.batch]
         torch.manual_seed(0)
         model = build(name).eval()
-        folded = fold(model, x)
+        result = fold_with_report(model, x)
+        folded = result.model
         for _ in range(3):  # warm-up
             _time(model, x), _time(folded, x)
         eval_t, fold_t = [], []
@@ -51,7 +52,7 @@ def main() -> None:
             for m in pair:
                 (eval_t if m is model else fold_t).append(_time(m, x))
         e, f = statistics.median(eval_t) * 1e3, statistics.median(fold_t) * 1e3
-        print(f"{name:<26} {e:>9.3f} {f:>10.3f} {f / e:>7.2f} {folded.fold_report.scales_kept:>16}")
+        print(f"{name:<26} {e:>9.3f} {f:>10.3f} {f / e:>7.2f} {result.report.scales_kept:>16}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 
 import torch
 from dropwise.models.zoo import build
+from dropwise.surgery import hash_kernel
 from dropwise.surgery.engine import MCEngine, mc_predict
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args.network).eval()
+    hash_kernel.available()  # wait for the mask kernel's build
     x = torch.randn(args.rows, 1, 28, 28)
     start = time.process_time()
     engine = MCEngine(model, x[:8])

@@ -12,8 +12,9 @@ Rows, per network (random weights; counts do not depend on the values):
   ``MCEngine.run_batch`` (how the service batches);
 * ``naive``: the naive loop (T=32 eval passes with dropout modules in train mode) on a batch of 64;
 
-with the engine's chunk policy for the CPU (cache-sized chunks) and for a GPU (one pass bounded by
-memory, `dropwise.surgery.engine.default_chunk_rows` with ``device="cuda"``). Goal (issue 14): 64 x T=32
+with the engine's chunk policy for the CPU (cache-sized chunks, masks from the fused CPU kernel) and for a
+GPU (one pass bounded by memory, `dropwise.surgery.engine.default_chunk_rows` with ``device="cuda"``, masks
+from torch operators as on a GPU, where the CPU kernel does not run). Goal (issue 14): 64 x T=32
 at most 3x ``det`` (kernel operators). Nothing is asserted.
 
 Run: ``python -m bench.op_counts`` (``--networks mlp_digits,a,b``).
@@ -22,13 +23,15 @@ Run: ``python -m bench.op_counts`` (``--networks mlp_digits,a,b``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from dropwise.surgery import hash_kernel
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -100,6 +103,17 @@ def _engine(model: nn.Module, x: torch.Tensor, sites: Any, task: str, policy: st
     return engine_module.MCEngine(model, x[:8], sites, task=task, chunk_rows=chunk_rows)
 
 
+@contextlib.contextmanager
+def torch_masks() -> Iterator[None]:
+    """Masks from torch operators, as on a GPU (the fused kernel is CPU-only)."""
+    saved = hash_kernel.masked_factors, hash_kernel.masked_product
+    hash_kernel.masked_factors = hash_kernel.masked_product = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        hash_kernel.masked_factors, hash_kernel.masked_product = saved
+
+
 def rows(name: str) -> dict[str, OpCounter | None]:
     """The counted calls of one network."""
     model, x, sites, task = _network(name)
@@ -111,11 +125,12 @@ def rows(name: str) -> dict[str, OpCounter | None]:
         if engine is None:
             out[f"{policy}: 1 x T=32"] = out[f"{policy}: 64 x T=32"] = out[f"{policy}: 64 x T=256"] = None
             continue
-        out[f"{policy}: 1 x T=32"] = count(lambda e=engine: e(x[:1], samples=32, seed=1))
-        for t in (32, 256):
-            out[f"{policy}: 64 x T={t}"] = count(
-                lambda e=engine, t=t: e.run_batch(x, [1] * 64, [t] * 64, list(range(64)))
-            )
+        with torch_masks() if policy == "gpu" else contextlib.nullcontext():
+            out[f"{policy}: 1 x T=32"] = count(lambda e=engine: e(x[:1], samples=32, seed=1))
+            for t in (32, 256):
+                out[f"{policy}: 64 x T={t}"] = count(
+                    lambda e=engine, t=t: e.run_batch(x, [1] * 64, [t] * 64, list(range(64)))
+                )
     naive = copy.deepcopy(model).eval()
     for module_name, module in naive.named_modules():
         if (sites is None and isinstance(module, TORCH_DROPOUTS)) or (sites is not None and module_name in sites):
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    hash_kernel.available()  # counts with the CPU kernel loaded (its build runs in the background)
     names = args.networks.split(",")
     columns = ["det", "cpu: 1 x T=32", "cpu: 64 x T=32", "cpu: 64 x T=256"]
     columns += ["gpu: 1 x T=32", "gpu: 64 x T=32", "gpu: 64 x T=256", "naive"]

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from dropwise.commands import convert, inspect, rewrite, serve, train
+from dropwise.commands import convert, evaluate, export_triton, inspect, rewrite, serve, train
 from dropwise.errors import DropwiseError, UserError
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ def _root() -> None:
 
 
 # each module defines `register(app: typer.Typer) -> None`
-COMMAND_MODULES = (train, inspect, rewrite, convert, serve)
+COMMAND_MODULES = (train, inspect, rewrite, convert, evaluate, serve, export_triton)
 
 
 def _register_all() -> None:

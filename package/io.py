@@ -196,15 +196,25 @@ def state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _one_input(name: str, shape: Sequence[int] | None, dtype: str | None, preprocessing: str) -> InputSpec:
+    if shape is None or dtype is None:
+        raise PackageError("save_package needs input_shape and input_dtype, or inputs")
+    try:
+        return InputSpec(name=name, shape=[-1, *shape], dtype=dtype, preprocessing=preprocessing)
+    except ValidationError as exc:
+        raise PackageError(f"invalid input spec: {exc}") from exc
+
+
 def save_package(
     repository: str | Path,
     name: str,
     model: nn.Module,
     *,
     task: Literal["classification", "regression"],
-    input_shape: Sequence[int],
-    input_dtype: Literal["float32", "int64"],
+    input_shape: Sequence[int] | None = None,
+    input_dtype: Literal["float32", "int64"] | None = None,
     architecture: Architecture | Mapping[str, Any],
+    inputs: Sequence[InputSpec] | None = None,
     preprocessing: str = "",
     input_name: str = "input",
     labels: Sequence[str] | None = None,
@@ -218,7 +228,9 @@ def save_package(
 ) -> Path:
     """Write ``model`` as a new package version and return its directory.
 
-    ``input_shape`` excludes the batch dimension (recorded as ``-1``). The version is the next free one
+    A one-input model is described by ``input_shape`` (without the batch dimension, recorded as ``-1``),
+    ``input_dtype``, ``input_name`` and ``preprocessing``; a model with several inputs passes ``inputs``
+    instead (one :class:`InputSpec` each, in the order ``forward`` takes them). The version is the next free one
     when None; an existing version is never overwritten. The directory is written under a temporary name
     and renamed into place, so readers never see half a package. ``sites`` are the JSON-able site records
     the caller found (``dropwise.surgery.sites.site_records``); the package format does not look for them.
@@ -238,7 +250,7 @@ def save_package(
         name=name,
         version=version,
         task=task,
-        input=InputSpec(name=input_name, shape=[-1, *input_shape], dtype=input_dtype, preprocessing=preprocessing),
+        inputs=list(inputs) if inputs else [_one_input(input_name, input_shape, input_dtype, preprocessing)],
         labels=list(labels) if labels is not None else None,
         architecture=architecture
         if isinstance(architecture, Architecture)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dropwise.errors import DropwiseError
 
@@ -24,8 +24,15 @@ class PackageError(DropwiseError):
     """A model package is missing, malformed, tampered with, or not allowed to be loaded."""
 
 
+INPUT_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
 class InputSpec(BaseModel):
-    """The model's input: shape with ``-1`` for the dynamic batch dimension, dtype and preprocessing."""
+    """One named input of the model: shape with ``-1`` for the dynamic batch dimension, dtype, preprocessing.
+
+    ``range`` is ``[low, high)`` of the values an integer input may take (token ids below the vocabulary
+    size, a 0/1 attention mask); None when unknown or for float inputs.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +40,21 @@ class InputSpec(BaseModel):
     shape: list[int]
     dtype: Literal["float32", "int64"]
     preprocessing: str = ""
+    range: tuple[int, int] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not INPUT_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"input name {name!r} must match {INPUT_NAME_PATTERN.pattern}")
+        return name
+
+    @field_validator("range")
+    @classmethod
+    def _check_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and value[0] >= value[1]:
+            raise ValueError(f"input range must be [low, high) with low < high, got {list(value)}")
+        return value
 
     @field_validator("shape")
     @classmethod
@@ -82,7 +104,7 @@ class Manifest(BaseModel):
     name: str
     version: int
     task: Literal["classification", "regression"]
-    input: InputSpec
+    inputs: list[InputSpec] = Field(min_length=1)
     labels: list[str] | None = None
     architecture: Architecture
     sites: list[dict[str, Any]] = Field(default_factory=list)
@@ -92,6 +114,28 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, str | None] = Field(default_factory=dict)
     target: Target | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_input_form(cls, data: Any) -> Any:
+        """A manifest of the one-input format (``"input": {...}``) reads as ``"inputs": [{...}]``."""
+        if isinstance(data, dict) and "input" in data and "inputs" not in data:
+            data = dict(data)
+            data["inputs"] = [data.pop("input")]
+        return data
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, inputs: list[InputSpec]) -> list[InputSpec]:
+        names = [spec.name for spec in inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        return inputs
+
+    @property
+    def input(self) -> InputSpec:
+        """The first (for most models the only) input."""
+        return self.inputs[0]
 
     @field_validator("name")
     @classmethod

@@ -1,8 +1,11 @@
-"""The FastAPI app factory: routes, the inference service's lifespan, body limit and error rendering.
+"""The FastAPI app factory: routes, the inference service's lifespan, middleware and error rendering.
 
-Errors render by API: paths under `/v2` answer the Open Inference Protocol's `{"error": "..."}`, every other
-path the native `{"error": {"message", "field", "type"}}`. Unexpected exceptions are logged and answer a
-JSON 500 without a traceback.
+Errors are rendered here only, by the registered exception handlers: paths under `/v2` answer the Open
+Inference Protocol's `{"error": "..."}`, every other path the native `{"error": {"message", "field",
+"type"}}`. Unexpected exceptions are logged and answer a JSON 500 without a traceback. Middleware (see
+`dropwise.service.middleware`): request id, metrics and access log outermost; CORS only when
+`cors_origins` is set; the body guard (size limit, stalled uploads). Trailing-slash redirects are off, so
+no answer is ever built from the `Host` header.
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from dropwise.service.body_parsing import ParsingPool
 from dropwise.service.errors import PayloadTooLarge, ServiceError
 from dropwise.service.inference import InferenceService
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.middleware import BodyGuardMiddleware, RequestContextMiddleware, request_id
 from dropwise.service.routes import health, native, repository, v2
 from dropwise.service.settings import Settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("dropwise.app")
 
@@ -37,61 +42,6 @@ def error_response(path: str, error: ServiceError) -> JSONResponse:
     """Render a `ServiceError` in the format of the API `path` belongs to."""
     body: dict[str, Any] = error.to_v2() if _is_v2(path) else error.to_native()
     return JSONResponse(body, status_code=error.status, headers=error.headers or None)
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with 413, by Content-Length and by counting the stream.
-
-    The body is read (up to the limit) before the app sees it and replayed, so an oversized chunked
-    upload is cut off as soon as it crosses the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        too_large = PayloadTooLarge(f"request body exceeds the {self.max_bytes}-byte limit", field="body")
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    bad = ServiceError("invalid Content-Length header", field="content-length", status=400)
-                    await error_response(path, bad)(scope, receive, send)
-                    return
-                if declared > self.max_bytes:
-                    await error_response(path, too_large)(scope, receive, send)
-                    return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await error_response(path, too_large)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 def _validation_field(error: dict[str, Any]) -> str | None:
@@ -119,13 +69,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ServiceError):  # FastAPI wraps errors raised while reading a body
+            return error_response(request.url.path, exc.__cause__)
+        if exc.status_code == 413:
+            return error_response(request.url.path, PayloadTooLarge(str(exc.detail), field="body"))
         error = ServiceError(str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {}))
         return error_response(request.url.path, error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(request.url.path, ServiceError("internal server error", status=500))
+        rid = request_id(request.scope)
+        headers = {"X-Request-ID": rid} if rid else None
+        error = ServiceError("internal server error", status=500, headers=headers)
+        return error_response(request.url.path, error)
 
 
 def _include_v2(app: FastAPI) -> None:
@@ -139,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
 
+    parsing = ParsingPool()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
@@ -146,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await service.stop()
+            parsing.shutdown()
 
     app = FastAPI(
         title="dropwise",
@@ -157,11 +117,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         version=_version(),
         lifespan=lifespan,
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.inference = service
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.state.parsing = parsing
+    # added innermost first: the body guard, then CORS (when configured), then the request context
+    app.add_middleware(
+        BodyGuardMiddleware, max_bytes=settings.max_body_bytes, idle_timeout_s=settings.body_idle_timeout_s
+    )
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Inference-Header-Content-Length"],
+            expose_headers=["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, known_model=service.has_model)
     install_error_handlers(app)
 
     app.include_router(health.router)
@@ -177,4 +151,4 @@ def _version() -> str:
         return "0+unknown"
 
 
-__all__ = ["BodyLimitMiddleware", "create_app", "error_response", "install_error_handlers"]
+__all__ = ["create_app", "error_response", "install_error_handlers"]

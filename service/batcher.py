@@ -4,7 +4,9 @@ One asyncio worker per model version takes requests off a bounded queue, waits u
 to fill a batch of at most `max_batch_size` rows, and runs the batch in a dedicated thread so the event
 loop stays free. Deterministic requests of a batch share one forward pass; MC requests of a batch share
 one trunk pass whatever their T (the runtime's `predict_mc`). A full queue answers 429 with Retry-After;
-a request past its deadline answers 504, whether it is still queued or already computing.
+a request past its deadline answers 504, whether it is still queued or already computing, and an MC
+computation stops between chunks once every request of its batch is past its deadline or gone (the
+runtime calls the batch's `check`), so abandoned work does not hold the model's worker.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 from dropwise.service.errors import DeadlineExceeded, ModelNotReady, QueueFull
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_inputs import ModelInputs, batch_rows, concat_rows
 from dropwise.service.runtimes.base import MCGroup, Outputs, Runtime
 from dropwise.service.settings import Settings
 from dropwise.service.statistics import ModelStatistics
@@ -28,11 +30,15 @@ from dropwise.service.statistics import ModelStatistics
 log = logging.getLogger("dropwise.batcher")
 
 
+class ComputationAbandoned(Exception):
+    """Raised from a runtime's `check` callback: every request of the batch is past its deadline or gone."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request's work: validated inputs, its mode, MC group and absolute deadline (monotonic clock)."""
 
-    x: np.ndarray
+    x: ModelInputs
     mode: str
     group: MCGroup | None
     deadline: float
@@ -46,7 +52,7 @@ class Job:
     @property
     def rows(self) -> int:
         """Number of examples this job carries."""
-        return int(self.x.shape[0])
+        return batch_rows(self.x)
 
 
 class ModelBatcher:
@@ -64,6 +70,8 @@ class ModelBatcher:
         self._carry: collections.deque[Job] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._draining = False
+        self._inflight: tuple[asyncio.Future[None], list[Job]] | None = None
         self._running = False
         #: Triton-style statistics of this version (executions are counted here, requests by the service)
         self.statistics: ModelStatistics | None = None
@@ -101,20 +109,50 @@ class ModelBatcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown: refuse new requests and answer the queued ones 503 now; let the batch that is
+        computing finish for at most `grace_s` seconds (past that its requests answer 503 as well)."""
+        self._draining = True
+        shutting_down = ModelNotReady(f"model {self.name!r}: the server is shutting down")
+        pending = list(self._carry)
+        self._carry.clear()
+        while self._queue is not None and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for job in pending:
+            self._fail(job, shutting_down)
+        self._set_depth()
+        if self._inflight is not None:
+            running, jobs = self._inflight
+            try:
+                await asyncio.wait_for(asyncio.shield(running), timeout=grace_s)
+            except Exception:  # TimeoutError past the grace period, or the batch itself failed
+                for job in jobs:
+                    self._fail(job, shutting_down)
+
+    def admit(self) -> None:
+        """Raise `QueueFull` (429) when the queue is at capacity, `ModelNotReady` (503) when not running."""
+        if self._queue is None or self._task is None or self._draining:
+            raise ModelNotReady(f"model {self.name!r} is not running (or the server is shutting down)")
+        if self._queue.full():
+            raise self._queue_full()
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"model {self.name!r} has {self.settings.queue_capacity} requests waiting; retry later",
+            retry_after=self.settings.retry_after_s,
+        )
+
     async def submit(self, job: Job) -> Outputs:
         """Queue `job` and wait for its outputs; raises `QueueFull` (429) or `DeadlineExceeded` (504)."""
-        if self._queue is None or self._task is None:
-            raise ModelNotReady(f"model {self.name!r} is not running")
+        if self._queue is None or self._task is None or self._draining:
+            raise ModelNotReady(f"model {self.name!r} is not running (or the server is shutting down)")
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
         job.enqueued = time.monotonic()
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            raise QueueFull(
-                f"model {self.name!r} has {self.settings.queue_capacity} requests waiting; retry later",
-                retry_after=self.settings.retry_after_s,
-            ) from None
+            raise self._queue_full() from None
         self._set_depth()
         remaining = job.deadline - time.monotonic()
         try:
@@ -182,11 +220,19 @@ class ModelBatcher:
                 live.append(job)
             if not live:
                 continue
+            if self._draining:  # collected while the drain began: never started, so answer 503
+                for job in live:
+                    self._fail(job, ModelNotReady(f"model {self.name!r}: the server is shutting down"))
+                continue
+            running = loop.run_in_executor(self._executor, self._run_batch, live)
+            self._inflight = (running, live)
             try:
-                await loop.run_in_executor(self._executor, self._run_batch, live)
+                await running
             except Exception as exc:  # the executor itself failed (e.g. shut down)
                 for job in live:
                     self._fail(job, exc)
+            finally:
+                self._inflight = None
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Run one batch in the compute thread and resolve each job's future on the event loop."""
@@ -197,6 +243,13 @@ class ModelBatcher:
                 continue
             try:
                 self._timed(part, runner)
+            except ComputationAbandoned:
+                self.metrics.abandoned.labels(model=self.name).inc()
+                log.info("%s: abandoned a batch of %d request(s) past their deadline", self.name, len(part))
+                for job in part:
+                    job.future.get_loop().call_soon_threadsafe(  # type: ignore[union-attr]
+                        self._fail, job, DeadlineExceeded("deadline passed while computing", field="timeout")
+                    )
             except Exception:
                 if len(part) == 1:
                     self._fail_threadsafe(part[0])
@@ -222,7 +275,7 @@ class ModelBatcher:
             self._resolve_threadsafe(job, out)
 
     def _run_deterministic(self, jobs: list[Job]) -> list[Outputs]:
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs], axis=0)
+        x = concat_rows([job.x for job in jobs])
         out = self.runtime.predict_deterministic(x)
         results: list[Outputs] = []
         start = 0
@@ -233,13 +286,19 @@ class ModelBatcher:
         return results
 
     def _run_mc(self, jobs: list[Job]) -> list[Outputs]:
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs], axis=0)
+        x = concat_rows([job.x for job in jobs])
         groups = [job.group for job in jobs]
         assert all(group is not None for group in groups)
         for job in jobs:
             assert job.group is not None
-            self.metrics.mc_samples.labels(model=self.name).observe(job.group.samples)
-        return self.runtime.predict_mc(x, groups)  # type: ignore[arg-type]
+            self.metrics.mc_samples.labels(model=self.name).observe(job.group.num_samples)
+
+        def check() -> None:  # called by the runtime between chunks, in this compute thread
+            now = time.monotonic()
+            if all(job.abandoned or now >= job.deadline for job in jobs):
+                raise ComputationAbandoned
+
+        return self.runtime.predict_mc(x, groups, check)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ futures
     def _resolve_threadsafe(self, job: Job, outputs: Outputs) -> None:

@@ -1,18 +1,34 @@
-"""FastAPI dependencies shared by routes: the admin token that guards repository control.
+"""FastAPI dependencies shared by the routes: the inference service and bearer-token checks.
 
-`require_admin` checks `Authorization: Bearer <token>` against `DROPWISE_ADMIN_TOKEN` in constant time
-(`hmac.compare_digest`). With no admin token configured the guarded routes answer 403 and say how to enable
-them; a missing or wrong token answers 401 with `WWW-Authenticate: Bearer`.
+Tokens travel as `Authorization: Bearer <token>` (RFC 6750) and are compared with `hmac.compare_digest`
+(constant time). `require_api_token` guards inference and model routes when `DROPWISE_API_TOKEN` is set
+(the admin token is accepted there too); health, readiness and metrics stay open. `require_admin` guards
+repository control: without `DROPWISE_ADMIN_TOKEN` those routes answer 403 saying how to enable them.
+A missing or wrong token answers 401 with `WWW-Authenticate: Bearer`.
+
+    router.add_api_route("/v2/repository/index", index, dependencies=[AdminOnly], methods=["POST"])
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from dropwise.service.errors import ServiceError
-from fastapi import Request
+from dropwise.service.errors import Forbidden, Unauthorized
+from dropwise.service.inference import InferenceService
+from dropwise.service.settings import Settings
+from fastapi import Depends, Request
+from pydantic import SecretStr
 
-__all__ = ["require_admin"]
+
+def get_service(request: Request) -> InferenceService:
+    """The app's `InferenceService`."""
+    return request.app.state.inference
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's `Settings`."""
+    return request.app.state.settings
 
 
 def _bearer(request: Request) -> str | None:
@@ -23,22 +39,48 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-async def require_admin(request: Request) -> None:
-    """Let the request through only with the configured admin token (403 when none is configured)."""
-    secret = getattr(request.app.state.settings, "admin_token", None)
-    expected = secret.get_secret_value() if secret is not None else ""
-    if not expected:
-        raise ServiceError(
-            "repository control is disabled: set DROPWISE_ADMIN_TOKEN and send it as "
-            "'Authorization: Bearer <token>' to enable it",
-            field="authorization",
-            status=403,
+def _configured(secret: SecretStr | None) -> bool:
+    return secret is not None and bool(secret.get_secret_value())
+
+
+def _matches(token: str, secret: SecretStr | None) -> bool:
+    if secret is None or not _configured(secret):
+        return False
+    return hmac.compare_digest(token.encode("utf-8"), secret.get_secret_value().encode("utf-8"))
+
+
+def require_api_token(request: Request) -> None:
+    """Pass when no API token is configured, or the request carries it (or the admin token)."""
+    settings = get_settings(request)
+    if not _configured(settings.api_token):
+        return
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("this server requires a token: send 'Authorization: Bearer <DROPWISE_API_TOKEN>'")
+    if not (_matches(token, settings.api_token) or _matches(token, settings.admin_token)):
+        raise Unauthorized("invalid bearer token")
+
+
+def require_admin(request: Request) -> None:
+    """Pass only with the admin token; 403 when repository control is not enabled (no admin token)."""
+    settings = get_settings(request)
+    if not _configured(settings.admin_token):
+        raise Forbidden(
+            "repository control is disabled on this server: start it with DROPWISE_ADMIN_TOKEN set and send "
+            "'Authorization: Bearer <token>'"
         )
-    given = _bearer(request)
-    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ServiceError(
-            "missing or wrong admin token (send 'Authorization: Bearer <token>')",
-            field="authorization",
-            status=401,
-            headers={"WWW-Authenticate": 'Bearer realm="dropwise-admin"'},
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized(
+            "missing admin token: repository control requires 'Authorization: Bearer <DROPWISE_ADMIN_TOKEN>'",
+            realm="dropwise-admin",
         )
+    if not _matches(token, settings.admin_token):
+        raise Unauthorized("invalid admin token", realm="dropwise-admin")
+
+
+ApiToken = Depends(require_api_token)
+AdminOnly = Depends(require_admin)
+Service = Annotated[InferenceService, Depends(get_service)]
+
+__all__ = ["AdminOnly", "ApiToken", "Service", "get_service", "get_settings", "require_admin", "require_api_token"]

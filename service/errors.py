@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import math
 
+from dropwise.errors import DropwiseError
 
-class ServiceError(Exception):
-    """A failure with an HTTP status, a human message and, for bad input, the offending field."""
+
+class ServiceError(DropwiseError):
+    """A failure with an HTTP status, a human message and, for bad input, the offending field.
+
+    Every failure the service answers derives from it (codec errors, auth, limits, deadlines), so the
+    app's exception handlers are the only place an error response is built.
+    """
 
     status: int = 500
 
@@ -29,6 +35,10 @@ class ServiceError(Exception):
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle with every attribute (errors raised in the body-parsing process travel back intact)."""
+        return (_rebuild, (type(self), self.message, self.field, self.status, self.headers))
+
     def to_native(self) -> dict[str, object]:
         """The native API's body: `{"error": {"message", "field", "type"}}`."""
         return {"error": {"message": self.message, "field": self.field, "type": type(self).__name__}}
@@ -38,6 +48,14 @@ class ServiceError(Exception):
         if self.field is None or self.field in self.message:
             return {"error": self.message}
         return {"error": f"{self.field}: {self.message}"}
+
+
+def _rebuild(
+    cls: type[ServiceError], message: str, field: str | None, status: int, headers: dict[str, str]
+) -> ServiceError:
+    error = cls.__new__(cls)
+    ServiceError.__init__(error, message, field=field, status=status, headers=headers)
+    return error
 
 
 class ModelNotFound(ServiceError):
@@ -76,6 +94,27 @@ class PayloadTooLarge(ServiceError):
 
 
 class ModelNotReady(ServiceError):
-    """The model exists but is not loaded (or failed to load): 503."""
+    """The model exists but is not loaded (or failed to load), or the server is shutting down: 503."""
 
     status = 503
+
+
+class RequestTimeout(ServiceError):
+    """The client did not send its body in time (a stalled upload): 408."""
+
+    status = 408
+
+
+class Unauthorized(ServiceError):
+    """No valid bearer token: 401 with `WWW-Authenticate: Bearer` (RFC 6750)."""
+
+    status = 401
+
+    def __init__(self, message: str, *, realm: str = "dropwise") -> None:
+        super().__init__(message, field="authorization", headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+
+class Forbidden(ServiceError):
+    """The route is disabled on this server (e.g. repository control without an admin token): 403."""
+
+    status = 403

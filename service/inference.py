@@ -7,6 +7,7 @@ It owns the loaded runtimes (one per model version) and their dynamic batchers, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -14,13 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from dropwise.package import InputSpec
+from dropwise.service.abstention import abstain_flags, resolve_rule
 from dropwise.service.batcher import Job
-from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
+from dropwise.service.body_parsing import as_numeric_array
+from dropwise.service.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ServiceError
 from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.model_control import LoadedVersion, ModelControl
+from dropwise.service.model_inputs import ModelInputs, batch_rows
 from dropwise.service.repository import ModelRepository
-from dropwise.service.runtimes.base import MC_SUMMARIES, MCGroup, PackageSpec
+from dropwise.service.runtimes.base import MCGroup, PackageSpec
 from dropwise.service.settings import Settings
+from dropwise.surgery.outputs import ABSTAIN, NUM_SAMPLES, output_names
 
 log = logging.getLogger("dropwise.service")
 
@@ -34,23 +40,26 @@ __all__ = ["InferenceRequest", "InferenceResult", "InferenceService", "ModelInfo
 class InferenceRequest:
     """One prediction request, already decoded from HTTP.
 
-    `samples` None means the configured default T; `seed` None draws a fresh seed (reported back);
+    `num_samples` (T) None means the configured default T; `seed` None draws a fresh seed (reported back);
     `deadline_s` is a timeout in seconds counted from submission (None: the configured request timeout).
+    `abstain` ("auto" or a threshold, MC classification only) adds the per-row `abstain` output
+    (`dropwise.service.abstention`).
     """
 
     model: str
-    inputs: np.ndarray
+    inputs: Any  #: one array-like, or {name: array-like} for a model with several named inputs
     version: int | None = None
     mode: str = "deterministic"
-    samples: int | None = None
+    num_samples: int | None = None
     seed: int | None = None
     return_samples: bool = False
     deadline_s: float | None = None
+    abstain: str | float | None = None
 
 
 @dataclass
 class InferenceResult:
-    """Named numpy outputs of one request plus where and how it ran."""
+    """Named numpy outputs of one request plus where and how it ran (`num_samples` = T, MC only)."""
 
     model: str
     version: int
@@ -59,7 +68,7 @@ class InferenceResult:
     backend: str
     device: str
     provider: str
-    samples: int | None = None
+    num_samples: int | None = None
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -85,23 +94,31 @@ class ModelInfo:
     mc_available: bool
     max_samples: int
     default_samples: int
+    placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
+    evaluation: dict[str, Any] | None = None  #: `dropwise evaluate`'s summary from the manifest, when run
+    #: every named input in ``forward`` order; ``input_*`` above describe the first (the only one for most)
+    inputs: tuple[InputSpec, ...] = ()
 
-    def output_names(self, mode: str, return_samples: bool = False) -> list[str]:
-        """Output tensor names for `mode` (the order the V2 API lists them in).
+    def input_specs(self) -> list[InputSpec]:
+        """Every input of the model (one built from ``input_*`` for a package that lists none)."""
+        if self.inputs:
+            return list(self.inputs)
+        return [
+            InputSpec(
+                name=self.input_name,
+                shape=list(self.input_shape),
+                dtype=self.input_dtype,
+                preprocessing=self.preprocessing,
+            )
+        ]
 
-        Classification: `probabilities`, `predictions`, and in MC mode the `MC_SUMMARIES`; regression:
-        `mean`, and in MC mode `std` (the only summary a regression MC answer carries). `samples` last,
-        in MC mode when `return_samples`.
+    def output_names(self, mode: str, return_samples: bool = False, abstain: bool = False) -> list[str]:
+        """Output tensor names for `mode`, in the order of the table `dropwise.surgery.outputs`.
+
+        Classification: `probabilities`, `predictions`, and in MC mode the uncertainty summaries;
+        regression: `mean`, and in MC mode `std`. `samples` last, in MC mode when `return_samples`.
         """
-        if self.task == "classification":
-            names = ["probabilities", "predictions"]
-            if mode == "mc":
-                names += list(MC_SUMMARIES)
-        else:
-            names = ["mean", "std"] if mode == "mc" else ["mean"]
-        if mode == "mc" and return_samples:
-            names.append("samples")
-        return names
+        return output_names(self.task, mode, return_samples, abstain)
 
 
 class InferenceService:
@@ -126,9 +143,14 @@ class InferenceService:
         """Stop every batcher (pending requests are answered with 503)."""
         await self.control.stop()
 
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown of every batcher at once (see `ModelBatcher.drain`)."""
+        batchers = [slot.batcher for versions in self._models.values() for slot in versions.values()]
+        await asyncio.gather(*(b.drain(grace_s) for b in batchers))
+
     # ---------------------------------------------------------------- queries
     def ready(self) -> bool:
-        """True when at least one model is served, nothing is loading, and every model found serves a version.
+        """True when at least one model is served and every model found serves a version (swaps included).
 
         A refused or failing new version of a model that still serves an older one does not make the
         server unready (it is listed by `/readyz` and the repository index); a model with no servable
@@ -156,6 +178,10 @@ class InferenceService:
                 f" ({'; '.join(reasons)})" if reasons else ""
             )
         return f"model packages in {self.settings.repository} (none found)"
+
+    def has_model(self, name: str) -> bool:
+        """Whether `name` is a model of the repository (loaded or not)."""
+        return name in self._models
 
     def models(self) -> list[ModelInfo]:
         """Every model at its latest version, sorted by name."""
@@ -185,6 +211,9 @@ class InferenceService:
             mc_available=bool(runtime.supports_mc),
             max_samples=settings.max_samples,
             default_samples=min(settings.default_samples, settings.max_samples),
+            inputs=spec.inputs,
+            placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
+            evaluation=spec.manifest.get("evaluation"),
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:
@@ -203,24 +232,31 @@ class InferenceService:
             f"model {name!r} has no version {version!r} (versions: {sorted(versions)})", field="version"
         )
 
+    def spec(self, name: str, version: int | None = None) -> PackageSpec:
+        """The package spec of a served model version (latest when `version` is None); raises `ModelNotFound`."""
+        return self._slot(name, version, describe=True).runtime.spec
+
+    def admit(self, name: str, version: int | None = None) -> None:
+        """Refuse up front, before the body is read or parsed: unknown model (404), not loaded or shutting
+        down (503), queue full (429 with Retry-After)."""
+        slot = self._slot(name, version)
+        if not slot.serving:
+            raise ModelNotReady(f"model {name!r} version {slot.spec.version} is not loaded")
+        slot.batcher.admit()
+
     # ---------------------------------------------------------------- inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Validate, queue and run one request; raises a `ServiceError` subclass on any failure."""
         started = time.perf_counter()
         mode_label = request.mode if request.mode in MODES else "invalid"
-        status = "error"
         result: InferenceResult | None = None
         try:
             result = await self._infer(request, started)
-            status = "200"
             return result
-        except ServiceError as exc:
-            status = str(exc.status)
-            raise
-        finally:
+        finally:  # answers are counted by the app's middleware; this is the inference latency
             elapsed = time.perf_counter() - started
             model_label = request.model if request.model in self._models else "_unknown"
-            self.metrics.observe_request(model_label, mode_label, status, elapsed)
+            self.metrics.observe_latency(model_label, mode_label, elapsed)
             self._count(request, result, elapsed)
 
     def _count(self, request: InferenceRequest, result: InferenceResult | None, elapsed: float) -> None:
@@ -256,20 +292,32 @@ class InferenceService:
                     f"model {spec.name!r} has no MC-dropout path on backend {slot.runtime.backend!r}",
                     field="mode",
                 )
-            if request.return_samples and not getattr(slot.runtime, "mc_returns_samples", True):
+            if request.return_samples and not slot.runtime.mc_returns_samples:
                 raise InvalidInput(
                     f"model {spec.name!r} on {slot.runtime.backend} cannot return per-sample outputs "
                     "(its MC graph was exported without them)",
                     field="return_samples",
                 )
-            samples = self._check_samples(request.samples, settings)
+            samples = self._check_samples(request.num_samples, settings)
+            limit, rows = self.settings.max_mc_sample_rows, batch_rows(x)
+            if rows * samples > limit:
+                raise PayloadTooLarge(
+                    f"{rows} rows x T={samples} = {rows * samples} sample-rows exceeds the limit of "
+                    f"{limit} sample-rows per MC request (max_mc_sample_rows); send fewer rows or a smaller T",
+                    field=NUM_SAMPLES,
+                )
             seed = self._check_seed(request.seed)
-            group = MCGroup(rows=x.shape[0], samples=samples, seed=seed, return_samples=bool(request.return_samples))
+            group = MCGroup(
+                rows=batch_rows(x), num_samples=samples, seed=seed, return_samples=bool(request.return_samples)
+            )
         timeout = settings.request_timeout_s if request.deadline_s is None else float(request.deadline_s)
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
+        rule = None if request.abstain is None else resolve_rule(spec, request.abstain, request.mode)
         job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
         outputs = await slot.batcher.submit(job)
+        if rule is not None:
+            outputs = {**outputs, ABSTAIN: abstain_flags(outputs, *rule)}
         total = time.perf_counter() - started
         return InferenceResult(
             model=spec.name,
@@ -279,7 +327,7 @@ class InferenceService:
             backend=slot.runtime.backend,
             device=slot.runtime.device,
             provider=slot.runtime.provider,
-            samples=samples,
+            num_samples=samples,
             seed=seed,
             timings={
                 "queue_ms": job.queue_s * 1000.0,
@@ -294,9 +342,12 @@ class InferenceService:
         if samples is None:
             return min(settings.default_samples, settings.max_samples)
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
-            raise InvalidInput(f"samples must be an integer, got {samples!r}", field="samples")
+            raise InvalidInput(f"{NUM_SAMPLES} must be an integer, got {samples!r}", field=NUM_SAMPLES)
         if not 1 <= int(samples) <= settings.max_samples:
-            raise InvalidInput(f"samples must be between 1 and {settings.max_samples}, got {samples}", field="samples")
+            raise InvalidInput(
+                f"{NUM_SAMPLES} (T) must be between 1 and {settings.max_samples}, got {samples}",
+                field=NUM_SAMPLES,
+            )
         return int(samples)
 
     @staticmethod
@@ -314,21 +365,82 @@ _FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.flo
 _INT_DTYPES = {"int64": np.int64, "int32": np.int32}
 
 
-def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs") -> np.ndarray:
-    """Check an input batch against the package's input spec and return it in the model's dtype.
+def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name: str = "inputs") -> ModelInputs:
+    """Check a request's inputs against the package's input specs and return them in the model's dtypes.
 
-    Raises `InvalidInput` naming `field_name` for a wrong shape, dtype, NaN/Inf, or an index outside the
-    model's vocabulary (token models).
+    A one-input model takes one array (or ``{name: array}``) and gets one array back; a model with several
+    named inputs takes ``{name: array}`` with every name and gets a tuple in the manifest's order, all with
+    the same number of rows. Raises `InvalidInput` naming the field for a missing or unknown input, a wrong
+    shape, dtype, NaN/Inf, or an index outside an integer input's range.
     """
-    try:
-        x = np.asarray(inputs)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"inputs are not a rectangular numeric array: {exc}", field=field_name) from None
-    expected = spec.sample_shape
+    specs = spec.inputs
+    if len(specs) <= 1:
+        if isinstance(inputs, dict):
+            if set(inputs) != {spec.input_name}:
+                raise InvalidInput(
+                    f"model {spec.name!r} takes one input {spec.input_name!r}, got {sorted(inputs)}",
+                    field=field_name,
+                )
+            inputs = inputs[spec.input_name]
+        return _validate_array(
+            inputs,
+            spec.sample_shape,
+            spec.input_dtype,
+            spec.input_range,
+            max_rows=max_rows,
+            field_name=field_name,
+        )
+    names = [s.name for s in specs]
+    if not isinstance(inputs, dict):
+        raise InvalidInput(
+            f"model {spec.name!r} takes several inputs {names}: send an object mapping each name to its array",
+            field=field_name,
+        )
+    unknown = sorted(set(inputs) - set(names))
+    missing = [n for n in names if n not in inputs]
+    if unknown or missing:
+        raise InvalidInput(
+            f"model {spec.name!r} takes inputs {names}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unknown {unknown}" if unknown else ""),
+            field=field_name,
+        )
+    arrays = tuple(
+        _validate_array(
+            inputs[s.name],
+            tuple(s.shape[1:]),
+            s.dtype,
+            s.range,
+            max_rows=max_rows,
+            field_name=f"{field_name}.{s.name}",
+        )
+        for s in specs
+    )
+    rows = {a.shape[0] for a in arrays}
+    if len(rows) > 1:
+        raise InvalidInput(
+            f"every input must have the same number of rows, got {[a.shape[0] for a in arrays]}",
+            field=field_name,
+        )
+    return arrays
+
+
+def _validate_array(
+    inputs: Any,
+    expected: tuple[int, ...],
+    dtype: str,
+    vocab: tuple[int, int] | None,
+    *,
+    max_rows: int,
+    field_name: str,
+) -> np.ndarray:
+    """One input array checked against its shape (without the batch), dtype and integer range; booleans
+    are refused (numpy would read `true` as 1.0)."""
+    x = as_numeric_array(inputs, field_name=field_name)
     wanted = f"[batch, {', '.join(map(str, expected))}]"
     if x.dtype == object or x.dtype.kind in "USV":
         raise InvalidInput(
-            f"inputs must be numbers of dtype {spec.input_dtype} shaped {wanted}",
+            f"inputs must be numbers of dtype {dtype} shaped {wanted}",
             field=field_name,
         )
     if x.ndim != len(expected) + 1:
@@ -343,17 +455,16 @@ def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name
                 f"inputs must have shape {wanted}, got {list(x.shape)}",
                 field=field_name,
             )
-    if spec.input_dtype in _INT_DTYPES:
+    if dtype in _INT_DTYPES:
         integral = x.dtype.kind in "iu" or (
             x.dtype.kind == "f" and bool(np.all(np.isfinite(x))) and bool(np.all(x == np.round(x)))
         )
         if not integral:
             raise InvalidInput(
-                f"inputs must be integers (token ids, dtype {spec.input_dtype}), got {x.dtype}",
+                f"inputs must be integers (token ids, dtype {dtype}), got {x.dtype}",
                 field=field_name,
             )
-        x = x.astype(_INT_DTYPES[spec.input_dtype])
-        vocab = spec.input_range
+        x = x.astype(_INT_DTYPES[dtype])
         if vocab is not None and (x.min() < vocab[0] or x.max() >= vocab[1]):
             raise InvalidInput(
                 f"token ids must lie in [{vocab[0]}, {vocab[1]}), got values in [{x.min()}, {x.max()}]",
@@ -361,8 +472,8 @@ def validate_inputs(inputs: Any, spec: PackageSpec, *, max_rows: int, field_name
             )
         return np.ascontiguousarray(x)
     if x.dtype.kind not in "iuf":
-        raise InvalidInput(f"inputs must be numbers (dtype {spec.input_dtype}), got {x.dtype}", field=field_name)
-    x = x.astype(_FLOAT_DTYPES.get(spec.input_dtype, np.float32))
+        raise InvalidInput(f"inputs must be numbers (dtype {dtype}), got {x.dtype}", field=field_name)
+    x = x.astype(_FLOAT_DTYPES.get(dtype, np.float32))
     if not np.all(np.isfinite(x)):
         raise InvalidInput("inputs contain NaN or Inf", field=field_name)
     return np.ascontiguousarray(x)

@@ -19,8 +19,9 @@ class ServiceMetrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "dropwise_requests",
-            "Inference requests by model, mode and HTTP status.",
-            ["model", "mode", "status"],
+            "Every answered HTTP request by model (_unknown: not served; _none: route names no model), "
+            "route template, inference mode (_none: not an inference) and HTTP status.",
+            ["model", "route", "mode", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -47,6 +48,12 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.abandoned = Counter(
+            "dropwise_abandoned_batches",
+            "MC computations stopped midway because every request of the batch was past its deadline.",
+            ["model"],
+            registry=self.registry,
+        )
         self.mc_samples = Histogram(
             "dropwise_mc_samples",
             "MC-dropout sample count T per request.",
@@ -55,9 +62,12 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
-    def observe_request(self, model: str, mode: str, status: str, seconds: float) -> None:
-        """Count one finished request and its latency."""
-        self.requests.labels(model=model, mode=mode, status=status).inc()
+    def count_answer(self, *, model: str, route: str, mode: str, status: str) -> None:
+        """Count one answered HTTP request (called by the request-context middleware for every answer)."""
+        self.requests.labels(model=model, route=route, mode=mode, status=status).inc()
+
+    def observe_latency(self, model: str, mode: str, seconds: float) -> None:
+        """Time from validation to answer of one inference request."""
         self.latency.labels(model=model, mode=mode).observe(seconds)
 
     def render(self) -> bytes:

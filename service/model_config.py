@@ -6,8 +6,8 @@ server actually applies to that version: the global settings with the package's 
 (`max_queue_delay_microseconds`, `default_queue_policy.max_queue_size` and
 `default_timeout_microseconds`), `version_policy`, `input` / `output` (dims without the batch dimension,
 -1 = variable). dropwise's own values travel in `parameters` as Triton's `{"string_value": ...}`:
-`default_samples`, `max_samples`, `request_timeout_s`, `mc_available`, `task`, and `config_source`, the
-fields the package itself set.
+`default_samples`, `max_samples`, `request_timeout_s`, `mc_available`, `task`, `config_source` (the
+fields the package itself set) and `warm_up` (the passes run before the version served, with their times).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def triton_model_config(info: ModelInfo, slot: LoadedVersion) -> dict[str, Any]:
         "max_samples": str(info.max_samples),
         "request_timeout_s": f"{settings.request_timeout_s:g}",
         "config_source": ",".join(source) if source else "server defaults",
+        "warm_up": ",".join(f"{mode}:{seconds * 1000:.1f}ms" for mode, seconds in slot.warm_up_s.items()),
     }
     return {
         "name": info.name,

@@ -16,7 +16,9 @@ loop, so a request is either queued on the old version or looked up on the new o
 answering what it queued (and requests that name it explicitly) until its queue is empty and no batch
 runs; then it is stopped in the same event-loop step that makes it unreachable. A package that fails
 verification (bad checksum, missing file, invalid manifest or serving configuration) or fails to load is
-refused with a logged reason and listed by the repository index; the versions already served keep serving.
+refused with a logged reason and listed by the repository index; the versions already served keep serving
+(a served version whose files are damaged later keeps serving the copy verified when it was loaded; a
+version whose directory is removed is retired).
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 from dropwise.package import PackageError, validate_name
 from dropwise.package.serving import ServingConfig, VersionPolicy
 from dropwise.service.batcher import ModelBatcher
 from dropwise.service.errors import InvalidInput
 from dropwise.service.metrics import ServiceMetrics
+from dropwise.service.model_inputs import example_inputs
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec, Runtime
 from dropwise.service.settings import Settings
@@ -69,6 +71,8 @@ class LoadedVersion:
     fingerprint: str
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     serving: bool = True
+    #: seconds of the warm-up passes run before the version was served, by mode
+    warm_up_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,22 @@ def effective_settings(settings: Settings, config: ServingConfig) -> Settings:
     return settings.model_copy(update=config.overrides())
 
 
-def warm_up(runtime: Runtime) -> None:
-    """One deterministic pass and, when the runtime has an MC path, one seeded MC pass on zeros."""
+def warm_up(runtime: Runtime) -> dict[str, float]:
+    """One deterministic pass and, when the runtime has an MC path, one seeded MC pass on zeros.
+
+    Returns the seconds each pass took, by mode (`deterministic`, `mc`).
+    """
     spec = runtime.spec
-    example = np.zeros((1, *(max(d, 1) for d in spec.sample_shape)), dtype=spec.input_dtype)
+    example = example_inputs(spec, rows=1)
+    took: dict[str, float] = {}
+    start = time.perf_counter()
     runtime.predict_deterministic(example)
+    took["deterministic"] = time.perf_counter() - start
     if runtime.supports_mc:
-        runtime.predict_mc(example, [MCGroup(rows=1, samples=2, seed=0)])
+        start = time.perf_counter()
+        runtime.predict_mc(example, [MCGroup(rows=1, num_samples=2, seed=0)])
+        took["mc"] = time.perf_counter() - start
+    return took
 
 
 class ModelControl:
@@ -186,12 +199,13 @@ class ModelControl:
         return self.lookup(name, version) or self.retired.get((name, version))
 
     def ready(self) -> bool:
-        """Started, something served, nothing loading, and every model found serves at least one version."""
+        """Started, something served, and every model found serves at least one version.
+
+        A version loading beside a served one (a hot swap) does not make the server unready: the served
+        version answers meanwhile.
+        """
         return (
-            self.started
-            and bool(self.models)
-            and not self.loading
-            and all(self.models.get(name) for name in self.expected - self.unloaded)
+            self.started and bool(self.models) and all(self.models.get(name) for name in self.expected - self.unloaded)
         )
 
     def _refused_names(self) -> set[str]:
@@ -259,6 +273,9 @@ class ModelControl:
 
     def _entry(self, name: str, version: int, refused: dict[tuple[str, int], str]) -> IndexEntry:
         if version in self.models.get(name, {}):
+            if (name, version) in refused:
+                reason = f"serving the copy verified at load; the files on disk are refused: {refused[(name, version)]}"
+                return IndexEntry(name, version, "READY", reason)
             return IndexEntry(name, version, "READY")
         if (name, version) in self.loading:
             return IndexEntry(name, version, "LOADING")
@@ -309,6 +326,10 @@ class ModelControl:
     async def _reconcile(self, name: str, specs: dict[int, PackageSpec]) -> None:
         async with self._lock(name):
             current = self.models.get(name, {})
+            specs = dict(specs)
+            for version, served in current.items():  # refused on disk now, but verified when it was loaded
+                if version not in specs and f"{name}/{version}" in self.repository.errors:
+                    specs[version] = served.spec
             wanted = self._policy(specs).select(list(specs))
             new: dict[int, LoadedVersion] = {}
             for version in wanted:
@@ -350,7 +371,7 @@ class ModelControl:
             runtime = await asyncio.to_thread(
                 self.repository.load_runtime, spec, self.settings.backend, self.settings.device
             )
-            await asyncio.to_thread(warm_up, runtime)
+            warmed = await asyncio.to_thread(warm_up, runtime)
         except Exception as exc:  # a broken package must not take the others down
             log.exception("failed to load %s version %s", spec.name, spec.version)
             self.failed[key] = (digest, f"{type(exc).__name__}: {exc}")
@@ -380,6 +401,7 @@ class ModelControl:
             config=config,
             fingerprint=digest,
             statistics=statistics,
+            warm_up_s=warmed,
         )
 
     def _retire(self, name: str, version: int, slot: LoadedVersion) -> None:

@@ -37,7 +37,20 @@ def spec_from_manifest(manifest: Manifest, path: Path) -> PackageSpec:
         target_std=float(target.std) if target else 1.0,
         files=tuple(sorted(manifest.files)),
         manifest=manifest.model_dump(mode="json"),
+        inputs=tuple(manifest.inputs),
+        input_range=manifest.input.range,
     )
+
+
+def _signature(path: Path) -> tuple[Any, ...] | None:
+    """Names, sizes, inodes and times of a directory and its entries (None when it cannot be read)."""
+    try:
+        entries = [path, *sorted(path.iterdir())]
+        stats = [entry.lstat() for entry in entries]
+    except OSError:
+        return None
+    pairs = zip(entries, stats, strict=True)
+    return tuple((entry.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) for entry, st in pairs)
 
 
 class ModelRepository:
@@ -45,8 +58,10 @@ class ModelRepository:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        #: packages that failed verification: "name/version" -> reason (they keep /readyz false)
+        #: packages that failed verification: "name/version" -> reason
         self.errors: dict[str, str] = {}
+        #: version directory -> (its files' stat signature, spec or refusal) from the last verification
+        self._verified: dict[Path, tuple[tuple[Any, ...], PackageSpec | str]] = {}
 
     def scan(self) -> dict[str, dict[int, PackageSpec]]:
         """Every valid package version, by model name then version; invalid ones land in `errors`."""
@@ -72,16 +87,36 @@ class ModelRepository:
         for version in list_versions(self.root / name):
             path = self.root / name / str(version)
             key = f"{name}/{version}"
-            try:
-                loaded = load_package(path, build=False)
-                serving_config(loaded.manifest)  # an invalid serving configuration refuses the package
-            except PackageError as exc:
-                if previous.get(key) != str(exc):  # log each refusal once, not on every scan
-                    log.error("refusing %s: %s", key, exc)
-                self.errors[key] = str(exc)
+            outcome = self._verify(path)
+            if isinstance(outcome, str):
+                if previous.get(key) != outcome:  # log each refusal once, not on every scan
+                    log.error("refusing %s: %s", key, outcome)
+                self.errors[key] = outcome
                 continue
-            found[version] = spec_from_manifest(loaded.manifest, loaded.path)
+            found[version] = outcome
         return found
+
+    def _verify(self, path: Path) -> PackageSpec | str:
+        """The spec of a valid package, or the reason it is refused.
+
+        A directory whose files have not changed since its last verification (same names, sizes, inodes,
+        modification and change times) is not hashed again, so polling a large repository stays cheap;
+        loading a version always verifies its checksums anew.
+        """
+        signature = _signature(path)
+        cached = self._verified.get(path)
+        if signature is not None and cached is not None and cached[0] == signature:
+            return cached[1]
+        outcome: PackageSpec | str
+        try:
+            loaded = load_package(path, build=False)
+            serving_config(loaded.manifest)  # an invalid serving configuration refuses the package
+            outcome = spec_from_manifest(loaded.manifest, loaded.path)
+        except PackageError as exc:
+            outcome = str(exc)
+        if signature is not None:
+            self._verified[path] = (signature, outcome)
+        return outcome
 
     def load_runtime(self, spec: PackageSpec, backend: str, device: str, **options: Any) -> Runtime:
         """Build and load the runtime of one package version on `backend` and `device`."""

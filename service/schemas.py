@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 # one standardised 8x8 digit (a "1" of the digits test split), as GET /v1/models/mlp_digits describes
 _DIGIT = [
@@ -21,11 +21,11 @@ PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "mc": {
         "summary": "MC-dropout prediction with uncertainty, T=32, fixed seed",
-        "value": {"inputs": [_DIGIT], "mode": "mc", "samples": 32, "seed": 7},
+        "value": {"inputs": [_DIGIT], "mode": "mc", "num_samples": 32, "seed": 7},
     },
     "mc_with_samples": {
         "summary": "MC-dropout returning every per-sample probability vector",
-        "value": {"inputs": [_DIGIT], "mode": "mc", "samples": 8, "seed": 7, "return_samples": True},
+        "value": {"inputs": [_DIGIT], "mode": "mc", "num_samples": 8, "seed": 7, "return_samples": True},
     },
 }
 
@@ -35,20 +35,53 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PREDICT_EXAMPLES["mc"]["value"]]})
 
-    inputs: list[Any] = Field(
+    inputs: Any = Field(
         ...,
-        description="Batch of examples: nested lists shaped like the input of GET /v1/models/{name}.",
-        min_length=1,
+        description=(
+            "Batch of examples: nested lists shaped like the input of GET /v1/models/{name}; for a model with "
+            'several named inputs an object of them, e.g. {"input_ids": [[...]], "attention_mask": [[...]]}.'
+        ),
+        json_schema_extra={"anyOf": [{"type": "array"}, {"type": "object"}]},
     )
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, inputs: Any) -> Any:
+        """A non-empty list, or an object of non-empty lists (shapes and dtypes are the service's check)."""
+        arrays = inputs.values() if isinstance(inputs, dict) else [inputs]
+        if not isinstance(inputs, list | dict) or not inputs:
+            raise ValueError("inputs must be a non-empty array, or an object of named arrays")
+        if not all(isinstance(a, list) and a for a in arrays):
+            raise ValueError("each named input must be a non-empty array")
+        return inputs
+
     mode: Literal["deterministic", "mc"] = Field(
         "deterministic", description="`deterministic`: dropout off; `mc`: Monte-Carlo dropout with T samples."
     )
-    samples: StrictInt | None = Field(None, description="MC sample count T (default: the server's default T).")
+    num_samples: StrictInt | None = Field(None, description="MC sample count T (default: the server's default T).")
+    samples: StrictInt | None = Field(
+        None,
+        description="Deprecated alias of `num_samples` (give one of the two).",
+        json_schema_extra={"deprecated": True},
+    )
     seed: StrictInt | None = Field(
         None, description="Seed of the dropout masks; the same request and seed give the same answer."
     )
-    return_samples: StrictBool = Field(False, description="MC only: also return every per-sample output.")
+    return_samples: StrictBool = Field(
+        False, description="MC only: also return `samples`, the per-sample probabilities (or values)."
+    )
+    preprocess: StrictBool = Field(
+        False,
+        description="`inputs` are raw (e.g. pixels 0..16 for the digits models): apply the package's recorded "
+        "preprocessing (`input.preprocessing` of GET /v1/models/{name}) first.",
+    )
     timeout_s: float | None = Field(None, ge=0.001, le=3600, description="Deadline in seconds (504 past it).")
+    abstain: Literal["auto"] | StrictInt | StrictFloat | None = Field(
+        None,
+        description="MC classification: also answer `abstain` per row. `auto`: the rule `dropwise evaluate` "
+        "stored (best OOD score on validation, threshold keeping 95% of in-distribution inputs); a number: "
+        "that threshold on the stored score (predictive entropy when none is stored).",
+    )
 
 
 class Uncertainty(BaseModel):
@@ -80,7 +113,7 @@ class PredictResponse(BaseModel):
                         "variation_ratio": [0.06],
                         "std": [[0.01, 0.08, 0.02, 0.0, 0.0, 0.03, 0.0, 0.01, 0.02, 0.01]],
                     },
-                    "samples": 32,
+                    "num_samples": 32,
                     "seed": 7,
                     "backend": "torch",
                     "device": "cpu",
@@ -101,10 +134,13 @@ class PredictResponse(BaseModel):
     )
     mean: list[list[float]] | None = Field(None, description="Regression: predicted value (MC: mean over T).")
     uncertainty: Uncertainty | None = Field(None, description="MC only.")
-    sample_outputs: list[list[list[float]]] | None = Field(
-        None, description="MC with return_samples: per-sample probabilities (or values), shape [T, batch, K]."
+    abstain: list[bool] | None = Field(None, description="With `abstain` in the request: true = do not trust this row.")
+    samples: list[list[list[float]]] | None = Field(
+        None,
+        description="MC with return_samples: per-sample probabilities softmax(z_t) (regression: values), "
+        "shape [T, batch, K] (renamed from `sample_outputs`).",
     )
-    samples: int | None = Field(None, description="MC: the T used.")
+    num_samples: int | None = Field(None, description="MC: the T used (renamed from `samples`).")
     seed: int | None = Field(None, description="MC: the seed used (drawn by the server when not given).")
     backend: str
     device: str
@@ -119,6 +155,7 @@ class InputSpecOut(BaseModel):
     shape: list[int]
     dtype: str
     preprocessing: str
+    range: list[int] | None = Field(None, description="[low, high) of an integer input (token ids, masks).")
 
 
 class ModelSummary(BaseModel):
@@ -174,7 +211,8 @@ class ModelDetail(BaseModel):
     version: int
     versions: list[int]
     task: str
-    input: InputSpecOut
+    input: InputSpecOut = Field(..., description="The first input (the only one for most models).")
+    inputs: list[InputSpecOut] = Field(..., description="Every named input, in the order the model takes them.")
     labels: list[str] | None
     sites: list[dict[str, Any]]
     backend: str
@@ -184,6 +222,16 @@ class ModelDetail(BaseModel):
     mc_available: bool
     max_samples: int
     default_samples: int
+    placement: dict[str, Any] | None = Field(
+        None,
+        description="ONNX Runtime on CUDA: the MC graph's nodes the CUDA provider has no kernel for (static count).",
+    )
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="Summary of `dropwise evaluate` (test split): deterministic vs MC accuracy / NLL / Brier / ECE, "
+        "after temperature scaling, the best OOD score per OOD set with its AUROC, MI deviation by T, the "
+        "abstention rule; the full report is the package's evaluation.json.",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -59,3 +59,35 @@ class Settings(BaseSettings):
     ray_gpus_per_replica: float = Field(
         0.0, ge=0, le=64, description="GPUs Ray Serve reserves for each replica (dropwise serve --ray)."
     )
+    ray_cpus_per_replica: float = Field(
+        1.0, gt=0, le=1024, description="CPUs Ray Serve reserves for each replica (dropwise serve --ray)."
+    )
+    max_mc_sample_rows: int = Field(
+        65_536,
+        ge=1,
+        description=(
+            "Most sample-rows (rows x T) one MC request may ask for; larger answers 413 naming this limit, "
+            "so the largest allowed request fits the default deadline."
+        ),
+    )
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="A client that sends no body data for this long gets 408 (stalled upload)."
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="On SIGTERM: how long in-flight requests may run before queued ones get 503."
+    )
+    # ---------------------------------------------------------------- security
+    api_token: SecretStr | None = Field(
+        None, description="When set, inference and model routes need `Authorization: Bearer <token>`."
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed by CORS (empty: CORS off, no CORS headers)."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Allow `dropwise serve` to bind a non-loopback address without an API token."
+    )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """`cors_origins` split on commas (empty list: CORS off)."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

@@ -115,6 +115,7 @@ class StartupGate:
     async def _answer(self, scope: Scope, send: Send) -> None:
         path = str(scope.get("path", ""))
         reason = f"failed: {self.failed}" if self.failed else self.waiting_for
+        body: dict[str, Any]
         if path == "/healthz":
             status, body = 200, {"status": "ok"}
         elif path == "/readyz":
@@ -195,7 +196,11 @@ class StartupGate:
 
         await inbox.put({"type": "lifespan.startup"})
         scope: Scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
-        task = asyncio.get_running_loop().create_task(app(scope, app_receive, app_send))
+
+        async def run_app() -> None:
+            await app(scope, app_receive, app_send)
+
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(run_app())
         waiter = asyncio.ensure_future(started.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()

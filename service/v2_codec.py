@@ -9,8 +9,11 @@ length-prefixed elements in binary form, strings in JSON form). On the way out e
 ``data`` or as binary data, chosen per output (``parameters.binary_data``) or for the whole request
 (``parameters.binary_data_output``), as Triton does.
 
-Every malformed body raises :class:`V2CodecError`, which carries the HTTP status to answer (400, or 413 for
-a body over the size limit); nothing in here lets a bad body escape as another exception.
+Every malformed body raises :class:`V2CodecError`, a :class:`~dropwise.service.errors.ServiceError` that carries
+the HTTP status to answer (400; 413 for a body over the size limit; 415 for an unknown Content-Encoding), so
+the app's exception handlers render it; nothing in here lets a bad body escape as another exception.
+Declared sizes (shapes, ``binary_data_size``, BYTES element counts) are checked against the bytes actually
+sent before anything is allocated for them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from dropwise.service.errors import InvalidInput
 
 __all__ = [
     "DATATYPE_TO_NUMPY",
@@ -61,13 +65,11 @@ _BYTES = "BYTES"
 _MAX_RANK = 16
 
 
-class V2CodecError(ValueError):
-    """A request body that cannot be decoded; ``status`` is the HTTP status to answer."""
+class V2CodecError(InvalidInput):
+    """A request body that cannot be decoded; ``status`` is the HTTP status to answer (400 by default)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+        super().__init__(message, status=status)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,13 @@ def _element_count(shape: tuple[int, ...]) -> int:
 
 
 def _deserialize_bytes(buffer: memoryview, count: int, where: str) -> np.ndarray:
+    # every element carries a 4-byte length prefix: a declared count the payload cannot hold is refused
+    # before the object array is allocated (a shape of [1, 10**12] with 8 bytes must not reach np.empty)
+    if count * 4 > len(buffer):
+        raise V2CodecError(
+            f"{where}: shape declares {count} BYTES elements but the {len(buffer)}-byte payload holds at most "
+            f"{len(buffer) // 4}"
+        )
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):

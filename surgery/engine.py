@@ -10,13 +10,15 @@ passes. Only the layers from the first stochastic site on differ between passes,
 4. replaces every chosen site of the tail by its hash-mask form (`dropwise.surgery.masks.HashMaskSite`): masks
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
-   Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional dropout inside a module's
-   forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random draws
-   routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws stay keyed per row, and
-   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the whole
-   batch. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the whole batch
-   (e.g. one DropConnect mask for all rows), another library's DropBlock (batch-wide rescale) or a
-   functional dropout (its draws are not routed to the hash) reproduce only for an identical batch;
+   Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional and attention dropout inside a
+   module's forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random
+   draws and dropout calls routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws
+   stay keyed per row, ``F.dropout`` / ``scaled_dot_product_attention(dropout_p=...)`` get keyed masks, and
+   ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the
+   whole batch. A gate that is also the parent of a module site (BERT's sdpa attention) is wrapped after its
+   child is replaced. ``rows_independent`` says whether every site keeps rows apart; a draw shared by the
+   whole batch (e.g. one DropConnect mask for all rows) or another library's DropBlock (batch-wide rescale)
+   reproduces only for an identical batch; a module called twice in one pass draws a fresh mask each call;
 5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, docs/DESIGN.md §3).
 
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
@@ -27,19 +29,26 @@ works on its own deep copy of the model: rebuild it after changing the weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .masks import HashMaskSite, MaskContext, TrainModeSite, row_keys, sample_keys
-from .sites import Site, call_model, find_sites
+from .export_split import FunctionalCallSite
+from .functional_sites import trace_calls
+from .masks import HashMaskSite, MaskContext, TrainModeSite
+from .mc_layout import plan
+from .module_tools import set_training
+from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
+from .site_types import Site
+from .sites import find_sites, gating_modules
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
 
-__all__ = ["MCEngine", "MCResult", "choose_sites", "mc_predict"]
+__all__ = ["MCEngine", "MCResult", "choose_sites", "default_chunk_rows", "mc_predict"]
 
 _FORMS = {
     "dropout": "element",
@@ -59,36 +68,40 @@ _MAX_SEED = 1 << 63
 class MCResult:
     """MC-dropout summaries of one request (docs/DESIGN.md §3; see ``dropwise.surgery.summaries``).
 
-    Classification fills ``mean_probs``, ``predictive_entropy``, ``expected_entropy``,
-    ``mutual_information``, ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and
-    ``std``. ``samples`` holds the per-sample outputs ``[T, B, K]`` when asked for. ``seed`` is the seed
-    the masks were drawn from (pass it back to reproduce the result).
+    Classification fills ``probabilities`` (the predictive mean, formerly ``mean_probs``: still readable
+    under that name), ``predictive_entropy``, ``expected_entropy``, ``mutual_information``,
+    ``variation_ratio`` and ``std`` (per class); regression fills ``mean`` and ``std``. When asked for,
+    ``samples`` holds the per-sample outputs ``[T, B, K]``: PROBABILITIES ``softmax(z_t)`` for
+    classification (with the raw logits in ``sample_logits``), values for regression. ``num_samples`` is
+    T. ``seed`` is the seed the masks were drawn from (pass it back to reproduce the result).
     """
 
     task: str
-    n_samples: int
+    num_samples: int
     seed: int
     std: Tensor
-    mean_probs: Tensor | None = None
+    probabilities: Tensor | None = None
     predictive_entropy: Tensor | None = None
     expected_entropy: Tensor | None = None
     mutual_information: Tensor | None = None
     variation_ratio: Tensor | None = None
     mean: Tensor | None = None
     samples: Tensor | None = None
+    sample_logits: Tensor | None = None
+
+    @property
+    def mean_probs(self) -> Tensor | None:
+        """Deprecated spelling of `probabilities`."""
+        return self.probabilities
+
+    @property
+    def n_samples(self) -> int:
+        """Deprecated spelling of `num_samples` (T)."""
+        return self.num_samples
 
     def as_dict(self) -> dict[str, Tensor]:
-        """The non-empty tensors by name."""
-        names = (
-            "mean_probs",
-            "predictive_entropy",
-            "expected_entropy",
-            "mutual_information",
-            "variation_ratio",
-            "mean",
-            "std",
-            "samples",
-        )
+        """The non-empty tensors by their output-table names (`dropwise.surgery.outputs`)."""
+        names = (*summary_names(self.task), SAMPLES, SAMPLE_LOGITS)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -99,36 +112,33 @@ def _as_args(x: Any) -> tuple[Tensor, ...]:
 
 
 def _execution_order(model: nn.Module, example_input: Any, sites: Sequence[Site]) -> list[Site]:
-    """Sites sorted by the order their modules first run on ``example_input`` (unreached ones last)."""
-    modules = dict(model.named_modules())
+    """Sites sorted by when they first act on ``example_input`` (unreached ones last).
+
+    Module sites count from the start of their module, functional sites from the call itself (a dropout in
+    the root's own forward after every block comes last), on a copy with every gating module in train mode.
+    """
+    work = copy.deepcopy(model)
+    set_training(work, False)
+    for name in gating_modules(list(sites)):
+        work.get_submodule(name).training = True
+    events: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        trace_calls(work, example_input, {s.name for s in sites if s.function is None}, events)
     order: dict[str, int] = {}
-    handles = []
-    for site in sites:
-        module = modules.get(site.name)
-        if module is None or site.name in order:
-            continue
-
-        def hook(_m: nn.Module, _i: Any, name: str = site.name) -> None:
-            order.setdefault(name, len(order))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sorted(sites, key=lambda s: order.get(s.name, len(order)))
+    for event in events:
+        order.setdefault(event, len(order))
+    return sorted(sites, key=lambda s: order.get(s.key, len(order)))
 
 
 def choose_sites(found: Sequence[Site], sites: str | Sequence[str | Site] | None) -> list[Site]:
     """The chosen subset of ``found`` (execution order): None/"all", "last", "first", or names/keys/Sites."""
     if sites is None or sites == "all":
         return list(found)
+    ran = [s for s in found if s.called is not False] or list(found)  # never a site that did not run
     if sites == "last":
-        return [found[-1]]
+        return [ran[-1]]
     if sites == "first":
-        return [found[0]]
+        return [ran[0]]
     if isinstance(sites, str):
         sites = [sites]
     wanted = {s.key if isinstance(s, Site) else str(s) for s in sites}
@@ -145,37 +155,90 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _replacement(site: Site, module: nn.Module, index: int, context: MaskContext) -> nn.Module:
-    """The MC form of one chosen site: a hash-mask site when one exists, else a train-mode wrapper."""
-    form = _FORMS.get(site.kind) if site.function is None else None
-    if site.kind == "drop_path" and site.function is None:
+def _replacement(
+    sites: Sequence[Site], module: nn.Module, index: int, found: Sequence[Site], context: MaskContext
+) -> nn.Module:
+    """The MC form of the chosen sites acting through ``module``: a hash-mask site, else a train-mode wrapper.
+
+    A module site with a hash form becomes a `HashMaskSite`; any other module site, and the gating module of
+    functional sites (wrapped once for all its chosen calls), a `TrainModeSite` keyed by site ``index``.
+    """
+    functional = [s for s in sites if s.function is not None]
+    if functional:
+        names = {s.function for s in functional if s.function}
+        every = {s.function for s in found if s.name == functional[0].name and s.function}
+        # a FunctionalCallSite (export front-end) is one call: all of it is chosen
+        only = None if names == every or isinstance(module, FunctionalCallSite) else frozenset(names)
+        return TrainModeSite(module, context, index, functional=True, functions=only)
+    site = sites[0]
+    form = _FORMS.get(site.kind)
+    if site.kind == "drop_path":
         form = "path" if getattr(module, "scale_by_keep", True) else "path_classic"
     if form is None:
-        return TrainModeSite(module, context, index, functional=site.function is not None)
+        return TrainModeSite(module, context, index)
     return HashMaskSite(context, index, float(site.p), form)
 
 
 def _rewrite_tail(
-    tail: nn.Module, model: nn.Module, found: Sequence[Site], chosen: Sequence[Site], context: MaskContext
+    tail: nn.Module,
+    model: nn.Module,
+    found: Sequence[Site],
+    chosen: Sequence[Site],
+    context: MaskContext,
+    site_modules: dict[str, nn.Module] | None = None,
 ) -> list[nn.Module]:
-    """Replace each chosen site module inside ``tail`` (found by identity) by its MC form."""
-    in_tail = {}
+    """Replace each chosen site (module site, or the gate of functional sites) inside ``tail`` by its MC form.
+
+    Sites act through a module found by identity in ``tail``: the site module, the gating module, or the
+    module the split put in their place (``site_modules``, by site key). Deepest modules are replaced first,
+    so a gate that is also the parent of a module site (BERT's sdpa attention) keeps its replaced child.
+    """
+    in_tail: dict[int, list[str]] = {}
     for name, module in tail.named_modules(remove_duplicate=False):
         in_tail.setdefault(id(module), []).append(name)
     index = {s.key: i for i, s in enumerate(found)}
-    replaced: list[nn.Module] = []
+    groups: dict[int, tuple[nn.Module, list[Site]]] = {}
     for site in chosen:
-        module = model.get_submodule(site.name) if site.name else model
+        if site_modules is not None and site.key in site_modules:
+            module = site_modules[site.key]
+        else:
+            module = model.get_submodule(site.name) if site.name else model
+        groups.setdefault(id(module), (module, []))[1].append(site)
+
+    def depth(module: nn.Module) -> int:
+        return max((name.count(".") + 1 if name else 0 for name in in_tail.get(id(module), [])), default=0)
+
+    replaced: list[nn.Module] = []
+    for module, sites in sorted(groups.values(), key=lambda g: -depth(g[0])):
         names = in_tail.get(id(module), [])
         if not names:
             continue  # the site lies in the trunk: impossible for the split's own sites, kept for safety
-        replacement = _replacement(site, module, index[site.key], context)
+        replacement = _replacement(sites, module, index[sites[0].key], found, context)
         for name in names:
             if name == "":
                 raise ValueError("the root module itself is a site: wrap it in a container first")
             _set_submodule(tail, name, replacement)
         replaced.append(replacement)
     return replaced
+
+
+def primary_output(out: Any) -> Tensor:
+    """The tensor MC summarises: ``out`` itself, ``logits`` of a dict-like output (Hugging Face ``ModelOutput``),
+    else its first tensor value, or the first element of a tuple / list."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), Tensor):
+            return out["logits"]
+        values = list(out.values())
+    elif isinstance(out, tuple | list):
+        values = list(out)
+    else:
+        raise TypeError(f"the model returned {type(out).__name__}; MC needs a tensor (or a dict / tuple of them)")
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(f"the model returned {type(out).__name__} with no tensor in it")
 
 
 def _batched_outputs(trunk: nn.Module, example: tuple[Tensor, ...]) -> list[bool]:
@@ -211,8 +274,42 @@ def _bytes_per_row(model: nn.Module, example: tuple[Tensor, ...]) -> int:
     return largest
 
 
-def _fresh_seed() -> int:
-    return int(torch.randint(0, 1 << 62, (1,)).item())
+def _fresh_seeds(n: int) -> list[int]:
+    """``n`` fresh seeds from torch's global generator (one draw for all)."""
+    return torch.randint(0, 1 << 62, (n,)).tolist() if n else []
+
+
+def _chunk_rows_for(per_row: int, device: torch.device, memory_budget: int, chunk_bytes: int) -> int:
+    """Sample-rows per tail pass: cache-sized on the CPU, one pass bounded by memory on an accelerator."""
+    budget_rows = max(1, memory_budget // (4 * per_row))
+    if device.type == "cpu":
+        return min(max(128, chunk_bytes // per_row), budget_rows)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        budget_rows = max(budget_rows, free // (4 * 4 * per_row))  # a quarter of the free memory
+    return budget_rows
+
+
+def default_chunk_rows(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    device: torch.device | str | None = None,
+    memory_budget: int = 256 << 20,
+    chunk_bytes: int = 1 << 20,
+) -> int:
+    """The `MCEngine` default ``chunk_rows`` of ``model`` on ``device`` (default: the model's).
+
+    CPU: rows whose largest activation fills about ``chunk_bytes`` (cache-sized chunks were measured faster
+    than one big pass), at least 128, within ``memory_budget``. Other devices: as many rows as the budget
+    allows (on CUDA the larger of ``memory_budget`` and a quarter of the free memory), so a batch is one
+    pass: fewer, larger kernels instead of a launch-bound loop of chunks. The per-row size is the largest
+    activation of any module on ``example_input``, times 4 for the activations alive at once.
+    """
+    if device is None:
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    per_row = _bytes_per_row(model, _as_args(example_input))
+    return _chunk_rows_for(per_row, torch.device(device), memory_budget, chunk_bytes)
 
 
 class MCEngine:
@@ -226,9 +323,10 @@ class MCEngine:
         sites: ``None`` / ``"all"`` (every site), ``"last"`` (only the last site to run, TorchUncertainty's
             ``last_layer``), ``"first"``, or site names / keys / ``Site`` objects.
         task: ``"classification"`` (tail output ``[B, K]`` logits) or ``"regression"`` (``[B, ...]``).
-        chunk_rows: most sample-rows per tail pass. Default: rows whose largest activation fills about
-            ``chunk_bytes`` (1 MiB: cache-sized chunks measured faster on the CPU than one big pass), at
-            least 128 rows, and never more than ``memory_budget`` (bytes) allows.
+        chunk_rows: most sample-rows per tail pass. Default (`default_chunk_rows`): on the CPU rows whose
+            largest activation fills about ``chunk_bytes`` (1 MiB: cache-sized chunks measured faster than
+            one big pass), at least 128 rows, never more than ``memory_budget`` (bytes) allows; on a GPU one
+            pass bounded by memory.
         compile: run the tail through ``torch.compile`` (fuses mask generation into the tail's kernels).
         channels_last: give the tail its 4-D inputs in channels-last memory format (same values; on the
             CPU torch's NCHW max-pooling of odd-sized maps was measured 40x slower than channels-last).
@@ -266,12 +364,15 @@ class MCEngine:
         self.context = MaskContext(exportable=exportable)
         self.trunk = self.split.trunk.eval()
         self.tail = self.split.tail.eval()
-        self.replaced = _rewrite_tail(self.tail, self.model, self.sites, self.chosen, self.context)
-        self._batched = _batched_outputs(self.trunk, example)
-        if chunk_rows is None:
+        if chunk_rows is None:  # measured before the rewrite: the tail shares its modules with the model
             per_row = _bytes_per_row(self.model, example)
-            chunk_rows = min(max(128, chunk_bytes // per_row), max(1, memory_budget // (4 * per_row)))
+            chunk_rows = _chunk_rows_for(per_row, self._device(), memory_budget, chunk_bytes)
+        self.replaced = _rewrite_tail(
+            self.tail, self.model, self.sites, self.chosen, self.context, self.split.site_modules
+        )
+        self._batched = _batched_outputs(self.trunk, example)
         self.chunk_rows = int(chunk_rows)
+        self._mask_sites = [m.site for m in self.replaced if isinstance(m, HashMaskSite)]
         self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
         self.channels_last = self._device().type == "cpu" if channels_last is None else bool(channels_last)
         if any(isinstance(m, TrainModeSite) for m in self.replaced):
@@ -316,19 +417,13 @@ class MCEngine:
     ) -> tuple[Tensor, Tensor]:
         """Tail rows of a batch of requests: (trunk row index ``[M]``, mask key ``[M]``), M = sum T_r B_r.
 
-        Request r's rows are repeated sample-major (``t * B_r + b``) in one contiguous block; the key of a
-        row depends only on (seed_r, row index within request r, t).
+        Requests with the same T form one group laid out sample-major over all the group's rows
+        (``dropwise.surgery.mc_layout``); the key of a row depends only on (seed_r, row index within request
+        r, t), so the layout never changes a seeded answer.
         """
+        layout = plan(rows_per_request, samples_per_request, seeds)
         device = self._device()
-        indices, keys = [], []
-        offset = 0
-        for n_rows, n_samples, seed in zip(rows_per_request, samples_per_request, seeds, strict=True):
-            local = torch.arange(n_rows, dtype=torch.int64, device=device)
-            seed_t = torch.full((n_rows,), int(seed), dtype=torch.int64, device=device)
-            indices.append((local + offset).repeat(n_samples))
-            keys.append(sample_keys(row_keys(seed_t, local), n_samples))
-            offset += n_rows
-        return torch.cat(indices), torch.cat(keys)
+        return torch.from_numpy(layout.index).to(device), torch.from_numpy(layout.keys).to(device)
 
     def _device(self) -> torch.device:
         for tensor in self.model.parameters():
@@ -336,21 +431,40 @@ class MCEngine:
         return torch.device("cpu")
 
     @torch.inference_mode()
-    def tail_outputs(self, live: Sequence[Tensor], index: Tensor, keys: Tensor) -> Tensor:
-        """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``."""
+    def tail_outputs(
+        self,
+        live: Sequence[Tensor],
+        index: Tensor,
+        keys: Tensor,
+        site_bits: dict[int, Tensor] | None = None,
+        *,
+        check: Callable[[], None] | None = None,
+    ) -> Tensor:
+        """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``.
+
+        ``site_bits``: precomputed site keys ``[M]`` per hash-mask site (see `masks.MaskContext`).
+        ``check`` is called before every chunk; an exception it raises abandons the computation (a server
+        uses it to stop work whose deadline has passed).
+        """
         outputs = []
         total = int(index.shape[0])
         for start in range(0, total, self.chunk_rows):
+            if check is not None:
+                check()
             stop = min(start + self.chunk_rows, total)
-            idx = index[start:stop]
-            self.context.keys = keys[start:stop]
+            whole = start == 0 and stop == total  # one pass: no slicing
+            idx = index if whole else index[start:stop]
+            self.context.keys = keys if whole else keys[start:stop]
+            if site_bits is not None:
+                self.context.site_bits = site_bits if whole else {k: v[start:stop] for k, v in site_bits.items()}
             args = [t.index_select(0, idx) if batched else t for t, batched in zip(live, self._batched, strict=True)]
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
             try:
-                outputs.append(self._tail_fn(*args))
+                outputs.append(primary_output(self._tail_fn(*args)))
             finally:
                 self.context.keys = None
+                self.context.site_bits = None
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     @torch.inference_mode()
@@ -361,12 +475,18 @@ class MCEngine:
         samples_per_request: Sequence[int],
         seeds: Sequence[int | None],
         return_samples: bool = False,
+        *,
+        to_host: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> list[MCResult]:
         """Several requests batched along dimension 0 of ``x``, each with its own T and seed.
 
         The trunk runs once for all rows; the tail runs once (chunked) for all ``sum_r T_r * B_r``
-        sample-rows. A ``None`` seed draws a fresh one from torch's global generator (reported in the
-        result). Returns one `MCResult` per request, in order.
+        sample-rows; requests with the same T are summarised together (one call per distinct T). A ``None``
+        seed draws a fresh one from torch's global generator (reported in the result). ``to_host``: return
+        CPU tensors, fetched from the device with one copy for the whole batch. ``check`` is called before
+        each tail chunk (see `tail_outputs`). Returns one `MCResult` per
+        request, in order.
         """
         args = _as_args(x)
         rows = [int(r) for r in rows_per_request]
@@ -377,25 +497,35 @@ class MCEngine:
             raise ValueError(f"rows_per_request {rows} must be positive and sum to the batch size {args[0].shape[0]}")
         if min(samples, default=0) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        resolved = [_fresh_seed() if s is None else int(s) for s in seeds]
+        fresh = iter(_fresh_seeds(sum(s is None for s in seeds)))
+        resolved = [next(fresh) if s is None else int(s) for s in seeds]
         for s in resolved:
             if not 0 <= s < _MAX_SEED:
                 raise ValueError(f"seed must be in [0, 2**63), got {s}")
         self.trunk.eval()
         self.tail.eval()
         live = self.trunk(*args)
-        index, keys = self.layout(rows, samples, resolved)
-        out = self.tail_outputs(live, index, keys)
-        results = []
-        offset = 0
-        for n_rows, n_samples, seed in zip(rows, samples, resolved, strict=True):
-            block = out[offset : offset + n_rows * n_samples]
-            offset += n_rows * n_samples
-            results.append(self._summarise(block.reshape(n_samples, n_rows, -1), seed, return_samples))
-        return results
+        layout = plan(rows, samples, resolved, self._mask_sites)
+        device = self._device()
+        index = torch.from_numpy(layout.index).to(device)
+        keys = torch.from_numpy(layout.keys).to(device)
+        bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
+        out = self.tail_outputs(live, index, keys, bits, check=check)
+        summaries = [
+            self._summarise(
+                out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples
+            )
+            for g in layout.groups
+        ]
+        if to_host:
+            summaries = _to_host(summaries)
+        results: list[MCResult | None] = [None] * len(rows)
+        for group, summary in zip(layout.groups, summaries, strict=True):
+            for r, offset in zip(group.requests, group.row_offsets, strict=True):
+                results[r] = _rows_of(summary, offset, rows[r], resolved[r])
+        return [r for r in results if r is not None]
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
-        kept = per_sample if return_samples else None
         if self.task == "classification":
             s = classification_summaries(per_sample)
             return MCResult(
@@ -403,15 +533,51 @@ class MCEngine:
                 per_sample.shape[0],
                 seed,
                 s.std,
-                mean_probs=s.mean_probs,
+                probabilities=s.probabilities,
                 predictive_entropy=s.predictive_entropy,
                 expected_entropy=s.expected_entropy,
                 mutual_information=s.mutual_information,
                 variation_ratio=s.variation_ratio,
-                samples=kept,
+                samples=torch.softmax(per_sample.float(), dim=-1) if return_samples else None,
+                sample_logits=per_sample if return_samples else None,
             )
         r = regression_summaries(per_sample)
+        kept = per_sample if return_samples else None
         return MCResult("regression", per_sample.shape[0], seed, r.std, mean=r.mean, samples=kept)
+
+
+def _rows_of(summary: MCResult, start: int, n_rows: int, seed: int) -> MCResult:
+    """Rows ``start .. start + n_rows - 1`` of a group's summaries (views), as one request's result."""
+    fields = {}
+    for name, value in summary.as_dict().items():
+        per_sample = name in (SAMPLES, SAMPLE_LOGITS)  # [T, B, K]: rows on dim 1
+        fields[name] = value[:, start : start + n_rows] if per_sample else value[start : start + n_rows]
+    std = fields.pop("std")
+    return MCResult(summary.task, summary.num_samples, seed, std, **fields)
+
+
+def _to_host(summaries: list[MCResult]) -> list[MCResult]:
+    """The summaries on the CPU, fetched with one device-to-host copy for all of them."""
+    if all(t.device.type == "cpu" for summary in summaries for t in summary.as_dict().values()):
+        return summaries
+    return _moved(summaries, lambda flat: flat.cpu())
+
+
+def _moved(summaries: list[MCResult], move: Any) -> list[MCResult]:
+    """``summaries`` with every tensor packed into one flat tensor, moved by ``move`` once, and unpacked."""
+    tensors = [t for summary in summaries for t in summary.as_dict().values()]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = move(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    hosted = []
+    offset = 0
+    for summary in summaries:
+        host = {}
+        for name, value in summary.as_dict().items():
+            host[name] = flat[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
+            offset += value.numel()
+        std = host.pop("std")
+        hosted.append(MCResult(summary.task, summary.num_samples, summary.seed, std, **host))
+    return hosted
 
 
 def mc_predict(

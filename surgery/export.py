@@ -6,8 +6,9 @@ mode before export (docs/DESIGN.md §6). The resulting graph is then searched, i
 functions, for any node that would make it stochastic (Dropout, RandomUniform*, RandomNormal*, Bernoulli,
 Multinomial); finding one is an error, not a warning. `onnx.checker` with full shape inference runs last.
 
-Graph interface (see docs/CONTRACTS.md): one input named after the manifest's input (``input`` by default),
-shape ``[batch, ...]`` with float32 or int64 elements, and one output ``output`` of shape ``[batch, ...]``
+Graph interface (see docs/CONTRACTS.md): the manifest's inputs by name (one ``input`` for most models; a text
+classifier takes ``input_ids`` and ``attention_mask``), each of shape ``[batch, ...]`` with float32 or int64
+elements and one shared batch dimension, and one output ``output`` of shape ``[batch, ...]``
 (logits for classification, the standardised prediction for regression).
 """
 
@@ -16,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 from torch.export import Dim
+
+from dropwise.errors import DropwiseError
 
 DEFAULT_OPSET = 20
 DEFAULT_INPUT_NAME = "input"
@@ -41,7 +44,7 @@ RANDOM_OP_TYPES: frozenset[str] = frozenset(
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(DropwiseError, RuntimeError):
     """The model could not be exported, or the exported graph is not what was asked for."""
 
 
@@ -106,28 +109,37 @@ def _quiet_exporter() -> Iterator[None]:
 
 def export_graph(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     input_name: str = DEFAULT_INPUT_NAME,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
+    input_names: Sequence[str] | None = None,
 ) -> onnx.ModelProto:
     """Export `model` as it is (modes untouched) with the dynamo exporter; return the ONNX model in memory.
 
-    The batch dimension of `example_input` becomes the symbolic dimension ``batch`` when `dynamic_batch`.
+    `example_input` is one tensor or a tuple of the model's positional inputs, named by `input_names`
+    (default: `input_name` for one input). Their shared batch dimension becomes the symbolic dimension
+    ``batch`` when `dynamic_batch`.
     """
     if opset < 18:
         raise ExportError(f"opset {opset} is too old: the dynamo exporter needs opset >= 18")
-    example = with_min_batch(example_input) if dynamic_batch else example_input
-    dynamic_shapes = ({0: Dim("batch")},) if dynamic_batch else None
+    examples = example_input if isinstance(example_input, tuple) else (example_input,)
+    names = list(input_names) if input_names is not None else [input_name]
+    if len(names) != len(examples):
+        raise ExportError(f"{len(examples)} example input(s) but {len(names)} input name(s): {names}")
+    if dynamic_batch:
+        examples = tuple(with_min_batch(x) for x in examples)
+    batch = Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in examples) if dynamic_batch else None
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 model,
-                (example,),
+                examples,
                 dynamo=True,
-                input_names=[input_name],
+                input_names=names,
                 output_names=output_names or [DEFAULT_OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
@@ -161,12 +173,13 @@ def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
 
 def export_deterministic(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | Path,
     *,
     input_name: str = DEFAULT_INPUT_NAME,
     output_name: str = DEFAULT_OUTPUT_NAME,
     opset: int = DEFAULT_OPSET,
+    input_names: Sequence[str] | None = None,
 ) -> Path:
     """Export `model` in eval mode to `path` as a deterministic graph with a dynamic batch dimension.
 
@@ -181,7 +194,14 @@ def export_deterministic(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        proto = export_graph(model, example_input, input_name=input_name, output_names=[output_name], opset=opset)
+        proto = export_graph(
+            model,
+            example_input,
+            input_name=input_name,
+            output_names=[output_name],
+            opset=opset,
+            input_names=input_names,
+        )
     finally:
         for module, training in modes.items():
             module.train(training)

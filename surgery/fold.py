@@ -14,12 +14,15 @@ Rules (docs/DESIGN.md §2; ``q = 1 - p``):
   ``qW`` followed by the activation; the Gaussian moment-matching rule is deterministic but not affine, so
   the layer is kept in its eval form (``FrozenEval``);
 - FractalNet join (Larsson et al. 2017): replaced by the deterministic mean of its inputs;
-- functional dropout gated by ``self.training``: already off in eval; the folded model is returned in eval
-  mode (such calls come back if the caller puts the model in train mode).
+- functional and attention dropout gated by ``self.training`` (``F.dropout(h, p, self.training)``, transformers'
+  ``dropout_p=p if self.training else 0``, this project's ``drop_path(...)`` called inside a forward): the gating
+  module is pinned to eval (`pin_eval`: its ``training`` reads False whatever ``train()`` sets), so the folded
+  model is deterministic in train mode too (a fine-tuning loop does not bring the dropout back).
 
 Adjacency is found on a ``torch.fx`` graph traced with site modules as leaves. Where a scale cannot be folded
 exactly (no adjacent affine op, shared weights, untraceable model) one multiply is kept (a ``Scale``
-module) and the fold report says why. The report is ``folded.fold_report``.
+module) and the fold report says why. `fold` returns the folded model; `fold_with_report` returns a
+`FoldResult` (``.model`` and ``.report``, a `FoldReport`).
 """
 
 from __future__ import annotations
@@ -33,22 +36,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .sites import FrozenEval, Site, call_model, find_sites, plain_copy
+from dropwise.errors import DropwiseError
+
+from .mc import plain_copy
+from .module_tools import FrozenEval, call_model, set_training
+from .site_types import SWITCH_FUNCTIONAL, Site
+from .sites import find_sites
 from .split import trace_with_sites
 
 __all__ = [
     "ActivatedConv2d",
     "ActivatedLinear",
+    "EvalPinned",
     "FoldError",
     "FoldReport",
+    "FoldResult",
     "MeanJoin",
     "Removed",
     "Scale",
     "fold",
+    "fold_with_report",
+    "pin_eval",
 ]
 
 
-class FoldError(RuntimeError):
+class FoldError(DropwiseError, RuntimeError):
     """The folded model does not reproduce the eval output (a bug: please report it)."""
 
 
@@ -82,6 +94,42 @@ class Removed(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"removed={self.removed}"
+
+
+class EvalPinned:
+    """Mixin of a module pinned to eval by `pin_eval`: ``training`` reads False whatever is assigned to it.
+
+    ``train()`` / ``eval()`` and direct assignments still run (children follow them) but leave this module in
+    eval, so the functional dropout its ``forward`` gates on ``self.training`` never runs.
+    """
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        del value
+
+
+_PINNED_CLASSES: dict[type, type] = {}
+
+
+def pin_eval(module: nn.Module) -> nn.Module:
+    """Pin ``module``'s own ``training`` flag to False, in place (its class becomes an `EvalPinned` subclass).
+
+    Parameters, buffers, children and the state-dict keys are unchanged; ``isinstance`` checks against the
+    original class still hold. Returns ``module``.
+    """
+    if isinstance(module, EvalPinned):
+        return module
+    cls = type(module)
+    pinned = _PINNED_CLASSES.get(cls)
+    if pinned is None:
+        pinned = type(f"EvalPinned{cls.__name__}", (EvalPinned, cls), {"__module__": cls.__module__})
+        _PINNED_CLASSES[cls] = pinned
+    module.__class__ = pinned
+    return module
 
 
 class MeanJoin(nn.Module):
@@ -123,7 +171,7 @@ class FoldEntry:
 
     site: str
     kind: str
-    action: str  # deleted | folded | replaced | scale kept | frozen | left
+    action: str  # deleted | folded | replaced | scale kept | frozen | pinned | left (random)
     detail: str
 
 
@@ -147,6 +195,14 @@ class FoldReport:
         if self.max_abs_diff is not None:
             lines.append(f"max |folded - eval| = {self.max_abs_diff:.3g} (output scale {self.output_scale:.3g})")
         return "\n".join(lines)
+
+
+@dataclass
+class FoldResult:
+    """What `fold_with_report` returns: the folded model and the report of what was done to each site."""
+
+    model: nn.Module
+    report: FoldReport
 
 
 _AFFINE_IN = (
@@ -335,12 +391,12 @@ def _scale_into_previous(graph: _Graph, node: fx.Node, q: float) -> str:
         raise ValueError(f"previous op {cur.name} is not affine or positively homogeneous")
 
 
-def _mean_rule_layer(module: nn.Module) -> nn.Module:
+def _mean_rule_layer(module: Any) -> nn.Module:
     q = 1.0 - float(module.p)
     activation = module.activation
     bias = module.bias is not None
     if isinstance(module.weight, Tensor) and module.weight.dim() == 2:
-        layer: nn.Module = ActivatedLinear(module.in_features, module.out_features, bias, activation)
+        layer: Any = ActivatedLinear(module.in_features, module.out_features, bias, activation)
     else:
         layer = ActivatedConv2d(
             activation,
@@ -374,8 +430,7 @@ def _flat_tensors(out: Any) -> list[Tensor]:
 def _eval_output(model: nn.Module, example_input: Any) -> Any:
     flags = {name: m.training for name, m in model.named_modules()}
     try:
-        for m in model.modules():  # not model.eval(): an MC model's eval() keeps its sites on
-            m.training = False
+        set_training(model, False)  # not model.eval(): an MC model's eval() keeps its sites on
         with torch.no_grad():
             return call_model(model, example_input)
     finally:
@@ -400,13 +455,18 @@ def _check(report: FoldReport, want: Any, got: Any) -> None:
 def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
     """A folded deep copy of ``model`` (the original is untouched), in eval mode, with no stochastic site.
 
-    With ``example_input``, functional sites are listed too and the folded output is checked against the
-    original's eval output (max abs difference <= 1e-5 of the output's scale, else ``FoldError``).
-    The report of what was done is ``result.fold_report`` (a ``FoldReport``).
+    With ``example_input``, functional sites are found (and their gating modules pinned to eval) and the folded
+    output is checked against the original's eval output (max abs difference <= 1e-5 of the output's scale,
+    else ``FoldError``). `fold_with_report` also returns what was done to each site.
     """
+    return fold_with_report(model, example_input).model
+
+
+def fold_with_report(model: nn.Module, example_input: Any = None) -> FoldResult:
+    """`fold`, returning a `FoldResult`: the folded model and its `FoldReport`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
-    folded = plain_copy(model).eval()
+    folded = plain_copy(model)  # an MC model comes back as its own class, in eval
     sites = find_sites(folded, example_input)
     report = FoldReport()
     graph: _Graph | None = None
@@ -419,10 +479,15 @@ def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
             trace_error = f"torch.fx could not trace the model: {type(exc).__name__}"
     replacements: dict[str, nn.Module] = {}
     modules = dict(folded.named_modules())
+    pinned: set[str] = set()
     for site in sites:
         if site.function is not None:
-            action = "left" if site.foldable else "left (random)"
-            report.add(site, action, site.fold_rule)
+            if site.switch == SWITCH_FUNCTIONAL:
+                if site.name not in pinned:
+                    pinned.add(site.name)
+                report.add(site, "pinned", "gating module pinned to eval: off whatever train() says")
+            else:
+                report.add(site, "left (random)", site.fold_rule)
             continue
         module = modules[site.name]
         rule = site.rule
@@ -447,11 +512,12 @@ def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
         if name == "":
             raise ValueError("the model itself is a stochastic site; nothing would remain after folding")
         folded.set_submodule(name, new)
+    for name in pinned:  # after the replacements: a gate may be the parent of a replaced module site
+        pin_eval(folded.get_submodule(name) if name else folded)
     folded.eval()
-    folded.fold_report = report
     if example_input is not None:
         _check(report, _eval_output(model, example_input), _eval_output(folded, example_input))
-    return folded
+    return FoldResult(folded, report)
 
 
 def _fold_scale(

@@ -42,6 +42,8 @@ Three code paths give bit-identical masks (tested):
 
 from __future__ import annotations
 
+import math
+import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +54,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.overrides import TorchFunctionMode
 
 from . import hash_kernel
+from .functional_sites import FUNCTIONAL_SPECS, FunctionalSpec
 
 __all__ = [
     "MASK_BITS",
@@ -227,12 +230,15 @@ def keep_factor(
     dtype: torch.dtype = torch.float32,
     *,
     exportable: bool = False,
+    site_bits: Tensor | None = None,
 ) -> Tensor:
     """``scale * keep_mask(...)`` as a ``dtype`` tensor ``[N, *shape]`` (values 0 or ``scale``).
 
     Same decisions as `keep_mask`. The fast float32 path builds the factors with integer ops (the sign of
     ``u - thr`` selects the bit pattern of ``scale`` or of 0.0) instead of a comparison followed by a
-    bool -> float conversion, which costs several times more on the CPU.
+    bool -> float conversion, which costs several times more on the CPU. ``site_bits``: the site keys
+    ``site_keys(keys, site)`` as int32 bit patterns when already known (the fast path then skips hashing
+    them).
     """
     n_positions = 1
     for size in shape:
@@ -243,7 +249,7 @@ def keep_factor(
     fast = not (exportable or special or thr in (0, _LEVELS))
     if not fast or dtype != torch.float32 or not _LITTLE_ENDIAN:
         return keep_mask(keys, site, shape, p, exportable=exportable).to(dtype) * scale
-    site_k = _to_int32_bits(site_keys(keys, site))
+    site_k = _to_int32_bits(site_keys(keys, site)) if site_bits is None else site_bits
     n_words = (n_positions + 1) // 2
     codes = _position_codes(n_words, site_k.device, True)
     factors = hash_kernel.masked_factors(site_k, codes, n_positions, thr, scale)
@@ -254,7 +260,7 @@ def keep_factor(
     u = words.view(torch.int16).to(torch.int32)  # [N, 2W] signed halves: u16 - 65536 * (u16 >= 32768)
     u.bitwise_and_(0xFFFF).sub_(thr)  # u16 - thr: negative exactly when the position drops
     u.bitwise_right_shift_(31)  # -1 (drop) or 0 (keep)
-    bits = int(torch.tensor(scale, dtype=torch.float32).view(torch.int32))
+    bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # float32 bit pattern, no tensor op
     u.bitwise_not_().bitwise_and_(bits)  # keep -> bit pattern of scale, drop -> 0 (= 0.0)
     factors = u.view(torch.float32)
     if 2 * n_words != n_positions:
@@ -262,29 +268,33 @@ def keep_factor(
     return factors.reshape(-1, *shape)
 
 
-def keep_product(x: Tensor, keys: Tensor, site: int, p: float, scale: float, *, exportable: bool = False) -> Tensor:
+def keep_product(
+    x: Tensor,
+    keys: Tensor,
+    site: int,
+    p: float,
+    scale: float,
+    *,
+    exportable: bool = False,
+    site_bits: Tensor | None = None,
+) -> Tensor:
     """``x * keep_factor(keys, site, x.shape[1:], p, scale, x.dtype)``: one decision per element of a row.
 
     On the CPU with the fused kernel (`dropwise.surgery.hash_kernel`) and a contiguous float32 ``x`` the
     masks are generated and applied in one pass; otherwise the factors are built and multiplied. Both give
-    the same bits.
+    the same bits. ``site_bits``: as in `keep_factor`.
     """
     thr = threshold(p)
-    if (
-        not exportable
-        and 0 < thr < _LEVELS
-        and x.dtype == torch.float32
-        and x.dim() >= 2
-        and x.is_contiguous()
-        and hash_kernel.available()
-    ):
+    if not exportable and 0 < thr < _LEVELS and x.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous():
         n_positions = x[0].numel()
-        site_k = _to_int32_bits(site_keys(keys, site))
-        codes = _position_codes((n_positions + 1) // 2, site_k.device, True)
-        out = hash_kernel.masked_product(x.reshape(x.shape[0], n_positions), site_k, codes, thr, scale)
+        if site_bits is None:
+            site_bits = _to_int32_bits(site_keys(keys, site))
+        codes = _position_codes((n_positions + 1) // 2, site_bits.device, True)
+        out = hash_kernel.masked_product(x.reshape(x.shape[0], n_positions), site_bits, codes, thr, scale)
         if out is not None:
             return out.reshape(x.shape)
-    return x * keep_factor(keys, site, tuple(x.shape[1:]), p, scale, x.dtype, exportable=exportable)
+    factors = keep_factor(keys, site, tuple(x.shape[1:]), p, scale, x.dtype, exportable=exportable, site_bits=site_bits)
+    return x * factors
 
 
 def _hash_keep(site_k: Tensor, n_positions: int, thr: int, exportable: bool) -> Tensor:
@@ -334,7 +344,9 @@ def onnx_translation_table() -> dict[Any, Any]:
     the hash runs as six uint32 ops per word, bit-identical to the torch paths (tested).
     """
     from onnx import TensorProto, helper
-    from onnxscript import opset20 as op
+    from onnxscript import opset20
+
+    op: Any = opset20  # onnxscript's per-op type stubs reject these (valid) uint32 / int64 mixes
 
     def const_u32(values: Sequence[int] | int, name: str) -> Any:
         if isinstance(values, int):
@@ -380,11 +392,14 @@ class MaskContext:
 
     ``keys`` is the int64 tensor ``[N]`` of sample-row keys (`sample_keys`) of the rows the tail is about
     to process; the engine sets it before each tail pass (a plain attribute, so tracing for export sees
-    it as a graph value). ``exportable`` selects the int64 export path of `keep_mask`.
+    it as a graph value). ``site_bits`` optionally maps a site index to its precomputed site keys ``[N]``
+    (``site_keys(keys, site)`` as int32 bit patterns; ``dropwise.surgery.mc_layout``) so that a pass does
+    not rehash them. ``exportable`` selects the int64 export path of `keep_mask`.
     """
 
     def __init__(self, exportable: bool = False) -> None:
         self.keys: Tensor | None = None
+        self.site_bits: dict[int, Tensor] | None = None
         self.exportable = exportable
 
     def require_keys(self) -> Tensor:
@@ -436,6 +451,8 @@ class HashMaskSite(torch.nn.Module):
         self.p = float(p)
         self.form = form
         self.q = 1.0 - quantised_p(self.p)
+        self._pass_keys: Tensor | None = None
+        self._pass_calls = 0
 
     def _mask_shape(self, x: Tensor) -> tuple[int, ...]:
         if self.form in ("element", "classic", "alpha"):
@@ -448,9 +465,22 @@ class HashMaskSite(torch.nn.Module):
             return (1, x.shape[2])
         return (1,) * (x.dim() - 1)  # path gates
 
+    def _site_code(self, keys: Tensor) -> int:
+        """The site number keying this call: ``site`` for a pass's first call, a distinct code for each later
+        call of the same module in the same pass (ViT calls one ``nn.Dropout`` twice per layer: without it
+        both calls would draw the same mask)."""
+        if keys is not self._pass_keys:
+            self._pass_keys, self._pass_calls = keys, 0
+        call = self._pass_calls
+        self._pass_calls += 1
+        return self.site if call == 0 else self.site + (call << 24)
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the site's masked form to ``x`` (see class docstring)."""
         keys = self.context.require_keys()
+        site = self._site_code(keys)
+        table = None if self.context.exportable else self.context.site_bits
+        bits = None if table is None else table.get(site)
         # One product with float factors (0 or the rescale): cheaper on the CPU than torch.where or a
         # product with a boolean mask.
         shape = self._mask_shape(x)
@@ -461,14 +491,14 @@ class HashMaskSite(torch.nn.Module):
             a = 1.0 / ((_ALPHA * _ALPHA * (1.0 - self.q) + 1.0) * self.q) ** 0.5
             b = _ALPHA * a * (1.0 - self.q)
             # a*(x*m + alpha'*(1-m)) + b with alpha' = -alpha  ==  m*(a*x + alpha*a) + (b - alpha*a)
-            factors = keep_factor(keys, self.site, shape, self.p, 1.0, x.dtype, exportable=exportable)
+            factors = keep_factor(keys, site, shape, self.p, 1.0, x.dtype, exportable=exportable, site_bits=bits)
             return (x * a + _ALPHA * a).mul_(factors).add_(b - _ALPHA * a)
         if self.q == 0.0:
             return x * 0.0
         scale = 1.0 if self.form in ("classic", "path_classic") else 1.0 / self.q
         if self.form in ("element", "classic"):
-            return keep_product(x, keys, self.site, self.p, scale, exportable=exportable)
-        return x * keep_factor(keys, self.site, shape, self.p, scale, x.dtype, exportable=exportable)
+            return keep_product(x, keys, site, self.p, scale, exportable=exportable, site_bits=bits)
+        return x * keep_factor(keys, site, shape, self.p, scale, x.dtype, exportable=exportable, site_bits=bits)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, p={self.p}, form={self.form}"
@@ -503,14 +533,23 @@ class KeyedRandom(TorchFunctionMode):
     batch) and is counted in ``shared_draws``. Each element gets its own 32-bit hash word; the uniform is its
     top 24 bits. ``generator`` arguments are ignored. Caveat: a layer whose per-example draws have some OTHER
     dimension of size N (N = T * B rows) would be keyed along that one.
+
+    Functional dropout (``dropwise.surgery.functional_sites.FUNCTIONAL_SPECS``) is intercepted too: an active
+    ``F.dropout*`` / ``torch.dropout`` / alpha dropout call is computed with keyed masks, an active
+    ``scaled_dot_product_attention`` with ``dropout_p > 0`` by its reference math with a keyed mask on the
+    attention weights, and the project's own functional forms run their body with their draws keyed. With
+    ``functions`` given, only calls with those labels (``"dropout#0"``: function and ordinal among that
+    function's active calls in this forward) are stochastic; the other active calls run in eval form.
     """
 
-    def __init__(self, keys: Tensor, site: int) -> None:
+    def __init__(self, keys: Tensor, site: int, functions: frozenset[str] | None = None) -> None:
         super().__init__()
         self.keys = keys
         self.site_k = site_keys(keys, site)
         self.calls = 0
         self.shared_draws = 0
+        self.functions = functions
+        self._ordinals: dict[str, int] = {}
 
     def _uniform(self, shape: Sequence[int], device: torch.device) -> Tensor:
         code = _mixed_constant(self.calls, _C5)
@@ -533,8 +572,69 @@ class KeyedRandom(TorchFunctionMode):
             return u.reshape(shape).to(device)
         return u.reshape(n_rows, *inner).movedim(0, row_dim).to(device)
 
+    def _keep(self, x: Tensor, channel: bool, p: float) -> Tensor:
+        """Keyed {0, 1} keep mask for ``x`` (per element, or per (row, channel) when ``channel``)."""
+        shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2) if channel and x.dim() > 2 else tuple(x.shape)
+        return (self._uniform(shape, x.device) >= p).to(x.dtype)
+
+    def _dropout(self, spec: FunctionalSpec, args: tuple, kwargs: dict) -> Tensor:
+        x, p = args[0] if args else kwargs["input"], spec.p(args, kwargs)
+        channel = "feature" in spec.name or spec.name[-2:] in ("1d", "2d", "3d")
+        if "alpha" in spec.name:
+            q = 1.0 - p
+            if q == 0.0:
+                return torch.zeros_like(x)
+            a = 1.0 / ((_ALPHA * _ALPHA * p + 1.0) * q) ** 0.5
+            b = _ALPHA * a * p
+            return (x * a + _ALPHA * a) * self._keep(x, channel, p) + (b - _ALPHA * a)
+        if p >= 1.0:
+            return x * 0.0
+        return x * self._keep(x, channel, p) * (1.0 / (1.0 - p))
+
+    def _attention(self, args: tuple, kwargs: dict) -> Tensor:
+        """``scaled_dot_product_attention`` by its reference math, the dropout mask keyed per row."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        mask, p = bound.get("attn_mask"), float(bound.get("dropout_p", 0.0))
+        scale = bound.get("scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if bound.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if bound.get("is_causal", False):
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        if p >= 1.0:
+            weights = weights * 0.0
+        elif p > 0.0:
+            weights = weights * self._keep(weights, False, p) * (1.0 / (1.0 - p))
+        return weights @ v
+
+    def _functional(self, func: Any, spec: FunctionalSpec, args: tuple, kwargs: dict) -> Any:
+        if not spec.active(args, kwargs):
+            return func(*args, **kwargs)
+        ordinal = self._ordinals.get(spec.name, 0)
+        self._ordinals[spec.name] = ordinal + 1
+        if self.functions is not None and f"{spec.name}#{ordinal}" not in self.functions:
+            off_args, off_kwargs = spec.switched_off(args, kwargs)
+            return func(*off_args, **off_kwargs)
+        if spec.project:
+            with self:  # the form's own body, its draws keyed (the undecorated body does not re-dispatch)
+                return func.__wrapped__(*args, **kwargs)
+        if spec.kind == "attention_dropout":
+            return self._attention(args, kwargs)
+        return self._dropout(spec, args, kwargs)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
+        spec = FUNCTIONAL_SPECS.get(func)
+        if spec is not None:
+            return self._functional(func, spec, args, kwargs)
         if func is Tensor.bernoulli_:
             target = args[0]
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
@@ -569,7 +669,7 @@ def _row_local_layers() -> tuple[type, ...]:
 
 
 class TrainModeSite(torch.nn.Module):
-    """Wraps a site with no hash-mask form (DropBlock, DropConnect, FractalJoin, functional dropout).
+    """Wraps a site with no hash-mask form (DropBlock, DropConnect, FractalJoin, a functional site's gate).
 
     Runs the wrapped module's own forward with ITS OWN ``training`` flag set (children keep theirs, so a
     BatchNorm inside stays in eval) and its random draws routed to the counter-based hash by
@@ -578,25 +678,42 @@ class TrainModeSite(torch.nn.Module):
     ``DropBlock2d`` runs with ``normalize="sample"`` (its rescale counted per sample instead of over the
     whole batch; both preserve the expectation), so its rows do not depend on each other.
 
+    A functional site's gating module (``F.dropout(h, p, self.training)``, attention dropout) is wrapped
+    whole: its own flag is set for the pass (children keep theirs, so nested module sites are replaced
+    separately) and `KeyedRandom` computes its dropout calls with keyed masks (``functions``: the labels of
+    the chosen calls; None = all).
+
     ``rows_independent``: whether a seeded row's output can depend only on that row (its seed, row index
-    and sample), never on the rest of the batch. True when the wrapped module is a ``dropwise.models.layers``
-    DropBlock2d, DropConnect layer or FractalJoin (a module site, not a functional one) AND every draw
-    seen so far was keyed per row (a ``per_example=False`` DropConnect mask, or a DropConnect over a
-    ``[B, L, F]`` input, draws one mask for the whole batch). Other modules (timm / torchvision DropBlock,
-    which rescale over the whole batch, user-registered kinds, functional dropout, whose ``F.dropout``
-    draws are not routed to the hash) are False. Meaningful once a pass has run (the engine runs one).
+    and sample), never on the rest of the batch. True when every draw seen so far was keyed per row AND the
+    wrapped module is a ``dropwise.models.layers`` DropBlock2d, DropConnect layer or FractalJoin, or the
+    gating module of functional sites (its train-mode forward is taken to treat rows apart, as attention
+    and MLP blocks do; the engine's probe pass and the tests check it on transformers models). A
+    ``per_example=False`` DropConnect mask, or a DropConnect over a ``[B, L, F]`` input, draws one mask for
+    the whole batch. Other modules (timm / torchvision DropBlock, which rescale over the whole batch,
+    user-registered kinds) are False. Meaningful once a pass has run (the engine runs one).
     """
 
-    def __init__(self, module: torch.nn.Module, context: MaskContext, site: int, *, functional: bool = False) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        context: MaskContext,
+        site: int,
+        *,
+        functional: bool = False,
+        functions: frozenset[str] | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.context = context
         self.site = int(site)
         self.functional = bool(functional)
+        self.functions = functions
         layers = _row_local_layers()
-        self._row_local = not self.functional and isinstance(module, layers)
+        self._row_local = self.functional or isinstance(module, layers)
         self._per_sample_norm = bool(layers) and isinstance(module, layers[0])
         self.shared_draws = 0
+        self._pass_keys: Tensor | None = None
+        self._pass_calls = 0
 
     @property
     def rows_independent(self) -> bool:
@@ -605,17 +722,23 @@ class TrainModeSite(torch.nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> object:
         """Run the wrapped module stochastically with keyed draws."""
-        self.module.training = True
+        module: Any = self.module
+        module.training = True
         if self._per_sample_norm:
-            saved = getattr(self.module, "normalize", "batch")
-            self.module.normalize = "sample"
+            saved = getattr(module, "normalize", "batch")
+            module.normalize = "sample"
         try:
-            random = KeyedRandom(self.context.require_keys(), self.site)
+            keys = self.context.require_keys()
+            if keys is not self._pass_keys:  # a later call in the same pass draws under a distinct site code
+                self._pass_keys, self._pass_calls = keys, 0
+            site = self.site if self._pass_calls == 0 else self.site + (self._pass_calls << 24)
+            self._pass_calls += 1
+            random = KeyedRandom(keys, site, self.functions)
             with random:
                 out = self.module(*args, **kwargs)
             self.shared_draws += random.shared_draws
             return out
         finally:
-            self.module.training = False
+            module.training = False
             if self._per_sample_norm:
-                self.module.normalize = saved
+                module.normalize = saved

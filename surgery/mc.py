@@ -11,33 +11,30 @@ else is in eval form:
 - DropBlock runs at its final (target) drop probability (``drop_prob = p``);
 - ClassicDropout and classic stochastic depth run in their train form (``m*x``, one gate per batch).
 
-``train()`` / ``eval()`` on the returned model re-apply this state instead of undoing it (an MC model is an
-inference model; fine-tune the original instead). ``result.mc_sites`` lists the switched sites and
-``result.head_dropout_added`` names the Linear that got dropout inserted before it (None when none was).
+The result is an `MCModel`: the same network (same modules, parameters and state-dict keys; ``isinstance``
+against its own class still holds) whose type adds ``train()`` / ``eval()`` that re-apply this state instead
+of undoing it (an MC model is an inference model; fine-tune the original instead), ``mc_sites`` (the
+switched sites) and ``head_dropout_added`` (the Linear that got dropout inserted before it, or None).
+`plain_copy` gives back a deep copy of the network without the MC type.
 """
 
 from __future__ import annotations
 
-import types
+import copy
 import warnings
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
-from .sites import (
-    SWITCH_FUNCTIONAL,
-    SWITCH_MODULE,
-    Site,
-    find_sites,
-    forward_reads_training,
-    plain_copy,
-    site_type_of,
-)
+from dropwise.errors import DropwiseError
 
-__all__ = ["HeadDropoutLinear", "NoStochasticSiteError", "apply_mc_state", "to_mc"]
+from .site_types import SWITCH_FUNCTIONAL, SWITCH_MODULE, Site, site_type_of
+from .sites import find_sites, forward_reads_training
+
+__all__ = ["HeadDropoutLinear", "MCModel", "NoStochasticSiteError", "apply_mc_state", "plain_copy", "to_mc"]
 
 
-class NoStochasticSiteError(ValueError):
+class NoStochasticSiteError(DropwiseError, ValueError):
     """The model has no stochastic site with ``p > 0``: MC sampling would return identical samples."""
 
 
@@ -73,10 +70,52 @@ def apply_mc_state(model: nn.Module, sites: list[Site]) -> nn.Module:
     return model
 
 
-def _mc_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train()`` / ``eval()`` of an MC model: re-apply the MC state (an MC model stays in MC mode)."""
-    del mode
-    return apply_mc_state(self, self.mc_sites)
+class MCModel(nn.Module):
+    """The type `to_mc` gives its result: the network's own class with an MC ``train()`` (a mixin).
+
+    ``train()`` / ``eval()`` re-apply the MC state (every module eval except ``mc_sites`` or their gating
+    modules), so the model stays an MC model whatever a caller does. Attributes: ``mc_sites`` (the switched
+    sites), ``head_dropout_added`` (qualified name of the Linear that got dropout inserted before it, or None),
+    ``network_class`` (the original class).
+    """
+
+    mc_sites: list[Site]
+    head_dropout_added: str | None
+    network_class: type[nn.Module]
+
+    def train(self, mode: bool = True) -> MCModel:
+        """Re-apply the MC state (``mode`` is ignored: an MC model stays in MC mode)."""
+        del mode
+        apply_mc_state(self, self.mc_sites)
+        return self
+
+
+_MC_CLASSES: dict[type, type] = {}
+
+
+def _as_mc(model: nn.Module, sites: list[Site], head: str | None) -> MCModel:
+    cls = type(model)
+    mc_cls = _MC_CLASSES.get(cls)
+    if mc_cls is None:
+        mc_cls = type(f"MC{cls.__name__}", (MCModel, cls), {"__module__": cls.__module__, "network_class": cls})
+        _MC_CLASSES[cls] = mc_cls
+    model.__class__ = mc_cls
+    assert isinstance(model, MCModel)
+    model.mc_sites = sites
+    model.head_dropout_added = head
+    model.train()
+    return model
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``; an `MCModel` comes back as its original class, in eval mode, without MC state."""
+    work = copy.deepcopy(model)
+    if isinstance(work, MCModel):
+        work.__class__ = cast(Any, work.network_class)
+        for attr in ("mc_sites", "head_dropout_added"):
+            work.__dict__.pop(attr, None)
+        work.eval()
+    return work
 
 
 def _add_head_dropout(model: nn.Module, p: float) -> str:
@@ -86,7 +125,9 @@ def _add_head_dropout(model: nn.Module, p: float) -> str:
             last = name
     if last is None or last == "":
         raise NoStochasticSiteError("the model has no stochastic site and no nn.Linear to put dropout before")
-    model.set_submodule(last, HeadDropoutLinear(model.get_submodule(last), p))
+    linear = model.get_submodule(last)
+    assert isinstance(linear, nn.Linear)
+    model.set_submodule(last, HeadDropoutLinear(linear, p))
     warnings.warn(
         f"inserted Dropout(p={p}) before {last}: the model was not trained with it; "
         "fine-tune it before trusting its MC uncertainty",
@@ -101,7 +142,7 @@ def to_mc(
     *,
     example_input: Any = None,
     add_dropout_before_head: float | None = None,
-) -> nn.Module:
+) -> MCModel:
     """A deep copy of ``model`` (the original is untouched) with every site stochastic at inference.
 
     Args:
@@ -138,10 +179,9 @@ def to_mc(
             UserWarning,
             stacklevel=2,
         )
-    mc.head_dropout_added = None
+    head: str | None = None
     if not live and add_dropout_before_head is not None:
         head = _add_head_dropout(mc, float(add_dropout_before_head))
-        mc.head_dropout_added = head
         sites = find_sites(mc, example_input)
         live = [s for s in sites if s.name == f"{head}.dropout"]
     if not live:
@@ -153,12 +193,4 @@ def to_mc(
             "use add_dropout_before_head=p (CLI: --add-dropout-before-head P) to insert one "
             "before the last Linear"
         )
-    mc.mc_sites = live
-    apply_mc_state(mc, live)
-    mc.train = types.MethodType(_mc_train, mc)
-    return mc
-
-
-def is_mc(model: nn.Module) -> bool:
-    """Whether ``model`` was made by ``to_mc``."""
-    return isinstance(getattr(model, "mc_sites", None), list)
+    return _as_mc(mc, live, head)

@@ -2,7 +2,8 @@
 
 MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes them one ONNX Runtime call:
 
-* inputs: the model input (``input_name``, dynamic batch), ``samples`` (int64 scalar T, read at run
+* inputs: the model's inputs by name (``input_name``, or ``input_names`` for a model with several, e.g.
+  ``input_ids`` and ``attention_mask``; one dynamic batch dimension), ``num_samples`` (int64 scalar T, read at run
   time) and ``seed`` (int64 scalar, OPTIONAL: it has an initializer -1, so callers may leave it out);
 * the trunk (``dropwise.surgery.split``) runs once on the B rows; its live tensors are expanded to T * B rows
   (sample-major, ``n = t * B + b``) and the rewritten tail of `dropwise.surgery.engine.MCEngine` runs once;
@@ -16,15 +17,20 @@ MC dropout (Gal & Ghahramani 2016) needs T stochastic passes; this graph makes t
   advances with every use: every run and every session gets a different seed (verified in
   ``tests/test_mc_onnx.py``). No ``Bernoulli`` node (inverted in ONNX Runtime) and no unseeded
   ``RandomUniformLike`` (identical streams in two sessions of one process) is used;
-* outputs: the summaries of ``dropwise.surgery.summaries`` by name (classification: ``mean_probs``,
-  ``predictive_entropy``, ``expected_entropy``, ``mutual_information``, ``variation_ratio``, ``std``;
-  regression: ``mean``, ``std``), then ``sample_outputs`` ``[T, B, K]`` when ``return_samples``, then
-  ``seed_used`` (int64 scalar: feed it back as ``seed`` to reproduce the run).
+* outputs (names from the output table `dropwise.surgery.outputs`): the summaries of
+  ``dropwise.surgery.summaries`` (classification: ``probabilities``, ``predictive_entropy``,
+  ``expected_entropy``, ``mutual_information``, ``variation_ratio``, ``std``; regression: ``mean``,
+  ``std``), then ``samples`` ``[T, B, K]`` when ``return_samples`` (per-sample probabilities for
+  classification, values for regression) and for classification ``sample_logits`` ``[T, B, K]``, then
+  ``seed_used`` (int64 scalar: feed it back as ``seed`` to
+  reproduce the run). Graphs exported before the table named these ``mean_probs`` and ``sample_outputs``
+  (per-sample logits); `dropwise.surgery.outputs.rename_legacy` reads them.
 
 The data-dependent T is exported by ``torch.onnx.export`` (dynamo) as an unbacked size taken from the
-``samples`` tensor. The tail runs on all T * B rows at once (no chunking inside the graph), so every tail op
-must take a run-time row count: per-example ``DropConnectConv2d`` switches to its im2col + batched-matmul form
-while exporting (`dropwise.models.layers.drop_connect.per_example_conv2d`; ONNX Conv's ``group`` is a constant).
+``num_samples`` tensor (graphs exported before the output table call it ``samples``). The tail runs on
+all T * B rows at once (no chunking inside the graph), so every tail op must take a run-time row count:
+per-example ``DropConnectConv2d`` switches to its im2col + batched-matmul form while exporting
+(`dropwise.models.layers.drop_connect.per_example_conv2d`; ONNX Conv's ``group`` is a constant).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from .engine import MCEngine
+from .engine import MCEngine, primary_output
 from .masks import onnx_translation_table, row_keys, sample_keys
+from .outputs import NUM_SAMPLES, mc_graph_output_names
 from .sites import Site
-from .summaries import CLASSIFICATION_OUTPUTS, REGRESSION_OUTPUTS, SummaryHead
+from .summaries import SummaryHead
 
 __all__ = ["MCGraph", "add_optional_seed", "export_mc_onnx", "output_names"]
 
@@ -50,16 +57,12 @@ _SEED_BITS = 62  # two groups of 31 bits: each sums exactly even where a reducti
 
 
 def output_names(task: str, return_samples: bool) -> list[str]:
-    """Output names of the MC graph, in order."""
-    names = list(CLASSIFICATION_OUTPUTS if task == "classification" else REGRESSION_OUTPUTS)
-    if return_samples:
-        names.append("sample_outputs")
-    names.append("seed_used")
-    return names
+    """Output names of the MC graph, in order (`dropwise.surgery.outputs.mc_graph_output_names`)."""
+    return mc_graph_output_names(task, return_samples)
 
 
 class MCGraph(nn.Module):
-    """``forward(x, samples, seed)``: the traced body of the MC graph (an `MCEngine` with int64 masks)."""
+    """``forward(x, num_samples, seed)``: the traced body of the MC graph (an `MCEngine` with int64 masks)."""
 
     def __init__(self, engine: MCEngine, return_samples: bool) -> None:
         super().__init__()
@@ -71,14 +74,17 @@ class MCGraph(nn.Module):
         self.head = SummaryHead(engine.task)
         self.return_samples = return_samples
 
-    def forward(self, x: Tensor, samples: Tensor, seed: Tensor) -> tuple[Tensor, ...]:
-        """Summaries (+ per-sample outputs) of T = ``samples`` passes with masks keyed by ``seed``."""
-        n_samples = samples.item()
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        """``forward(*inputs, num_samples, seed)``: summaries (+ per-sample outputs) of T = ``num_samples`` passes
+        with masks keyed by ``seed``; ``inputs`` are the model's positional inputs (one for most models)."""
+        *inputs, num_samples, seed = args
+        x = inputs[0]
+        n_samples = num_samples.item()
         torch._check(n_samples >= 1)
         batch = x.shape[0]
-        live = self.trunk(x)
+        live = self.trunk(*inputs)
         rows = torch.arange(batch, dtype=torch.int64, device=x.device)
-        keys = sample_keys(row_keys(seed.reshape(1).expand(batch), rows), samples)
+        keys = sample_keys(row_keys(seed.reshape(1).expand(batch), rows), num_samples)
         expanded = []
         for tensor, batched in zip(live, self.engine._batched, strict=True):
             if batched:
@@ -86,13 +92,16 @@ class MCGraph(nn.Module):
             expanded.append(tensor)
         self.engine.context.keys = keys
         try:
-            out = self.tail(*expanded)
+            out = primary_output(self.tail(*expanded))  # logits of a Hugging Face ModelOutput
         finally:
             self.engine.context.keys = None
         per_sample = out.reshape(n_samples, batch, -1)
         results = tuple(self.head(per_sample))
         if self.return_samples:
-            results = (*results, per_sample)
+            if self.engine.task == "classification":
+                results = (*results, torch.softmax(per_sample, dim=-1), per_sample)
+            else:
+                results = (*results, per_sample)
         return (*results, seed.reshape(()))
 
 
@@ -160,7 +169,7 @@ def _check_exportable(engine: MCEngine) -> None:
 
 def export_mc_onnx(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Tensor, ...],
     path: str | Path,
     *,
     sites: str | Sequence[str | Site] | None = None,
@@ -168,6 +177,7 @@ def export_mc_onnx(
     task: str = "classification",
     input_name: str = "input",
     opset: int | None = None,
+    input_names: Sequence[str] | None = None,
 ) -> Path:
     """Export the MC-dropout graph of ``model`` (see the module docstring) to ``path``; returns the path.
 
@@ -179,7 +189,11 @@ def export_mc_onnx(
     engine = MCEngine(model, example_input, sites, task=task, exportable=True)
     _check_exportable(engine)
     graph = MCGraph(engine, return_samples).eval()
-    example = (example_input, torch.tensor(2, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    names = list(input_names) if input_names is not None else [input_name]
+    if len(names) != len(inputs):
+        raise ValueError(f"{len(inputs)} example input(s) but {len(names)} input name(s): {names}")
+    example = (*inputs, torch.tensor(2, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
     batch = torch.export.Dim("batch", min=1)
     kwargs: dict[str, Any] = {}
     if opset is not None:
@@ -190,9 +204,9 @@ def export_mc_onnx(
             program = torch.onnx.export(
                 graph,
                 example,
-                input_names=[input_name, "samples", "seed"],
+                input_names=[*names, NUM_SAMPLES, "seed"],
                 output_names=output_names(task, return_samples),
-                dynamic_shapes={"x": {0: batch}, "samples": None, "seed": None},
+                dynamic_shapes={"args": (*({0: batch} for _ in inputs), None, None)},
                 dynamo=True,
                 verbose=False,
                 custom_translation_table=onnx_translation_table(),
@@ -206,6 +220,8 @@ def export_mc_onnx(
                 "op exportable with a run-time number of rows T * B (e.g. no convolution whose group count "
                 "depends on the number of rows: ONNX Conv takes it only as a constant)."
             ) from exc
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise RuntimeError(f"MC export of {type(model).__name__} returned no program")
     proto = program.model_proto
     proto = add_optional_seed(proto)
     onnx.checker.check_model(proto)

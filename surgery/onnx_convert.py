@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .onnx_cuda import cuda_compatible, placement
 from .onnx_surgery import (
     McGraphInfo,
     OnnxSurgeryError,
@@ -46,6 +47,7 @@ from .onnx_surgery import (
     insert_dropouts,
     mc_graph,
 )
+from .outputs import NUM_SAMPLES, SAMPLE_LOGITS, SAMPLES, SEED_USED
 from .parity import Comparison, ZTest, compare, z_test
 
 __all__ = [
@@ -313,13 +315,15 @@ def _check(
     # (an ONNX Runtime MC call on <= 32 rows is cheap)
     n_samples = max(options.samples, _MIN_TEST_SAMPLES)
     samples = np.array(n_samples, dtype=np.int64)
-    want = ["sample_outputs", "seed_used"]
+    # the raw per-sample outputs: logits for classification (their mean is the deterministic output when the
+    # tail is linear), values for regression
+    want = [SAMPLE_LOGITS if options.task == "classification" else SAMPLES, SEED_USED]
     seeded = [
-        session_a.run(want, {name: x, "samples": samples, "seed": np.array(7, dtype=np.int64)})[0] for _ in range(2)
+        session_a.run(want, {name: x, NUM_SAMPLES: samples, "seed": np.array(7, dtype=np.int64)})[0] for _ in range(2)
     ]
     report.seeded_reproduces = bool(np.array_equal(seeded[0], seeded[1]))
-    first, second = (session_a.run(want, {name: x, "samples": samples})[0] for _ in range(2))
-    other = session_b.run(want, {name: x, "samples": samples})[0]
+    first, second = (session_a.run(want, {name: x, NUM_SAMPLES: samples})[0] for _ in range(2))
+    other = session_b.run(want, {name: x, NUM_SAMPLES: samples})[0]
     report.runs_differ = not np.array_equal(first, second)
     report.sessions_differ = not np.array_equal(first, other)
     per_sample = np.asarray(first, dtype=np.float64)  # [T, B, K]
@@ -372,6 +376,11 @@ def convert_onnx_file(
         graph=info.to_dict(),
     )
     _check(source, deterministic, mc, info, report, spec, options)
+    # where ONNX Runtime's CUDA provider would put the MC graph's nodes (static count, no GPU needed)
+    report.graph["cuda_placement"] = {
+        "as_written": placement(mc).to_dict()["cpu_nodes"],
+        "after_cuda_rewrite": placement(cuda_compatible(mc)).to_dict()["cpu_nodes"],
+    }
     surgery = ["onnx"]
     if options.add_dropout_before_head is not None:
         surgery.append(f"mc:head_dropout={options.add_dropout_before_head}")

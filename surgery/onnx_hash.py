@@ -17,6 +17,7 @@ them into integer arithmetic it has (bit-identical) before a CUDA session is ope
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -61,7 +62,7 @@ class GraphBuilder:
         """An int64 constant (scalar or 1-d)."""
         return self.const(np.asarray(value, dtype=np.int64), hint)
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, **attrs: Any) -> str:
         """Append one node with a single output; returns the output's name."""
         out = self.fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
@@ -143,8 +144,8 @@ class HashOps:
             return b.op("Mul", [x, b.const(np.asarray(0.0, dtype=_NUMPY_OF[dtype]), "zero_f")], "dropped")
         scale = 1.0 / (1.0 - thr / levels)
         shape = b.op("Shape", [x], "shape")
-        inner = b.op("Slice", [shape, b.i64([1], "s1"), b.i64([1 << 62], "send")], "inner")
-        n_pos = b.op("ReduceProd", [inner], "n_pos", keepdims=1)  # [1]
+        rows = b.op("Max", [b.op("Shape", [x], "rows", start=0, end=1), b.i64([1], "one")], "rows_min1")
+        n_pos = b.op("Div", [b.op("Size", [x], "size"), rows], "n_pos")  # [1]; no int64 ReduceProd on CUDA
         n_words = b.op("Div", [b.op("Add", [n_pos, b.i64([1], "one")]), b.i64([2], "two")], "n_words")
         w = b.op("Range", [b.i64(0, "zero"), b.op("Squeeze", [n_words], "nw"), b.i64(1, "one")], "w")
         codes = self.mix(self.xor_const(b.cast(w, TensorProto.UINT32), _C4, "c4"))  # [W]

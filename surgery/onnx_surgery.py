@@ -14,9 +14,11 @@ so the graph is rewritten:
 * `mc_graph` replaces each Dropout by the counter-based hash masks of `dropwise.surgery.masks` (emitted by
   `dropwise.surgery.onnx_hash`), inverted dropout ``x * m / (1 - p)`` per element as ONNX Dropout defines
   it (MC dropout, Gal & Ghahramani 2016). The graph has the interface of the torch-exported MC graph
-  (`dropwise.surgery.mc_export`): the model's inputs, ``samples`` (int64 scalar T), ``seed`` (int64
-  scalar, optional: absent or negative draws a fresh seed in-graph), the summaries of
-  `dropwise.surgery.summaries` by name, ``sample_outputs`` ``[T, B, K]`` and ``seed_used``.
+  (`dropwise.surgery.mc_export`; names from the output table `dropwise.surgery.outputs`): the model's
+  inputs, ``num_samples`` (int64 scalar T), ``seed`` (int64 scalar, optional: absent or negative draws a
+  fresh seed in-graph), the summaries of `dropwise.surgery.summaries` by name, ``samples`` ``[T, B, K]``
+  (per-sample probabilities for classification, values for regression), for classification
+  ``sample_logits`` ``[T, B, K]`` (the graph's first output per sample), and ``seed_used``.
 
 The T samples are batched: sample-row ``n = t * B + b``. When every tensor crossing from the part of the graph
 before the first Dropout (the trunk) into the rest (the tail) has the batch as its first dimension (checked
@@ -40,6 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .onnx_hash import GraphBuilder, HashOps
+from .outputs import NUM_SAMPLES, SAMPLE_LOGITS, SAMPLES
 
 __all__ = [
     "MIN_OPSET",
@@ -57,7 +60,7 @@ __all__ = [
 MIN_OPSET = 18
 """The MC graph needs BitwiseXor (opset 18); older graphs are converted up with onnx's version converter."""
 
-_RESERVED_INPUTS = ("samples", "seed")
+_RESERVED_INPUTS = (NUM_SAMPLES, "seed")
 _PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Add", "Sub"}
 _LINEAR_TAIL = {"Gemm", "MatMul", "Add", "Sub", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
 
@@ -231,7 +234,7 @@ def find_dropouts(model: onnx.ModelProto) -> list[OnnxDropout]:
         ratio_from, p = "default", 0.5
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if "ratio" in attrs:
-            ratio_from, p = "attribute", float(attrs["ratio"])  # type: ignore[arg-type]
+            ratio_from, p = "attribute", float(attrs["ratio"])
         if len(node.input) > 1 and node.input[1]:
             if node.input[1] not in constants:
                 raise OnnxSurgeryError(f"Dropout {name!r}: its ratio {node.input[1]!r} is not a constant")
@@ -480,7 +483,9 @@ def _summary_graph(task: str, opset: int, prefix: str) -> onnx.ModelProto:
     assert program is not None
     proto = program.model_proto
     if proto.functions:
-        proto = onnx.inliner.inline_local_functions(proto)
+        from onnx import inliner
+
+        proto = inliner.inline_local_functions(proto)
     return proto
 
 
@@ -520,7 +525,7 @@ def _reserve_names(model: onnx.ModelProto, reserved: set[str]) -> None:
     """Rename internal tensors of ``model`` that collide with the MC graph's own input / output names."""
     inputs = {i.name for i in _graph_inputs(model)}
     if clash := sorted(inputs & set(_RESERVED_INPUTS)):
-        raise OnnxSurgeryError(f"graph input(s) {clash} collide with the MC graph's inputs samples / seed")
+        raise OnnxSurgeryError(f"graph input(s) {clash} collide with the MC graph's inputs {NUM_SAMPLES} / seed")
     taken = _all_names(model)
     mapping = {}
     for name in sorted(taken & reserved):
@@ -549,7 +554,7 @@ def mc_graph(
 
     Raises:
         OnnxSurgeryError: no Dropout node (insert one first), a fixed batch dimension, a used mask output,
-            an input named ``samples`` or ``seed``, or a first output that no Dropout influences.
+            an input named ``num_samples`` or ``seed``, or a first output that no Dropout influences.
     """
     from .mc_export import add_optional_seed, output_names
 
@@ -613,11 +618,12 @@ def mc_graph(
     b = builder
     first_input = inputs[0].name
     batch = b.op("Squeeze", [b.op("Shape", [first_input], "batch_1d", start=0, end=1)], "batch")
-    samples_1d = b.op("Unsqueeze", ["samples", b.i64([0], "ax0")], "samples_1d")
-    keys = hashing.sample_keys(hashing.row_keys("seed", batch), "samples")
+    samples_1d = b.op("Unsqueeze", [NUM_SAMPLES, b.i64([0], "ax0")], "samples_1d")
+    keys = hashing.sample_keys(hashing.row_keys("seed", batch), NUM_SAMPLES)
     expanded: dict[str, str] = {}
     for name in boundary:
         rank = _rank(shapes.get(name))
+        ones: str | None
         if rank is None:
             rank_t = b.op("Shape", [b.op("Shape", [name], "shape")], "rank")
             ones = b.op("Expand", [b.i64([1], "one"), b.op("Sub", [rank_t, b.i64([1], "one")])], "ones")
@@ -659,18 +665,24 @@ def mc_graph(
     tail.extend(b.nodes)
     b.nodes.clear()
     final: list[onnx.NodeProto] = []
-    if return_samples:
-        final.append(helper.make_node("Identity", [float_out], ["sample_outputs"], name="dropwise_mc/sample_outputs"))
+    classification = task == "classification"
+    if return_samples and classification:
+        final.append(helper.make_node("Softmax", [float_out], [SAMPLES], name="dropwise_mc/samples", axis=-1))
+        final.append(helper.make_node("Identity", [float_out], [SAMPLE_LOGITS], name="dropwise_mc/sample_logits"))
+    elif return_samples:
+        final.append(helper.make_node("Identity", [float_out], [SAMPLES], name="dropwise_mc/samples"))
     final.append(helper.make_node("Identity", ["seed"], ["seed_used"], name="dropwise_mc/seed_used"))
 
     new_inputs = [
         *inputs,
-        helper.make_tensor_value_info("samples", TensorProto.INT64, []),
+        helper.make_tensor_value_info(NUM_SAMPLES, TensorProto.INT64, []),
         helper.make_tensor_value_info("seed", TensorProto.INT64, []),
     ]
     outputs = list(summary_outputs)
     if return_samples:
-        outputs.append(helper.make_tensor_value_info("sample_outputs", TensorProto.FLOAT, ["T", "B", "K"]))
+        outputs.append(helper.make_tensor_value_info(SAMPLES, TensorProto.FLOAT, ["T", "B", "K"]))
+        if classification:
+            outputs.append(helper.make_tensor_value_info(SAMPLE_LOGITS, TensorProto.FLOAT, ["T", "B", "K"]))
     outputs.append(helper.make_tensor_value_info("seed_used", TensorProto.INT64, []))
     new_graph = helper.make_graph(
         [*trunk, *head_nodes, *tail, *summary_nodes, *final],

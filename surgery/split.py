@@ -4,16 +4,22 @@ Fast MC dropout runs the trunk once and the tail T times (Gal & Ghahramani 2016 
 the first dropout to be re-sampled). The split is exact: ``tail(*trunk(x)) == model(x)`` in eval mode and in
 MC mode (same RNG draws in the same order: the trunk makes no random draw).
 
-Capture uses ``torch.fx`` symbolic tracing with a tracer that keeps every site module, and every module whose
-``forward`` gates functional dropout on ``self.training``, as a leaf: the tail's sites are ``call_module``
-nodes with the original qualified names (the MC engine rewrites them), and training flags stay live instead
-of being frozen into the graph. Every value the tail needs from the trunk is carried across the split point
-(residual connections that jump over it included); non-tensor values (shapes, sizes) are recomputed in the
-tail from carried tensors so that the trunk returns tensors only. Where fx cannot capture the model
-(data-dependent control flow, keyword inputs, dropout gated by the root's own flag), ``captured`` is False,
-``reason`` says why and the split falls back to an empty trunk and the whole model as the tail.
-torch.export is not used as a fallback: it inlines every module, so the tail would have no site modules
-left for the MC engine to rewrite and training flags would be frozen.
+Two graph front-ends (``SplitModel.frontend`` says which one was taken):
+
+- ``"fx"`` (tried first: no export, cheapest): ``torch.fx`` symbolic tracing with a tracer that keeps every
+  site module, and every module whose ``forward`` gates functional dropout on ``self.training``, as a leaf: the
+  tail's sites are ``call_module`` nodes with the original qualified names (the MC engine rewrites them), and
+  training flags stay live instead of being frozen into the graph;
+- ``"export"`` (where fx fails: Hugging Face transformers 5.x removed fx support; data-dependent Python; a
+  root ``forward`` that gates functional dropout on its own flag): ``torch.export`` in MC mode, the stochastic
+  ``aten`` nodes attributed to sites through ``nn_module_stack`` and turned back into live modules
+  (``dropwise.surgery.export_split``); functional calls become `FunctionalCallSite` modules listed in
+  ``SplitModel.site_modules``.
+
+Every value the tail needs from the trunk is carried across the split point (residual connections that jump
+over it included); non-tensor values (shapes, sizes) are recomputed in the tail from carried tensors so that
+the trunk returns tensors only. Where neither front-end captures the model, ``captured`` is False, ``reason``
+says why and the split falls back to an empty trunk and the whole model as the tail.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from .sites import FrozenEval, Site, call_model, find_sites, gating_modules
+from .export_split import capture
+from .module_tools import FrozenEval, call_model
+from .site_types import Site
+from .sites import find_sites, gating_modules
 
 __all__ = ["RANDOM_FUNCTIONS", "SiteTracer", "SplitModel", "split", "trace_with_sites"]
 
@@ -122,6 +132,10 @@ class SplitModel(nn.Module):
         reason: why the capture failed (None when captured).
         split_at: name of the first stochastic node (site key or random function), None when not captured.
         carried: names of the trunk values carried into the tail, in argument order.
+        frontend: the graph front-end that captured the split: ``"fx"`` (``torch.fx`` symbolic tracing),
+            ``"export"`` (``torch.export``), None when not captured.
+        site_modules: site key -> the module of the tail through which that site acts, where it is not the
+            model's own module of that name (the export front-end's call modules); empty otherwise.
     """
 
     def __init__(
@@ -133,6 +147,8 @@ class SplitModel(nn.Module):
         reason: str | None,
         split_at: str | None = None,
         carried: Sequence[str] = (),
+        frontend: str | None = None,
+        site_modules: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.trunk = trunk
@@ -141,6 +157,8 @@ class SplitModel(nn.Module):
         self.reason = reason
         self.split_at = split_at
         self.carried = list(carried)
+        self.frontend = frontend
+        self.site_modules = dict(site_modules or {})
 
     def forward(self, *args: Any) -> Any:
         return self.tail(*self.trunk(*args))
@@ -298,7 +316,8 @@ def split(model: nn.Module, example_input: Any, sites: Sequence[Site | str] | No
     try:
         gm = trace_with_sites(model, found)
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
-        return _fallback(model, f"torch.fx could not trace the model ({_first_line(exc)})")
+        fx_reason = f"torch.fx could not trace the model ({_first_line(exc)})"
+        return _export_split(model, args, found, chosen, fx_reason)
     stochastic = {s.name for s in chosen if s.function is None} | gating_modules(chosen)
     cut = None
     split_at = None
@@ -312,8 +331,63 @@ def split(model: nn.Module, example_input: Any, sites: Sequence[Site | str] | No
     try:
         values = _runtime_values(gm, args)
         trunk, tail, carried = _build(gm, cut, values)
-        candidate = SplitModel(trunk, tail, captured=True, reason=None, split_at=split_at, carried=carried)
+        candidate = SplitModel(
+            trunk, tail, captured=True, reason=None, split_at=split_at, carried=carried, frontend="fx"
+        )
         _check(model, candidate, args)
     except Exception as exc:
         return _fallback(model, f"the traced split failed its check ({_first_line(exc)})")
+    return candidate
+
+
+class _OutputTreeCodeGen(_PyTreeCodeGen):
+    """Plain positional inputs, outputs rebuilt into the model's own structure (its pytree ``out_spec``)."""
+
+    def gen_fn_def(self, *args: Any, **kwargs: Any) -> str:
+        return fx.graph.CodeGen.gen_fn_def(self, *args, **kwargs)
+
+    def process_inputs(self, *args: Any) -> Any:
+        return args
+
+
+def _export_split(
+    model: nn.Module, args: tuple[Any, ...], found: Sequence[Site], chosen: Sequence[Site], fx_reason: str
+) -> SplitModel:
+    """The ``torch.export`` front-end (`dropwise.surgery.export_split`), tried where torch.fx fails."""
+    try:
+        gm, site_modules, targets = capture(model, args, found, chosen)
+    except Exception as exc:  # export raises many kinds of errors on unsupported code
+        return _fallback(model, f"{fx_reason}; torch.export could not capture it ({_first_line(exc)})")
+    modules = dict(model.named_modules())
+    for key, call in site_modules.items():  # a functional call follows its gate's current flag
+        call.training = modules[key.rsplit(":", 1)[0]].training
+    stochastic = {targets[s.key] for s in chosen if s.key in targets}
+    nodes = list(gm.graph.nodes)
+    cut = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in stochastic), None)
+    if cut is None:
+        return _fallback(model, f"{fx_reason}; no chosen site is reached by the exported graph")
+    split_at = next(k for k, t in targets.items() if t == nodes[cut].target)
+    try:
+        values = _runtime_values(gm, args)
+        trunk, tail, carried = _build(gm, cut, values)
+        codegen = gm.graph._codegen
+        out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+        if out_spec is not None:  # the tail returns the model's own output structure
+            tail.graph._codegen = _OutputTreeCodeGen(
+                _PyTreeInfo([f"carried_{c}" for c in carried], None, out_spec)  # type: ignore[arg-type]
+            )
+            tail.recompile()
+        candidate = SplitModel(
+            trunk,
+            tail,
+            captured=True,
+            reason=None,
+            split_at=split_at,
+            carried=carried,
+            frontend="export",
+            site_modules=site_modules,
+        )
+        _check(model, candidate, args)
+    except Exception as exc:
+        return _fallback(model, f"{fx_reason}; the exported split failed its check ({_first_line(exc)})")
     return candidate

@@ -5,7 +5,7 @@ predictive by averaging T stochastic forward passes. From the per-sample outputs
 
 classification, from per-sample logits ``[T, B, K]``:
 
-* ``mean_probs``         p_bar = mean_t softmax(z_t)                              ``[B, K]``
+* ``probabilities``      p_bar = mean_t softmax(z_t)                              ``[B, K]``
 * ``predictive_entropy`` H = -sum_k p_bar log p_bar (total uncertainty, nats)     ``[B]``
 * ``expected_entropy``   E = mean_t H(softmax(z_t)) (aleatoric part)              ``[B]``
 * ``mutual_information`` MI = H - E, BALD (Houlsby et al. 2011), clamped at 0      ``[B]``
@@ -13,6 +13,9 @@ classification, from per-sample logits ``[T, B, K]``:
 * ``std``                per-class standard deviation of softmax(z_t) over t       ``[B, K]``
 
 regression, from per-sample outputs ``[T, B, D]``: ``mean`` and ``std`` ``[B, D]``.
+
+The names, dtypes and shapes are those of the output table `dropwise.surgery.outputs` (``probabilities`` was
+called ``mean_probs`` before; the attribute stays readable under that name).
 
 Everything is computed in log space (``log_softmax`` and ``logsumexp`` over samples), so a logit of any
 size gives finite values (NaN logits count as 0, infinite ones as the largest finite value): ``0 * log 0``
@@ -30,17 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CLASSIFICATION_OUTPUTS: tuple[str, ...] = (
-    "mean_probs",
-    "predictive_entropy",
-    "expected_entropy",
-    "mutual_information",
-    "variation_ratio",
-    "std",
-)
+from .outputs import summary_names
+
+CLASSIFICATION_OUTPUTS: tuple[str, ...] = summary_names("classification")
 """Names (and order) of the classification summaries, shared by the torch runtime and the MC ONNX graph."""
 
-REGRESSION_OUTPUTS: tuple[str, ...] = ("mean", "std")
+REGRESSION_OUTPUTS: tuple[str, ...] = summary_names("regression")
 """Names (and order) of the regression summaries."""
 
 
@@ -48,12 +46,17 @@ REGRESSION_OUTPUTS: tuple[str, ...] = ("mean", "std")
 class ClassificationSummaries:
     """MC classification summaries for a batch of B inputs over K classes (see module docstring)."""
 
-    mean_probs: Tensor
+    probabilities: Tensor
     predictive_entropy: Tensor
     expected_entropy: Tensor
     mutual_information: Tensor
     variation_ratio: Tensor
     std: Tensor
+
+    @property
+    def mean_probs(self) -> Tensor:
+        """Deprecated spelling of `probabilities` (kept for callers written before the output table)."""
+        return self.probabilities
 
     def as_tuple(self) -> tuple[Tensor, ...]:
         """The tensors in the order of `CLASSIFICATION_OUTPUTS`."""

@@ -20,7 +20,6 @@ from dropwise.package import PackageError, load_package
 from dropwise.surgery.convert import (
     DETERMINISTIC_FILE,
     MC_FILE,
-    ConvertError,
     ConvertOptions,
     convert,
     convert_package,
@@ -28,6 +27,7 @@ from dropwise.surgery.convert import (
 )
 from dropwise.surgery.export import random_nodes
 from dropwise.surgery.parity import PARITY_FILE, ParityReport, bonferroni_threshold, compare, z_test
+from dropwise.surgery.sources import SourceError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -225,7 +225,7 @@ def test_cli_converts_zoo_weights_into_a_new_package(converted: _Converted, tmp_
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["no_such_network"], "is not a package directory, a zoo name"),
+        (["no_such_network"], "is not a package or Hugging Face directory"),
         (["mlp_digits", "--weights", "missing.safetensors"], "weights file not found"),
         (["dropwise.models.zoo.mlp:dropout_mlp"], "needs --weights"),
         (
@@ -257,7 +257,7 @@ def _cuda_available() -> bool:
 
 
 def test_zoo_name_without_weights_and_without_package_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConvertError, match="dropwise train mlp_digits"):
+    with pytest.raises(SourceError, match="dropwise train mlp_digits"):
         convert("mlp_digits", repository=tmp_path / "empty", options=FAST)
 
 

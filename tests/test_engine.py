@@ -194,7 +194,7 @@ def test_engine_matches_naive_mc_within_monte_carlo_error(name: str) -> None:
     model, x = _models()[name]
     n_samples = 1500 if name == "cnn" else 3000  # keep the naive conv loop short
     engine = MCEngine(model, x)
-    got = engine(x, samples=n_samples, seed=7, return_samples=True).samples
+    got = engine(x, samples=n_samples, seed=7, return_samples=True).sample_logits
     torch.manual_seed(1)
     want = _naive_samples(model, x, n_samples, [m for m in model.modules() if isinstance(m, STOCHASTIC)])
     got = got.reshape(want.shape)
@@ -222,7 +222,7 @@ def test_non_chosen_sites_are_deterministic_and_masks_follow_the_key_schedule() 
     engine = MCEngine(model, x, sites="last")
     assert [s.name for s in engine.chosen] == ["5"]
     n_samples, seed = 6, 123
-    got = engine(x, samples=n_samples, seed=seed, return_samples=True).samples
+    got = engine(x, samples=n_samples, seed=seed, return_samples=True).sample_logits
     # recompute by hand: eval up to the last site, then the site-1 hash mask, then the head
     with torch.no_grad():
         h = model.eval()[:5](x)
@@ -313,7 +313,7 @@ def test_drop_block_row_does_not_depend_on_its_batch_companions() -> None:
         blocks = F.max_pool2d(F.pad(mask, (2, 2, 2, 2)), 3, stride=1)[..., :6, :6]
         keep = 1 - blocks
         want = model[3:](h * keep * keep.numel() / keep.sum())
-    torch.testing.assert_close(alone.samples[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone.sample_logits[0], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(6, 1), (6, 3, 5), (2, 6, 7)])
@@ -408,15 +408,29 @@ def test_regression_and_one_shot_form() -> None:
     assert r.mean.shape == (3, 2) and r.std.shape == (3, 2) and r.mean_probs is None
     torch.testing.assert_close(r.mean, r.samples.mean(0))
     c = mc_predict(model, x, samples=16, seed=1)
-    assert c.mean_probs.shape == (3, 2) and c.n_samples == 16 and c.seed == 1
+    assert c.probabilities.shape == (3, 2) and c.num_samples == 16 and c.seed == 1
+    assert c.mean_probs is c.probabilities and c.n_samples == 16  # deprecated spellings still read
     assert set(c.as_dict()) == {
-        "mean_probs",
+        "probabilities",
         "predictive_entropy",
         "expected_entropy",
         "mutual_information",
         "variation_ratio",
         "std",
     }
+
+
+def test_classification_samples_are_probabilities_and_logits_say_so() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    x = torch.randn(5, 4)
+    r = mc_predict(model, x, samples=8, seed=3, return_samples=True)
+    assert r.samples.shape == r.sample_logits.shape == (8, 5, 3)
+    torch.testing.assert_close(r.samples, torch.softmax(r.sample_logits, dim=-1))
+    torch.testing.assert_close(r.samples.sum(-1), torch.ones(8, 5))
+    torch.testing.assert_close(r.probabilities, r.samples.mean(0))
+    assert set(r.as_dict()) >= {"samples", "sample_logits"}
+    assert mc_predict(model, x, samples=8, seed=3).samples is None
 
 
 def test_functional_dropout_site_runs_in_train_mode() -> None:
@@ -466,4 +480,4 @@ def test_one_shot_builds_on_a_slice_and_matches_a_prebuilt_engine() -> None:
     prebuilt = MCEngine(model, x)(x, samples=8, seed=5, return_samples=True)
     assert one_shot.samples.shape == (8, 40, 3)
     torch.testing.assert_close(one_shot.samples, prebuilt.samples, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(one_shot.mean_probs, prebuilt.mean_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_shot.probabilities, prebuilt.probabilities, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,12 @@ so a failed build fails here instead of silently falling back.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +22,12 @@ from dropwise.surgery.masks import keep_factor, keep_mask, keep_product, quantis
 
 def _keys(n_rows: int, n_samples: int, seed: int = 0) -> torch.Tensor:
     return sample_keys(row_keys(torch.full((n_rows,), seed), torch.arange(n_rows)), n_samples)
+
+
+@pytest.fixture(autouse=True)
+def kernel_built() -> None:
+    """Wait for the background build, so that every test here exercises the kernel (not the fallback)."""
+    assert hash_kernel.available(), hash_kernel.disable_reason()
 
 
 @pytest.fixture
@@ -90,3 +102,37 @@ def test_masks_module_uses_the_kernel_when_available(monkeypatch: pytest.MonkeyP
     keep_product(torch.randn(4, 16), _keys(2, 2), 0, 0.5, 2.0)
     assert calls == ["product"]
     assert masks.hash_kernel is hash_kernel
+
+
+def test_masks_never_wait_for_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    monkeypatch.setattr(hash_kernel, "_module", None)
+    monkeypatch.setattr(hash_kernel, "_reason", None)
+    monkeypatch.setattr(hash_kernel, "_builder", None)
+    monkeypatch.setattr(hash_kernel, "_build", lambda: gate.wait(60))
+    keys = _keys(4, 2, seed=2)
+    x = torch.randn(8, 33)
+    # the build has not finished: the torch path answers at once, with the same bits
+    assert torch.equal(keep_factor(keys, 1, (33,), 0.5, 2.0), _reference(keys, 1, (33,), 0.5, 2.0))
+    assert torch.equal(keep_product(x, keys, 1, 0.5, 2.0), x * _reference(keys, 1, (33,), 0.5, 2.0))
+    builder = hash_kernel._builder
+    assert builder is not None and builder.is_alive()
+    gate.set()
+    builder.join(60)
+    assert not builder.is_alive()
+
+
+def test_cached_library_loads_without_any_lock(tmp_path: Path) -> None:
+    built = hash_kernel._library_path()  # the library this session built or found
+    target = tmp_path / "dropwise" / built.name  # content-hashed name under $TORCH_EXTENSIONS_DIR/dropwise
+    target.parent.mkdir(parents=True)
+    shutil.copy(built, target)
+    (target.parent / "lock").touch()  # what a killed torch build leaves behind: never waited for
+    code = (
+        "from dropwise.surgery import hash_kernel as h; "
+        "assert h._library_path() == __import__('pathlib').Path(__import__('sys').argv[1]), h._library_path(); "
+        "assert h.available(), h.disable_reason()"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(target)], env=env, timeout=240, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]

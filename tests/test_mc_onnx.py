@@ -57,7 +57,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]
 def test_graph_interface_and_no_unsafe_random_op(exported: tuple[nn.Module, Path]) -> None:
     _, path = exported
     proto = onnx.load(str(path))
-    assert [i.name for i in proto.graph.input] == ["x", "samples", "seed"]
+    assert [i.name for i in proto.graph.input] == ["x", "num_samples", "seed"]
     assert [o.name for o in proto.graph.output] == output_names("classification", True)
     assert "seed" in {init.name for init in proto.graph.initializer}  # optional: default -1
     ops = [n.op_type for n in proto.graph.node]
@@ -72,16 +72,16 @@ def test_stochastic_under_default_options_and_sessions_differ(exported: tuple[nn
     _, path = exported
     x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
     first, second = _session(path), _session(path)
-    feeds = {"x": x, "samples": np.array(16, dtype=np.int64)}
+    feeds = {"x": x, "num_samples": np.array(16, dtype=np.int64)}
     a = dict(zip(output_names("classification", True), first.run(None, feeds), strict=True))
     b = dict(zip(output_names("classification", True), first.run(None, feeds), strict=True))
     c = dict(zip(output_names("classification", True), second.run(None, feeds), strict=True))
     assert a["std"].max() > 0 and a["mutual_information"].max() > 0
-    samples = a["sample_outputs"]
+    samples = a["samples"]
     assert samples.shape == (16, 4, 4)
     assert not np.allclose(samples[0], samples[1])  # samples within a run differ
-    assert not np.array_equal(a["sample_outputs"], b["sample_outputs"])  # runs differ
-    assert not np.array_equal(a["sample_outputs"], c["sample_outputs"])  # sessions differ
+    assert not np.array_equal(a["samples"], b["samples"])  # runs differ
+    assert not np.array_equal(a["samples"], c["samples"])  # sessions differ
     assert len({int(a["seed_used"]), int(b["seed_used"]), int(c["seed_used"])}) == 3
     assert min(int(a["seed_used"]), int(b["seed_used"]), int(c["seed_used"])) >= 0
 
@@ -90,7 +90,7 @@ def test_seeded_runs_reproduce_each_other_and_the_torch_engine(exported: tuple[n
     model, path = exported
     session = _session(path)
     x = torch.randn(5, 6)
-    feeds = {"x": x.numpy(), "samples": np.array(9, dtype=np.int64), "seed": np.array(2024, dtype=np.int64)}
+    feeds = {"x": x.numpy(), "num_samples": np.array(9, dtype=np.int64), "seed": np.array(2024, dtype=np.int64)}
     one = session.run(None, feeds)
     two = _session(path).run(None, feeds)
     for u, v in zip(one, two, strict=True):
@@ -99,12 +99,12 @@ def test_seeded_runs_reproduce_each_other_and_the_torch_engine(exported: tuple[n
     got = dict(zip(names, one, strict=True))
     assert int(got["seed_used"]) == 2024
     want = MCEngine(model, x)(x, samples=9, seed=2024, return_samples=True)
-    np.testing.assert_allclose(got["sample_outputs"], want.samples.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["samples"], want.samples.numpy(), rtol=1e-5, atol=1e-5)
     for name in CLASSIFICATION_OUTPUTS:
         np.testing.assert_allclose(got[name], getattr(want, name).numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
     # a row's samples do not depend on its batch companions: rows 0..1 alone give the same outputs
-    part = session.run(["sample_outputs"], {**feeds, "x": x[:2].numpy()})[0]
-    np.testing.assert_allclose(part, got["sample_outputs"][:, :2], rtol=1e-5, atol=1e-6)
+    part = session.run(["samples"], {**feeds, "x": x[:2].numpy()})[0]
+    np.testing.assert_allclose(part, got["samples"][:, :2], rtol=1e-5, atol=1e-6)
 
 
 def test_dynamic_batch_and_samples(exported: tuple[nn.Module, Path]) -> None:
@@ -115,14 +115,14 @@ def test_dynamic_batch_and_samples(exported: tuple[nn.Module, Path]) -> None:
         out = dict(
             zip(
                 output_names("classification", True),
-                session.run(None, {"x": x, "samples": np.array(n_samples, dtype=np.int64)}),
+                session.run(None, {"x": x, "num_samples": np.array(n_samples, dtype=np.int64)}),
                 strict=True,
             )
         )
-        assert out["mean_probs"].shape == (batch, 4)
+        assert out["probabilities"].shape == (batch, 4)
         assert out["predictive_entropy"].shape == (batch,)
-        assert out["sample_outputs"].shape == (n_samples, batch, 4)
-        np.testing.assert_allclose(out["mean_probs"].sum(-1), 1.0, atol=1e-5)
+        assert out["samples"].shape == (n_samples, batch, 4)
+        np.testing.assert_allclose(out["probabilities"].sum(-1), 1.0, atol=1e-5)
         if n_samples == 1:
             assert np.all(out["mutual_information"] == 0) and np.all(out["std"] == 0)
 
@@ -131,8 +131,8 @@ def test_statistics_match_plain_torch_mc(exported: tuple[nn.Module, Path]) -> No
     model, path = exported
     n_samples = 2000
     x = torch.randn(4, 6)
-    onnx_samples = _session(path).run(["sample_outputs"], {"x": x.numpy(), "samples": np.array(n_samples)})[0]
-    onnx_probs = torch.from_numpy(onnx_samples).softmax(-1).double()
+    onnx_samples = _session(path).run(["samples"], {"x": x.numpy(), "num_samples": np.array(n_samples)})[0]
+    onnx_probs = torch.from_numpy(onnx_samples).double()  # per-sample probabilities
     model.eval()
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -164,12 +164,12 @@ def test_regression_graph_with_a_site_subset_and_a_drop_connect_site(tmp_path: P
     assert not RANDOM_OPS & {n.op_type for n in onnx.load(str(path)).graph.node}
     session = _session(path)
     assert [o.name for o in session.get_outputs()] == ["mean", "std", "seed_used"]
-    mean, std, seed = session.run(None, {"input": x.numpy(), "samples": np.array(12), "seed": np.array(77)})
+    mean, std, seed = session.run(None, {"input": x.numpy(), "num_samples": np.array(12), "seed": np.array(77)})
     want = MCEngine(model, x, sites=sites, task="regression")(x, samples=12, seed=77)
     np.testing.assert_allclose(mean, want.mean.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(std, want.std.numpy(), rtol=1e-4, atol=1e-5)
     assert int(seed) == 77 and std.min() > 0
-    unseeded = [session.run(["mean"], {"input": x.numpy(), "samples": np.array(12)})[0] for _ in range(2)]
+    unseeded = [session.run(["mean"], {"input": x.numpy(), "num_samples": np.array(12)})[0] for _ in range(2)]
     assert not np.array_equal(*unseeded)
 
 
@@ -188,8 +188,8 @@ def test_drop_block_graph_equals_the_engine_and_rows_ignore_their_companions(tmp
     names = [o.name for o in session.get_outputs()]
 
     def run(rows: torch.Tensor) -> np.ndarray:
-        out = session.run(None, {"x": rows.numpy(), "samples": np.array(10), "seed": np.array(5)})
-        return dict(zip(names, out, strict=True))["sample_outputs"]
+        out = session.run(None, {"x": rows.numpy(), "num_samples": np.array(10), "seed": np.array(5)})
+        return dict(zip(names, out, strict=True))["samples"]
 
     batch = run(x)
     want = MCEngine(model, x)(x, samples=10, seed=5, return_samples=True).samples.numpy()
@@ -217,16 +217,16 @@ def test_per_example_drop_connect_conv_exports_with_run_time_rows_and_equals_the
     names = [o.name for o in session.get_outputs()]
 
     def run(rows: torch.Tensor, samples: int) -> dict[str, np.ndarray]:
-        out = session.run(None, {"x": rows.numpy(), "samples": np.array(samples), "seed": np.array(9)})
+        out = session.run(None, {"x": rows.numpy(), "num_samples": np.array(samples), "seed": np.array(9)})
         return dict(zip(names, out, strict=True))
 
     for batch, samples in ((5, 7), (1, 3)):  # row counts other than the example's 2 * 3
         rows = torch.randn(batch, 2, 8, 7)
         got = run(rows, samples)
         want = MCEngine(model, rows)(rows, samples=samples, seed=9, return_samples=True)
-        np.testing.assert_allclose(got["sample_outputs"], want.samples.numpy(), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(got["mean_probs"], want.mean_probs.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["samples"], want.samples.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["probabilities"], want.probabilities.numpy(), rtol=1e-5, atol=1e-6)
         assert got["std"].min() > 0
     # per-example masks keyed per row: row 0 draws the same masks whatever shares its batch
-    full = run(x, 6)["sample_outputs"]
-    np.testing.assert_allclose(run(x[:1], 6)["sample_outputs"], full[:, :1], rtol=1e-5, atol=1e-6)
+    full = run(x, 6)["samples"]
+    np.testing.assert_allclose(run(x[:1], 6)["samples"], full[:, :1], rtol=1e-5, atol=1e-6)

@@ -147,21 +147,22 @@ def test_mc_graph_reproduces_the_torch_engine(files: dict[str, Path], net: nn.Mo
     assert info.split and info.boundary and info.trunk_nodes > 0
     session = _session(mc)
     x = _x(6)
-    feeds = {"features": x, "samples": np.array(16), "seed": np.array(1234)}
+    feeds = {"features": x, "num_samples": np.array(16), "seed": np.array(1234)}
     names = [o.name for o in session.get_outputs()]
-    assert names[-2:] == ["sample_outputs", "seed_used"]
+    assert names[-3:] == ["samples", "sample_logits", "seed_used"]
     out = dict(zip(names, session.run(None, feeds), strict=True))
     result = MCEngine(net, torch.from_numpy(x))(torch.from_numpy(x), samples=16, seed=1234, return_samples=True)
     assert result.samples is not None
-    assert np.abs(out["sample_outputs"] - result.samples.numpy()).max() < 1e-5
-    assert np.abs(out["mean_probs"] - result.mean_probs.numpy()).max() < 1e-6
+    assert np.abs(out["sample_logits"] - result.sample_logits.numpy()).max() < 1e-5
+    assert np.abs(out["samples"] - result.samples.numpy()).max() < 1e-5  # per-sample probabilities
+    assert np.abs(out["probabilities"] - result.probabilities.numpy()).max() < 1e-6
     assert int(out["seed_used"]) == 1234
     # unseeded: fresh seeds, different samples, reported seed reproduces
-    a = dict(zip(names, session.run(None, {"features": x, "samples": np.array(16)}), strict=True))
-    b = dict(zip(names, session.run(None, {"features": x, "samples": np.array(16)}), strict=True))
-    assert not np.array_equal(a["sample_outputs"], b["sample_outputs"])
-    again = session.run(["sample_outputs"], {**feeds, "seed": a["seed_used"]})[0]
-    assert np.array_equal(again, a["sample_outputs"])
+    a = dict(zip(names, session.run(None, {"features": x, "num_samples": np.array(16)}), strict=True))
+    b = dict(zip(names, session.run(None, {"features": x, "num_samples": np.array(16)}), strict=True))
+    assert not np.array_equal(a["samples"], b["samples"])
+    again = session.run(["samples"], {**feeds, "seed": a["seed_used"]})[0]
+    assert np.array_equal(again, a["samples"])
 
 
 def test_eval_mode_graph_needs_an_inserted_dropout(files: dict[str, Path], tmp_path: Path) -> None:
@@ -227,7 +228,7 @@ def test_old_opset_graph_without_split(tmp_path: Path) -> None:
     mc, info = mc_graph(model, task="regression")
     assert not info.split and "shape" in info.reason
     x = rng.standard_normal((4, 6)).astype(np.float32)
-    out = _session(mc).run(["mean", "sample_outputs"], {"x": x, "samples": np.array(2000), "seed": np.array(3)})
+    out = _session(mc).run(["mean", "samples"], {"x": x, "num_samples": np.array(2000), "seed": np.array(3)})
     assert out[1].shape == (2000, 4, 3)
     se = out[1].std(axis=0) / np.sqrt(2000)
     assert np.all(np.abs(out[0] - x @ w) < 5 * se + 1e-4)
@@ -256,6 +257,7 @@ def test_cli_and_serving(files: dict[str, Path], tmp_path: Path) -> None:
     with TestClient(create_app(Settings(repository=repo, backend="onnxruntime", device="cpu"))) as client:
         info = client.get("/v1/models/net").json()
         assert info["backend"] == "onnxruntime" and info["mc_available"]
+        assert info["placement"] is None  # only a CUDA session reports nodes left to the CPU
         det = client.post("/v1/models/net/predict", json={"inputs": x}).json()
         assert np.asarray(det["probabilities"]).shape == (3, 5)
         req = {"inputs": x, "mode": "mc", "samples": 16, "seed": 5}

@@ -245,3 +245,33 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(PackageError, match="weights do not fit"):
         load_package(path)
+
+
+def test_several_named_inputs_and_the_one_input_format(tmp_path: Path) -> None:
+    from dropwise.package import InputSpec, Manifest
+
+    inputs = [
+        InputSpec(name="input_ids", shape=[-1, 8], dtype="int64", range=(0, 50)),
+        InputSpec(name="attention_mask", shape=[-1, 8], dtype="int64", range=(0, 2)),
+    ]
+    path = save_package(
+        tmp_path,
+        "two",
+        torch.nn.Identity(),
+        task="classification",
+        inputs=inputs,
+        architecture={"factory": "dropwise.models.zoo.mlp:dropout_mlp"},
+    )
+    manifest = load_package(path, build=False).manifest
+    assert [(i.name, i.range) for i in manifest.inputs] == [("input_ids", (0, 50)), ("attention_mask", (0, 2))]
+    data = json.loads((path / "manifest.json").read_text())
+    assert "input" not in data and [i["name"] for i in data["inputs"]] == ["input_ids", "attention_mask"]
+    # a manifest written in the one-input format still reads, as a list of one
+    old = {k: v for k, v in data.items() if k != "inputs"}
+    old["input"] = {"name": "input", "shape": [-1, 4], "dtype": "float32", "preprocessing": ""}
+    read = Manifest.model_validate(old)
+    assert [i.name for i in read.inputs] == ["input"] and read.input.shape == [-1, 4]
+    with pytest.raises(ValueError, match="unique"):
+        Manifest.model_validate({**data, "inputs": [data["inputs"][0], data["inputs"][0]]})
+    with pytest.raises(ValueError, match="input name"):
+        InputSpec(name="../x", shape=[-1, 1], dtype="float32")

@@ -67,6 +67,9 @@ def test_silent_fallback_is_detected(tiny_onnx: Path) -> None:
     info = describe_session(session, "auto", [CUDA_PROVIDER, CPU_PROVIDER], [])
     assert info.fell_back and info.provider == CPU_PROVIDER and info.device == "cpu"
     assert any("asked for CUDAExecutionProvider but runs on CPUExecutionProvider" in n for n in info.notes)
+    assert info.providers_missing == (CUDA_PROVIDER,)  # every requested provider is checked, not only the first
+    asked_cpu = describe_session(session, "auto", [CPU_PROVIDER, "TensorrtExecutionProvider"], [])
+    assert not asked_cpu.fell_back and asked_cpu.providers_missing == ("TensorrtExecutionProvider",)
 
 
 @pytest.mark.cuda

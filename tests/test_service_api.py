@@ -57,7 +57,9 @@ def test_list_and_describe_models(client: TestClient, repo: Path) -> None:
         "shape": manifest.input.shape,
         "dtype": "float32",
         "preprocessing": manifest.input.preprocessing,
+        "range": None,
     }
+    assert info["inputs"] == [info["input"]]  # one-input models list their one input
     assert info["labels"] == manifest.labels
     assert info["task"] == "classification" and info["sites"] == manifest.sites
     assert info["provider"] == "torch-cpu" and info["mc_available"] is True
@@ -80,14 +82,15 @@ def test_deterministic_matches_the_network(client: TestClient, repo: Path) -> No
 
 def test_mc_prediction_summaries_and_seeds(client: TestClient) -> None:
     x = _digits(3, seed=1)
-    req = {"inputs": x, "mode": "mc", "samples": 16, "seed": 11, "return_samples": True}
+    req = {"inputs": x, "mode": "mc", "num_samples": 16, "seed": 11, "return_samples": True}
     a = client.post("/v1/models/mlp_digits/predict", json=req).json()
     b = client.post("/v1/models/mlp_digits/predict", json=req).json()
     assert a["probabilities"] == b["probabilities"] and a["uncertainty"] == b["uncertainty"]
     c = client.post("/v1/models/mlp_digits/predict", json={**req, "seed": 12}).json()
     assert c["probabilities"] != a["probabilities"]
-    samples = np.asarray(a["sample_outputs"])
+    samples = np.asarray(a["samples"])  # per-sample probabilities
     assert samples.shape == (16, 3, 10)
+    np.testing.assert_allclose(samples.sum(axis=2), 1.0, atol=1e-5)
     # the summaries are those of the returned per-sample probabilities
     mean = samples.mean(axis=0)
     np.testing.assert_allclose(a["probabilities"], mean, atol=1e-5)
@@ -101,10 +104,12 @@ def test_mc_prediction_summaries_and_seeds(client: TestClient) -> None:
     modal = np.array([np.bincount(votes[:, i], minlength=10).max() for i in range(3)])
     np.testing.assert_allclose(u["variation_ratio"], 1 - modal / 16, atol=1e-6)
     np.testing.assert_allclose(u["std"], samples.std(axis=0), atol=1e-5)
-    assert a["samples"] == 16 and a["seed"] == 11
+    assert a["num_samples"] == 16 and a["seed"] == 11
     # samples really differ (dropout is on), and T=1 has no spread
     assert samples.std(axis=0).max() > 1e-4
+    # `samples` in a request is the deprecated alias of `num_samples`
     one = client.post("/v1/models/mlp_digits/predict", json={"inputs": x, "mode": "mc", "samples": 1}).json()
+    assert one["num_samples"] == 1 and "samples" not in one
     assert max(one["uncertainty"]["mutual_information"]) == 0.0
     assert isinstance(one["seed"], int)
 
@@ -114,7 +119,7 @@ def test_mc_default_samples_and_version_route(client: TestClient) -> None:
     body = client.post(
         f"/v1/models/mlp_digits/versions/{info['version']}/predict", json={"inputs": _digits(1), "mode": "mc"}
     ).json()
-    assert body["samples"] == info["default_samples"]
+    assert body["num_samples"] == info["default_samples"]
 
 
 def test_regression_answers_mean_and_std_in_target_units(client: TestClient, repo: Path) -> None:
@@ -162,8 +167,10 @@ BAD_BODIES = [
     ({"inputs": "abc"}, 422, "inputs"),
     ({}, 422, "inputs"),
     ({"inputs": [[1.0] * 64], "mode": "bayes"}, 422, "mode"),
-    ({"inputs": [[1.0] * 64], "mode": "mc", "samples": 65}, 400, "samples"),
-    ({"inputs": [[1.0] * 64], "mode": "mc", "samples": 0}, 400, "samples"),
+    ({"inputs": [[1.0] * 64], "mode": "mc", "samples": 65}, 400, "num_samples"),
+    ({"inputs": [[1.0] * 64], "mode": "mc", "num_samples": 0}, 400, "num_samples"),
+    ({"inputs": [[1.0] * 64], "mode": "mc", "num_samples": 4, "samples": 4}, 400, "num_samples"),
+    ({"inputs": [[1.0] * 64], "mode": "mc", "num_samples": 8.5}, 422, "num_samples"),
     ({"inputs": [[1.0] * 64], "mode": "mc", "samples": "8"}, 422, "samples"),
     ({"inputs": [[1.0] * 64], "mode": "mc", "seed": -1}, 400, "seed"),
     ({"inputs": [[1.0] * 64], "mode": "mc", "seed": 2**70}, 400, "seed"),

@@ -66,7 +66,7 @@ def test_seeded_mc_result_does_not_depend_on_batch_company(repo: Path) -> None:
     assert alone["timings"]["batch_rows"] == 2
     assert max(c["timings"]["batch_rows"] for c in crowded) > 2, "the target was never batched with others"
     for answer in crowded:
-        np.testing.assert_allclose(answer["sample_outputs"], alone["sample_outputs"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(answer["samples"], alone["samples"], rtol=0, atol=1e-6)
         np.testing.assert_allclose(answer["probabilities"], alone["probabilities"], rtol=0, atol=1e-6)
         assert answer["predictions"] == alone["predictions"]
         for key, value in alone["uncertainty"].items():
@@ -98,11 +98,11 @@ def test_mc_requests_with_different_t_share_one_batch(repo: Path) -> None:
         return [a.json() for a in await asyncio.gather(*jobs)]
 
     answers = _run(settings, body)
-    assert [a["samples"] for a in answers] == [2, 8, 32]
+    assert [a["num_samples"] for a in answers] == [2, 8, 32]
     assert all(a["timings"]["batch_rows"] == 3 for a in answers), [a["timings"] for a in answers]
     # the first T samples of a seeded request are the same whatever T is asked (sample t's masks are
     # keyed by t, not by T), so only the samples added by a larger T change the estimate
-    per_sample = [np.asarray(a["sample_outputs"]) for a in answers]
+    per_sample = [np.asarray(a["samples"]) for a in answers]
     assert [s.shape[0] for s in per_sample] == [2, 8, 32]
     for small, large in itertools.pairwise(per_sample):
         np.testing.assert_allclose(large[: small.shape[0]], small, rtol=0, atol=1e-6)
@@ -186,14 +186,15 @@ def test_metrics_count_requests_latency_queue_batches_and_samples(repo: Path) ->
     m = _samples(_run(settings, body))
 
     def requests(mode: str, status: str, model: str = "mlp_digits") -> float:
-        key = ("dropwise_requests_total", (("mode", mode), ("model", model), ("status", status)))
+        route = "/v1/models/{name}/predict"
+        key = ("dropwise_requests_total", (("mode", mode), ("model", model), ("route", route), ("status", status)))
         return m.get(key, 0.0)
 
     assert requests("deterministic", "200") == 3
     assert requests("mc", "200") == 2
     assert requests("deterministic", "400") == 1
     assert requests("mc", "400") == 1
-    assert requests("deterministic", "404", model="_unknown") == 1
+    assert requests("_none", "404", model="_unknown") == 1  # refused before its body was read
     latency = ("dropwise_request_latency_seconds_count", (("mode", "mc"), ("model", "mlp_digits")))
     assert m[latency] == 3  # two answered, one refused for its T
     assert m[("dropwise_queue_time_seconds_count", (("model", "mlp_digits"),))] == 5

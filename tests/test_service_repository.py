@@ -151,6 +151,9 @@ def test_explicit_load_swaps_in_a_new_version_and_unload_stops_serving(repo: Pat
         assert client.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10]}).status_code == 200
 
         assert client.post("/v2/repository/models/no_such_model/load", headers=ADMIN).status_code == 400
+        override = {"parameters": {"config": '{"max_batch_size": 4}'}}
+        r = client.post(f"/v2/repository/models/{MODEL}/load", headers=ADMIN, json=override)
+        assert r.status_code == 400 and "unsupported parameter(s) ['config']" in r.json()["error"]
         assert client.post("/v2/repository/models/..%2Fetc/load", headers=ADMIN).status_code in (400, 404)
         assert client.post(f"/v2/repository/models/{MODEL}/load", headers=ADMIN).status_code == 200
         assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).json()["version"] == 2
@@ -163,6 +166,39 @@ def test_load_and_unload_are_refused_unless_control_is_explicit(repo: Path) -> N
                 r = client.post(f"/v2/repository/models/{MODEL}/{action}", headers=ADMIN)
                 assert r.status_code == 400 and "DROPWISE_MODEL_CONTROL=explicit" in r.json()["error"], r.text
             assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).status_code == 200
+
+
+def _wait_for(condition: object, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_poll_reloads_a_changed_serving_config_and_keeps_a_damaged_version_serving(repo: Path) -> None:
+    with app_client(repo, model_control="poll", poll_interval_s=0.1) as client:
+        assert client.get(f"/v1/models/{MODEL}").json()["max_samples"] == 256
+        set_serving_config(repo / MODEL / "1", {"max_samples": 12})  # a config change is a new package state
+        assert _wait_for(lambda: client.get(f"/v1/models/{MODEL}").json()["max_samples"] == 12)
+        r = client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1), "mode": "mc", "samples": 13})
+        assert r.status_code == 400
+
+        weights = repo / MODEL / "1" / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))  # damaged in place: refused on disk, the loaded copy keeps serving
+        assert _wait_for(lambda: "sha256" in index(client)[(MODEL, "1")]["reason"])
+        entry = index(client)[(MODEL, "1")]
+        assert entry["state"] == "READY" and entry["reason"].startswith("serving the copy verified at load")
+        assert client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1)}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+        shutil.rmtree(repo / "mlp_diabetes" / "1")  # removed: retired
+        assert _wait_for(lambda: client.get("/v2/models/mlp_diabetes/ready").status_code == 404)
+        assert client.post("/v1/models/mlp_diabetes/predict", json={"inputs": [[0.0] * 10]}).status_code == 404
+        assert client.get("/readyz").status_code == 200
 
 
 # ------------------------------------------------------------------------------------------ version policy
@@ -204,9 +240,9 @@ def test_per_model_configuration_overrides_the_global_settings(repo: Path) -> No
         other = client.get("/v1/models/mlp_diabetes").json()
         assert (other["max_samples"], other["default_samples"]) == (64, 32)
         r = client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1), "mode": "mc", "samples": 17})
-        assert r.status_code == 400 and r.json()["error"]["field"] == "samples"
+        assert r.status_code == 400 and r.json()["error"]["field"] == "num_samples"
         r = client.post(f"/v1/models/{MODEL}/predict", json={"inputs": digits(1), "mode": "mc"})
-        assert r.status_code == 200 and r.json()["samples"] == 4
+        assert r.status_code == 200 and r.json()["num_samples"] == 4
         served = client.app.state.inference.control.models[MODEL][1]  # type: ignore[attr-defined]
         assert served.batcher.settings.max_batch_size == 8
         assert served.batcher.settings.queue_capacity == 5
@@ -235,8 +271,14 @@ def test_invalid_serving_configuration_refuses_the_package(repo: Path) -> None:
 # ------------------------------------------------------------------------------------------ warm-up
 def test_each_version_is_warmed_up_before_it_serves(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="dropwise.model_control"), app_client(repo) as client:
-        stats = client.get(f"/v2/models/{MODEL}/stats").json()["model_stats"][0]
-        assert stats["execution_count"] == 0  # the warm-up passes ran on the runtime, not through the queue
+        for name in ("mlp_digits", "mlp_diabetes", "embedding_digits_tokens"):
+            served = client.app.state.inference.control.models[name][1]  # type: ignore[attr-defined]
+            modes = ["deterministic", "mc"] if served.runtime.supports_mc else ["deterministic"]
+            assert list(served.warm_up_s) == modes and all(t > 0 for t in served.warm_up_s.values())
+            warm = client.get(f"/v2/models/{name}/config").json()["parameters"]["warm_up"]["string_value"]
+            assert [part.split(":")[0] for part in warm.split(",")] == modes
+            stats = client.get(f"/v2/models/{name}/stats").json()["model_stats"][0]
+            assert stats["execution_count"] == 0  # the warm-up ran on the runtime, not through the queue
     warmed = [r.getMessage() for r in caplog.records if "warmed up" in r.getMessage()]
     assert len(warmed) == 3 and any(m.startswith(f"loaded {MODEL} v1") for m in warmed)
 
@@ -330,6 +372,15 @@ async def _until(condition: object, timeout: float = 120.0) -> None:
 async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8) -> dict[str, object]:
     stop = asyncio.Event()
     results: list[Answer] = []
+    readiness: list[int] = []
+
+    async def watch_readiness() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            while not stop.is_set():
+                readiness.append((await http.get("/readyz")).status_code)
+                await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_readiness())
     load = asyncio.create_task(_drive(base, clients, stop, results))
     await _until(lambda: len(results) >= 40)  # the old version under load first
     started = time.monotonic()
@@ -345,6 +396,7 @@ async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8
     await _until(lambda: len(results) >= mark + 40)  # then the new one
     stop.set()
     await load
+    await watcher
     failures = [r for r in results if r[0] != 200]
     versions = [r[1] for r in results if r[0] == 200]
     return {
@@ -354,6 +406,7 @@ async def _swap_under_load(base: str, repo: Path, swap: object, clients: int = 8
         "after": versions.count(2),
         "swap_s": swapped_after,
         "last": versions[-clients:],
+        "readiness": readiness,
     }
 
 
@@ -383,5 +436,6 @@ def test_swap_under_load_loses_no_request(repo: Path, control: str) -> None:
         assert report["failures"] == [], report["failures"][:5]
         assert report["before"] > 20 and report["after"] > 20
         assert set(report["last"]) == {2}  # type: ignore[arg-type]
+        assert set(report["readiness"]) == {200}, report["readiness"]  # ready throughout the swap
         entries = httpx.post(f"{base}/v2/repository/index", headers=ADMIN).json()
         assert {(e["name"], e["version"], e["state"]) for e in entries} >= {(MODEL, "2", "READY")}

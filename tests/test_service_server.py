@@ -53,7 +53,7 @@ def test_serve_default_repository_over_tcp_with_env_settings(repo: Path, tmp_pat
         too_many = httpx.post(
             base + "/v1/models/mlp_digits/predict", json={"inputs": _x(1, 0), "mode": "mc", "samples": 41}
         )
-        assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "samples"
+        assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "num_samples"
         target = {"inputs": _x(2, 9), "mode": "mc", "samples": 40, "seed": 123}
 
         async def burst() -> list[dict]:
@@ -75,7 +75,8 @@ def test_serve_default_repository_over_tcp_with_env_settings(repo: Path, tmp_pat
             np.testing.assert_allclose(answer["probabilities"], alone["probabilities"], rtol=0, atol=1e-6)
             assert answer["predictions"] == alone["predictions"]
         metrics = httpx.get(base + "/metrics").text
-        assert 'dropwise_requests_total{mode="mc",model="mlp_digits",status="200"} 19.0' in metrics
+        counted = 'dropwise_requests_total{mode="mc",model="mlp_digits",route="/v1/models/{name}/predict",status="200"}'
+        assert f"{counted} 19.0" in metrics
 
 
 def test_onnxruntime_backend_matches_torch(repo: Path, onnx_repo: Path) -> None:

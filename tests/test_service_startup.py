@@ -26,6 +26,9 @@ from dropwise.service.settings import Settings
 from dropwise.service.startup import StartupGate
 from test_service_fixtures import DROPWISE, ROOT, build_service_repository, free_port
 
+from bench.startup import measure
+from dropwise.commands.serve import first_start_work
+
 
 @pytest.fixture(scope="module")
 def repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -50,7 +53,7 @@ def serving(gate: StartupGate) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def _until(check: Callable[[], Any], timeout: float = 120.0) -> Any:
+def _until(check: Callable[[], Any], timeout: float = 600.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -92,12 +95,22 @@ def test_healthz_answers_while_preparing_and_readyz_says_what_it_waits_for(repo:
         assert answer.status_code == 200 and answer.json()["device"] == "cpu"
 
 
-def test_readyz_names_the_model_being_loaded(repo: Path) -> None:
-    """Once the app is built, its own /readyz answers during loading: 503 naming a model, then 200."""
+def test_readyz_names_each_step_until_ready(repo: Path) -> None:
+    """While the app is built /readyz names that step; once built, the app's /readyz answers (503 naming a
+    model being loaded, however briefly, then 200)."""
     settings = Settings(repository=repo, device="cpu")
+    release = threading.Event()
+
+    def build() -> Any:
+        assert release.wait(timeout=120)
+        return create_app(settings)
+
     seen: list[str] = []
-    gate = StartupGate(lambda: create_app(settings))
+    gate = StartupGate(build)
     with serving(gate) as base:
+        first = _until(lambda: httpx.get(base + "/readyz").json().get("waiting_for"))
+        assert first == "importing the service and building the app"
+        release.set()
 
         def ready() -> bool:
             answer = httpx.get(base + "/readyz")
@@ -106,12 +119,8 @@ def test_readyz_names_the_model_being_loaded(repo: Path) -> None:
             return answer.status_code == 200
 
         _until(ready)
-    assert seen, "the service was ready before the first poll"
-    assert all(
-        reason in ("starting", "importing the service and building the app", "scanning the repository")
-        or reason.startswith("loading ")
-        for reason in seen
-    ), seen
+    allowed = ("importing the service and building the app", "scanning the repository", "loading the models")
+    assert all(reason in allowed or reason.startswith("loading ") for reason in seen), seen
 
 
 def test_failed_start_is_reported_and_stops(repo: Path) -> None:
@@ -162,3 +171,23 @@ def test_cuda_without_gpu_fails_start_in_one_line(repo: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("dropwise: error: start-up failed:") and "torch sees no CUDA GPU" in last
     assert "Traceback" not in done.stderr
+
+
+def test_onnxruntime_backend_converts_packages_without_onnx_at_start(repo: Path) -> None:
+    work, what = first_start_work(repo, backend="onnxruntime", train=False, quick=True)
+    assert work is not None and what.startswith("converting ") and what.endswith("to ONNX (onnxruntime backend)")
+    assert all(name in what for name in ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes"))
+    assert first_start_work(repo, backend="torch", train=False, quick=True) == (None, "")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_first_start_training_answers_healthz_from_the_start(tmp_path: Path) -> None:
+    """`dropwise serve --train-if-empty` on an empty repository: /healthz answers while the networks train,
+    /readyz names the training, then every network is served."""
+    result = measure(tmp_path / "repository", cwd=tmp_path, extra=["--train-if-empty", "--quick-train"], timeout=900)
+    assert result["ready_s"] is not None, result
+    assert result["healthz_s"] is not None and result["healthz_s"] < result["ready_s"]
+    assert result["waiting_for"][0].startswith("training the reference networks into"), result["waiting_for"]
+    assert any(reason.startswith("loading ") for reason in result["waiting_for"])
+    assert len(list((tmp_path / "repository").glob("*/1/manifest.json"))) == 10

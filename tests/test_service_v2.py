@@ -70,9 +70,9 @@ def _scan(repository: Path) -> dict[str, ServedModel]:
             name=manifest["name"],
             version=int(manifest["version"]),
             task=manifest["task"],
-            input_name=manifest["input"]["name"],
-            input_shape=tuple(manifest["input"]["shape"]),
-            input_dtype=manifest["input"]["dtype"],
+            input_name=manifest["inputs"][0]["name"],
+            input_shape=tuple(manifest["inputs"][0]["shape"]),
+            input_dtype=manifest["inputs"][0]["dtype"],
             labels=manifest.get("labels"),
             has_sites=bool(manifest.get("sites")),
         )
@@ -173,7 +173,12 @@ def test_model_metadata_and_readiness(server: Server, client: httpclient.Inferen
             result = client.infer(
                 model.name,
                 [_infer_input(model, x)],
-                parameters={"mode": "mc", "samples": 3, "return_samples": True},
+                parameters={
+                    "mode": "mc",
+                    "samples": 3,
+                    "return_samples": True,
+                    **({"abstain": 0.5} if model.task == "classification" else {}),
+                },
             )
             for output in meta["outputs"]:
                 answered = result.get_output(output["name"])
@@ -231,7 +236,7 @@ def test_deterministic_matches_native(server: Server, client: httpclient.Inferen
 def test_mc_matches_native_and_is_seeded(server: Server, client: httpclient.InferenceServerClient) -> None:
     model = server.pick()
     x = _inputs_for(model, rows=3, seed=2)
-    params = {"mode": "mc", "samples": 16, "seed": 1234}
+    params = {"mode": "mc", "num_samples": 16, "seed": 1234}
     first = client.infer(model.name, [_infer_input(model, x)], parameters=params)
     again = client.infer(model.name, [_infer_input(model, x, binary=False)], parameters=params)
     other = client.infer(model.name, [_infer_input(model, x)], parameters={**params, "seed": 99})
@@ -239,7 +244,7 @@ def test_mc_matches_native_and_is_seeded(server: Server, client: httpclient.Infe
     assert names == {"probabilities", "predictions", *MC_NAMES}
     assert first.get_response()["parameters"] == {
         "mode": "mc",
-        "samples": 16,
+        "num_samples": 16,
         "seed": 1234,
         "backend": "torch",
         "device": "cpu",
@@ -406,7 +411,12 @@ def test_bad_requests_through_the_client(server: Server, client: httpclient.Infe
     _expect_error(
         lambda: client.infer(model.name, [good], parameters={"mode": "mc", "samples": MAX_SAMPLES + 1}),
         "400",
-        "samples",
+        "num_samples",
+    )
+    _expect_error(
+        lambda: client.infer(model.name, [good], parameters={"mode": "mc", "samples": 4, "num_samples": 4}),
+        "400",
+        "num_samples",
     )
     _expect_error(lambda: client.infer(model.name, [good], parameters={"mode": "bayes"}), "400", "mode")
     _expect_error(lambda: client.infer(model.name, [good], parameters={"sample": 4}), "400", "sample")

@@ -27,7 +27,7 @@ def _reference(logits: np.ndarray) -> dict[str, np.ndarray]:
     k = p.shape[-1]
     mode = np.stack([(votes == c).sum(0) for c in range(k)], -1).max(-1)
     return {
-        "mean_probs": p_bar,
+        "probabilities": p_bar,
         "predictive_entropy": h,
         "expected_entropy": e,
         "mutual_information": h - e,
@@ -43,7 +43,7 @@ def test_classification_matches_float64_reference() -> None:
     want = _reference(logits)
     for name in CLASSIFICATION_OUTPUTS:
         np.testing.assert_allclose(getattr(got, name).numpy(), want[name], rtol=1e-4, atol=1e-5, err_msg=name)
-    assert got.mean_probs.shape == (6, 5)
+    assert got.probabilities.shape == (6, 5)
     assert got.predictive_entropy.shape == (6,)
 
 
@@ -70,7 +70,7 @@ def test_extreme_logits_never_nan_and_mi_nonnegative() -> None:
         value = getattr(s, name)
         assert torch.isfinite(value).all(), name
     assert (s.mutual_information >= 0).all()
-    torch.testing.assert_close(s.mean_probs.sum(-1), torch.ones(3))
+    torch.testing.assert_close(s.probabilities.sum(-1), torch.ones(3))
 
 
 def test_identical_samples_give_zero_epistemic_terms() -> None:
@@ -87,7 +87,7 @@ def test_identical_samples_give_zero_epistemic_terms() -> None:
 
 def test_half_precision_logits_are_upcast() -> None:
     s = classification_summaries(torch.randn(5, 2, 3).half())
-    assert s.mean_probs.dtype == torch.float32
+    assert s.probabilities.dtype == torch.float32
 
 
 def test_regression_mean_and_population_std() -> None:

@@ -10,7 +10,7 @@ import torch
 from dropwise.models.zoo import ZOO, build
 from dropwise.models.zoo.mlp import dropout_mlp
 from dropwise.package import load_package, save_package
-from dropwise.surgery.loading import apply_surgery, resolve_model
+from dropwise.surgery.sources import apply_surgery, resolve_source
 from safetensors.torch import save_file
 
 from dropwise.cli import main
@@ -68,7 +68,7 @@ def test_fold_writes_a_package_that_replays_to_the_folded_model(
     written = tmp_path / NET / "1"
     manifest = json.loads((written / "manifest.json").read_text())
     assert manifest["surgery"] == ["fold"] and manifest["sites"] == []
-    resolved = resolve_model(str(written))
+    resolved = resolve_source(str(written))
     assert resolved.surgery == ["fold"]
     x = torch.randn(5, 64)
     source = load_package(package).model
@@ -76,7 +76,7 @@ def test_fold_writes_a_package_that_replays_to_the_folded_model(
         want = source(x)
         got = resolved.model(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    assert resolved.model.fold_report.scales_kept == 0
+    assert not any(type(m).__name__ == "Scale" for m in resolved.model.modules())  # no multiply kept
     # a reader that ignores `surgery` gets the source network, whose eval output is the same
     with torch.no_grad():
         assert torch.allclose(load_package(written).model(x), want)
@@ -101,13 +101,15 @@ def test_mc_from_factory_reference(weights: Path, tmp_path: Path, capsys: pytest
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["inspect", "no_such_net"], "not a package directory"),
+        (["inspect", "no_such_net"], "is not a package or Hugging Face directory"),
         (["fold", "cnn_mnist", "-o", "OUT"], "needs --weights"),
         (
             ["fold", "dropwise.models.zoo.mlp:dropout_mlp", "-w", "x.pt", "-o", "OUT"],
             "weights file not found",
         ),
-        (["mc", "os:getcwd", "-w", "W", "-o", "OUT"], "not an nn.Module"),
+        (["mc", "os:getcwd", "-w", "W", "-o", "OUT"], "--allow-module"),
+        (["mc", "os:getcwd", "-w", "W", "-o", "OUT", "--allow-module", "os"], "not an nn.Module"),
+        (["inspect", "W"], "a weights file holds no network"),
         (["inspect", "cnn_mnist", "--input-shape", "a,b"], "--input-shape"),
     ],
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dropwise.models.layers import ClassicDropout, DropConnectConv2d, DropConnectLinear, DropPath, FractalJoin
-from dropwise.surgery import find_sites, fold
+from dropwise.surgery import find_sites, fold, fold_with_report
 from dropwise.surgery.fold import ActivatedLinear, MeanJoin, Removed, Scale
 from torch import nn
 
@@ -39,13 +39,14 @@ def test_classic_dropout_into_next_linear_weight() -> None:
     w = model[3].weight.detach().clone()
     b = model[3].bias.detach().clone()
     x = torch.randn(8, 6)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert torch.allclose(folded[3].weight, 0.7 * w) and torch.equal(folded[3].bias, b)
     assert isinstance(folded[2], Removed) and folded[2].p == 0.3
     assert torch.equal(model[3].weight, w)  # original untouched
     assert find_sites(folded, x) == []
-    assert folded.fold_report.scales_kept == 0
-    assert "into next Linear 3" in str(folded.fold_report)
+    assert result.report.scales_kept == 0
+    assert "into next Linear 3" in str(result.report)
     _assert_eval_equal(model, folded, x)
 
 
@@ -56,8 +57,9 @@ def test_classic_dropout_into_next_batchnorm(affine: bool) -> None:
         nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), ClassicDropout(0.4), nn.BatchNorm2d(3, affine=affine))
     )
     x = torch.randn(2, 2, 6, 6)
-    folded = fold(model, x)
-    assert folded.fold_report.scales_kept == 0
+    result = fold_with_report(model, x)
+    folded = result.model
+    assert result.report.scales_kept == 0
     assert torch.allclose(folded[3].running_mean, model[3].running_mean / 0.6)
     _assert_eval_equal(model, folded, x)
 
@@ -68,10 +70,11 @@ def test_classic_dropout_backward_through_relu_and_pool() -> None:
         nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), ClassicDropout(0.5), nn.Sigmoid()
     ).eval()
     x = torch.randn(3, 2, 8, 8)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert torch.allclose(folded[0].weight, 0.5 * model[0].weight)
     assert torch.allclose(folded[0].bias, 0.5 * model[0].bias)
-    assert "into previous Conv2d 0" in str(folded.fold_report)
+    assert "into previous Conv2d 0" in str(result.report)
     _assert_eval_equal(model, folded, x)
 
 
@@ -91,13 +94,14 @@ def test_classic_stochastic_depth_into_last_affine_op_of_branch() -> None:
     torch.manual_seed(0)
     model = _randomise_bn(nn.Sequential(_ClassicBlock(0.2), _ClassicBlock(0.4)))
     x = torch.randn(2, 4, 5, 5)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     for block, model_block, q in zip(folded, model, (0.8, 0.6), strict=True):
         assert isinstance(block.drop_path, Removed)
         assert torch.allclose(block.bn.weight, q * model_block.bn.weight)
     assert torch.allclose(folded[1].bn.weight, 0.6 * model[1].bn.weight)
     assert torch.allclose(folded[1].bn.bias, 0.6 * model[1].bn.bias)
-    assert folded.fold_report.scales_kept == 0
+    assert result.report.scales_kept == 0
     _assert_eval_equal(model, folded, x)
 
 
@@ -105,10 +109,11 @@ def test_unfoldable_scale_keeps_one_multiply_and_says_why() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), ClassicDropout(0.25), nn.Sigmoid()).eval()
     x = torch.randn(5, 4)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert isinstance(folded[2], Scale) and folded[2].factor == 0.75
-    assert folded.fold_report.scales_kept == 1
-    entry = folded.fold_report.entries[0]
+    assert result.report.scales_kept == 1
+    entry = result.report.entries[0]
     assert entry.action == "scale kept" and "not affine" in entry.detail
     _assert_eval_equal(model, folded, x)
 
@@ -127,10 +132,11 @@ def test_shared_weights_are_not_changed() -> None:
     torch.manual_seed(0)
     model = _Tied().eval()
     x = torch.randn(3, 4)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert isinstance(folded.drop, Scale)
     assert torch.equal(folded.lin.weight, model.lin.weight)
-    assert "called 2 times" in folded.fold_report.entries[0].detail
+    assert "called 2 times" in result.report.entries[0].detail
     _assert_eval_equal(model, folded, x)
 
 
@@ -149,9 +155,10 @@ class _Untraceable(nn.Module):
 def test_untraceable_model_keeps_scale() -> None:
     model = _Untraceable().eval()
     x = torch.randn(3, 4)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert isinstance(folded.drop, Scale)
-    assert "torch.fx could not trace" in folded.fold_report.entries[0].detail
+    assert "torch.fx could not trace" in result.report.entries[0].detail
     _assert_eval_equal(model, folded, x)
 
 
@@ -164,11 +171,12 @@ def test_drop_connect_mean_rule_and_gaussian_rule() -> None:
         DropConnectLinear(8, 4, p=0.5, activation="relu", inference="gaussian", gaussian_samples=8),
     ).eval()
     x = torch.randn(2, 2, 4, 4)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert isinstance(folded[2], ActivatedLinear)
     assert torch.allclose(folded[2].weight, 0.6 * model[2].weight)
     assert torch.allclose(folded[0].weight, 0.7 * model[0].weight)
-    assert [e.action for e in folded.fold_report.entries] == ["replaced", "replaced", "frozen"]
+    assert [e.action for e in result.report.entries] == ["replaced", "replaced", "frozen"]
     folded.train()  # the Gaussian rule layer stays in its deterministic eval form
     assert find_sites(folded) == []
     _assert_eval_equal(model, folded, x)
@@ -188,7 +196,8 @@ class _Fractal(nn.Module):
 def test_fractal_join_becomes_deterministic_mean() -> None:
     model = _Fractal().eval()
     x = torch.randn(3, 4)
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert isinstance(folded.join, MeanJoin)
     folded.train()
     with torch.no_grad():

@@ -17,7 +17,7 @@ from dropwise.models.layers import (
     FractalJoin,
 )
 from dropwise.surgery import find_sites, register_site_type
-from dropwise.surgery.sites import _USER, SiteType
+from dropwise.surgery.site_types import _USER, SiteType
 from torch import nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

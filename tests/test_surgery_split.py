@@ -129,20 +129,32 @@ class _RootGated(nn.Module):
         return F.dropout(self.lin(x), 0.5, self.training)
 
 
-@pytest.mark.parametrize(
-    ("model", "reason"),
-    [(_DataDependent(), "could not trace"), (_RootGated(), "root module's own forward")],
-)
-def test_fallback_says_why_and_still_reproduces(model: nn.Module, reason: str) -> None:
-    model.eval()
+def test_fallback_says_why_and_still_reproduces() -> None:
+    model = _DataDependent().eval()
     x = torch.randn(3, 4)
     sp = split(model, x)
-    assert not sp.captured and reason in sp.reason
+    assert not sp.captured and sp.frontend is None
+    assert "torch.fx could not trace" in sp.reason and "torch.export could not capture" in sp.reason
     assert sp.trunk(x)[0] is x
     with torch.no_grad():
         assert torch.equal(sp(x), model(x))
     mc = to_mc(model, example_input=x)
     assert torch.equal(_seeded(split(mc, x), x), _seeded(mc, x))
+
+
+def test_root_gated_dropout_is_split_by_torch_export() -> None:
+    model = _RootGated().eval()
+    x = torch.randn(3, 4)
+    sp = split(model, x)
+    assert sp.captured and sp.frontend == "export", sp.reason
+    assert sp.reason is None
+    assert sp.split_at == ":dropout#0" and sp.carried  # the trunk (the Linear) runs before the cut
+    with torch.no_grad():
+        assert torch.equal(sp(x), model(x))
+    mc = to_mc(model, example_input=x)
+    sp_mc = split(mc, x)
+    assert sp_mc.frontend == "export"
+    assert torch.equal(_seeded(sp_mc, x), _seeded(mc, x))
 
 
 class _TwoInputs(nn.Module):

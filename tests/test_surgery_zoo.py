@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dropwise.models.zoo import ZOO, build
-from dropwise.surgery import find_sites, fold, split, to_mc
+from dropwise.surgery import find_sites, fold_with_report, split, to_mc
 from torch import nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,9 +82,10 @@ def test_zoo_surgery(name: str) -> None:
 
     # fold: equal to eval, no site left, no kept multiply, original untouched
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = fold(model, x)
+    result = fold_with_report(model, x)
+    folded = result.model
     assert find_sites(folded, x) == []
-    assert folded.fold_report.scales_kept == 0, str(folded.fold_report)
+    assert result.report.scales_kept == 0, str(result.report)
     with torch.no_grad():
         got = folded(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()

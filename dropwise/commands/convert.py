@@ -1,7 +1,9 @@
 """``dropwise convert SOURCE``: fold, convert to MC, export both ONNX graphs and verify parity into a package.
 
-SOURCE is a package directory, a zoo name (with ``--weights``, or the latest package of that name in the
-repository), a ``module:factory`` reference with ``--weights`` and ``--dataset``, or an ``.onnx`` file
+SOURCE is any source of ``dropwise.surgery.sources``: a package directory, a Hugging Face directory
+(``config.json`` + ``model.safetensors``), a zoo name (with ``--weights``, or the latest package of that name in
+the repository), a ``module:factory`` reference with ``--weights`` and either ``--dataset`` or
+``--input-shape`` / ``--input-dtype`` (parity then runs on generated inputs of that spec), or an ``.onnx`` file
 (surgery on its graph: ``dropwise/commands/convert_onnx.py``). Importing a module
 outside ``dropwise.models.`` runs its code, so it needs ``--allow-module PREFIX``. Exit status: 0 when parity passed;
 2 with one line on stderr for a usage error or a failed parity check (the report is still written into the
@@ -13,23 +15,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-
-def _parse_kwargs(text: str | None) -> dict[str, Any]:
-    from dropwise.errors import UserError
-
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--kwargs is not valid JSON: {exc.msg} at column {exc.colno}") from exc
-    if not isinstance(value, dict):
-        raise UserError("--kwargs must be a JSON object, e.g. '{\"hidden\": 128}'")
-    return value
+from .model_options import MODEL_HELP, AllowModule, Dataset, InputDtype, InputShape, Kwargs, Task, Weights
 
 
 def quiet_libraries() -> None:
@@ -41,13 +31,8 @@ def quiet_libraries() -> None:
 
 
 def convert(
-    source: Annotated[
-        str,
-        typer.Argument(help="Package directory, zoo name, or module:factory reference.", show_default=False),
-    ],
-    weights: Annotated[
-        Path | None, typer.Option("--weights", "-w", help="Safetensors weights for a zoo name or factory.")
-    ] = None,
+    source: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
+    weights: Weights = None,
     repository: Annotated[
         Path | None,
         typer.Option("--repository", "-r", help="Repository for new packages (default: model_repository)."),
@@ -64,22 +49,18 @@ def convert(
     ] = 1e-5,
     samples: Annotated[int, typer.Option("--samples", "-T", help="MC samples for the parity z-test.")] = 64,
     device: Annotated[str, typer.Option("--device", help="ONNX Runtime device: auto, cpu or cuda.")] = "cpu",
-    dataset: Annotated[
-        str | None,
-        typer.Option("--dataset", help="Dataset (models.data): a factory's input spec; parity inputs."),
-    ] = None,
-    kwargs: Annotated[str | None, typer.Option("--kwargs", help="JSON keyword arguments for a factory SOURCE.")] = None,
-    allow_module: Annotated[
-        list[str] | None,
-        typer.Option("--allow-module", help="Trust a factory module prefix outside models. (runs its code)."),
-    ] = None,
+    dataset: Dataset = None,
+    kwargs: Kwargs = None,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = None,
+    task: Task = None,
+    allow_module: AllowModule = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as JSON.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Keep the exporter's and ONNX Runtime's own warnings.")
     ] = False,
-    # --- ONNX file sources only (dropwise/commands/convert_onnx.py) ---
-    task: Annotated[str, typer.Option("--task", help="ONNX source: classification or regression.")] = "classification",
+    # --- ONNX file sources only (dropwise/commands/convert_onnx.py); --task above applies to them too ---
     add_dropout_before_head: Annotated[
         float | None,
         typer.Option("--add-dropout-before-head", help="ONNX source: insert Dropout(P) before the head."),
@@ -100,7 +81,7 @@ def convert(
             source,
             repository=repository,
             name=name,
-            task=task,
+            task=task or "classification",
             add_dropout_before_head=add_dropout_before_head,
             dropout_after=dropout_after,
             p=p,
@@ -111,34 +92,32 @@ def convert(
         )
         return
     from dropwise.errors import UserError
-    from dropwise.package import PackageError
-    from dropwise.surgery.convert import ConvertError, ConvertOptions, report_json, report_summary
+    from dropwise.surgery.convert import ConvertOptions
     from dropwise.surgery.convert import convert as run_convert
-    from dropwise.surgery.export import ExportError
-    from dropwise.surgery.providers import ProviderError
+    from dropwise.surgery.convert_report import report_json, report_summary
 
-    try:
-        options = ConvertOptions(
-            fold=fold,
-            mc=mc,
-            recalibrate_bn=recalibrate_bn,
-            tolerance=tolerance,
-            samples=samples,
-            device=device,
-            progress=progress,
-        )
-        result = run_convert(
-            source,
-            weights=weights,
-            repository=repository,
-            name=name,
-            options=options,
-            allow_modules=list(allow_module or []),
-            factory_kwargs=_parse_kwargs(kwargs),
-            dataset=dataset,
-        )
-    except (ConvertError, PackageError, ExportError, ProviderError) as exc:
-        raise UserError(" ".join(str(exc).split())) from exc
+    options = ConvertOptions(
+        fold=fold,
+        mc=mc,
+        recalibrate_bn=recalibrate_bn,
+        tolerance=tolerance,
+        samples=samples,
+        device=device,
+        progress=progress,
+    )
+    result = run_convert(
+        source,
+        weights=weights,
+        repository=repository,
+        name=name,
+        options=options,
+        allow_modules=list(allow_module or []),
+        factory_kwargs=kwargs,
+        dataset=dataset,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        task=task,
+    )
     report = result.report
     if as_json:
         typer.echo(json.dumps(report_json(report), indent=2))

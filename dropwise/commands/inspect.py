@@ -1,7 +1,8 @@
 """``dropwise inspect MODEL``: list a model's stochastic sites as a table (``--json`` for machines).
 
-MODEL: a package directory (or repository with ``--name``), a zoo name, or ``module:factory`` (see
-``dropwise.surgery.loading``). Functional and attention dropout inside ``forward`` are found by running one example
+MODEL: any source of ``dropwise.surgery.sources`` (a package directory or repository with ``--name``, a
+Hugging Face directory, a zoo name, or ``module:factory``; a module outside ``dropwise.models.`` needs
+``--allow-module``). Functional and attention dropout inside ``forward`` are found by running one example
 batch (shape from the package manifest or ``--input-shape``).
 """
 
@@ -12,7 +13,19 @@ from typing import Annotated
 
 import typer
 
-from .rewrite import ModelOptions, resolve
+from .model_options import (
+    MODEL_HELP,
+    AllowModule,
+    Dataset,
+    InputDtype,
+    InputShape,
+    Kwargs,
+    Name,
+    Task,
+    Version,
+    Weights,
+    resolve,
+)
 
 
 def _table(rows: list[dict[str, object]]) -> str:
@@ -36,28 +49,52 @@ def _table(rows: list[dict[str, object]]) -> str:
 
 
 def inspect_command(
-    model: Annotated[str, typer.Argument(help="Package dir, zoo name, or module:factory.", show_default=False)],
-    weights: ModelOptions.weights = None,
-    name: ModelOptions.name = None,
-    version: ModelOptions.version = None,
-    kwargs: ModelOptions.kwargs = None,
-    input_shape: ModelOptions.input_shape = None,
-    input_dtype: ModelOptions.input_dtype = None,
-    allow_module: ModelOptions.allow_module = None,
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
+    weights: Weights = None,
+    name: Name = None,
+    version: Version = None,
+    kwargs: Kwargs = None,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = None,
+    task: Task = None,
+    dataset: Dataset = None,
+    allow_module: AllowModule = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sites as JSON.")] = False,
 ) -> None:
     """List the stochastic sites of MODEL (kind, p, how each is switched on, how it folds)."""
     from dropwise.surgery.sites import find_sites
 
     resolved, example = resolve(
-        model, weights, name, version, kwargs, input_shape, input_dtype, allow_module, require_weights=False
+        model,
+        weights=weights,
+        name=name,
+        version=version,
+        kwargs=kwargs,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        task=task,
+        dataset=dataset,
+        allow_module=allow_module,
+        require_weights=False,
     )
     rows = [s.to_dict() for s in find_sites(resolved.model, example)]
     if as_json:
-        typer.echo(json.dumps({"model": resolved.source, "surgery": resolved.surgery, "sites": rows}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": resolved.source,
+                    "kind": resolved.kind,
+                    "inputs": [spec.model_dump(mode="json") for spec in resolved.inputs],
+                    "surgery": resolved.surgery,
+                    "sites": rows,
+                },
+                indent=2,
+            )
+        )
         return
     typer.echo(
-        f"{resolved.source}: {len(rows)} site(s)" + (f", surgery {resolved.surgery}" if resolved.surgery else "")
+        f"{resolved.source} ({resolved.kind}): {len(rows)} site(s)"
+        + (f", surgery {resolved.surgery}" if resolved.surgery else "")
     )
     if example is None:
         typer.echo("(no input shape: functional dropout inside forward not searched; pass --input-shape)")

@@ -190,11 +190,27 @@ def serve(
             help="Train the reference networks into an empty --repository (always done for the default one).",
         ),
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve on Ray Serve (replicated app; DROPWISE_RAY_GPUS_PER_REPLICA, DROPWISE_RAY_CPUS_PER_REPLICA).",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, max=1024, help="Ray Serve replicas (with --ray; default 1).")
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-unauthenticated",
+            help="Bind a non-loopback address without DROPWISE_API_TOKEN (env DROPWISE_ALLOW_UNAUTHENTICATED=1).",
+        ),
+    ] = None,
 ) -> None:
     """Serve deterministic and MC-dropout predictions over HTTP (native /v1 API and Open Inference /v2)."""
-    import uvicorn
-
     from dropwise.errors import UserError
+    from dropwise.service.server import GracefulServer, build_server, check_bind
     from dropwise.service.startup import StartupGate
 
     settings = build_settings(
@@ -205,7 +221,9 @@ def serve(
         backend=backend,
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
+        allow_unauthenticated=allow_unauthenticated or None,
     )
+    check_bind(settings)  # before any training or loading: an open non-loopback bind needs consent
     repo = settings.repository
     if repo.exists() and not repo.is_dir():
         raise UserError(f"repository {repo} is not a directory")
@@ -214,27 +232,53 @@ def serve(
         repo, backend=settings.backend, train=default or train_if_empty, quick=quick_train
     )
 
-    def build() -> Any:
-        """Import the service (torch, FastAPI) and build the app; runs behind the gate."""
+    if replicas is not None and not ray:
+        raise UserError("--replicas needs --ray (one uvicorn process serves without Ray)")
+    if ray:
+        from dropwise.service.ray_serve import run as run_ray
+
+        if prepare is not None:
+            print(f"dropwise: {preparing}", file=sys.stderr, flush=True)
+            prepare()
+        run_ray(settings, replicas or 1)
+        return
+
+    def check_device() -> None:
+        """`--device cuda` without a GPU fails before any training (it imports torch: behind the gate)."""
         if settings.device == "cuda" and settings.backend == "torch":
             import torch
 
             if not torch.cuda.is_available():
                 raise UserError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
+
+    def first_start() -> None:
+        check_device()
+        if prepare is not None:
+            prepare()
+
+    def build() -> Any:
+        """Import the service (torch, FastAPI) and build the app; runs behind the gate."""
         from dropwise.service.app import create_app
 
         return create_app(settings)
 
     failures: list[str] = []
-    server: uvicorn.Server | None = None
+    server: GracefulServer | None = None
 
     def stop(reason: str) -> None:
         failures.append(reason)
         if server is not None:
             server.should_exit = True
 
-    gate = StartupGate(build, prepare=prepare, preparing=preparing, on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(gate, host=settings.host, port=settings.port, log_level=settings.log_level))
+    gate = StartupGate(build, prepare=first_start, preparing=preparing or "checking the device", on_failure=stop)
+
+    async def drain(grace_s: float) -> None:
+        """SIGTERM: queued requests answer 503, the computing batch finishes within the grace period."""
+        app = gate.app
+        if app is not None:
+            await app.state.inference.drain(grace_s)  # type: ignore[attr-defined]
+
+    server = build_server(gate, settings, drain)  # graceful shutdown on SIGTERM, exit status 0
     print(
         f"dropwise: serving {repo} on http://{settings.host}:{settings.port} (docs at /docs; /readyz says "
         "when every model is loaded)",

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def torch_function_visible(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Make a functional form visible to ``torch.overrides.TorchFunctionMode``, as ``F.dropout`` is.
+
+    When a mode (or a tensor subclass) is active, the call is handed to ``handle_torch_function`` with the
+    public function as ``func``: ``dropwise.surgery`` finds such calls inside a module's ``forward`` as
+    stochastic sites and keys their draws in the MC engine. The undecorated function is ``__wrapped__``.
+    Otherwise the call costs one ``has_torch_function`` check.
+    """
+
+    @functools.wraps(fn)
+    def visible(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        tensors = tuple(_tensor_args(args))
+        if tensors and has_torch_function(tensors):
+            return handle_torch_function(visible, tensors, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return visible
+
+
+def _tensor_args(args: tuple[object, ...]) -> list[Tensor]:
+    """Tensors among ``args``, one level into lists and tuples (``fractal_join`` takes a sequence)."""
+    out: list[Tensor] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, list | tuple):
+            out.extend(t for t in a if isinstance(t, Tensor))
+    return out
 
 
 def check_probability(p: float, name: str = "p") -> float:
@@ -40,4 +76,6 @@ def bernoulli_mask(shape: Sequence[int], keep: float, like: Tensor, generator: t
     """
     check_generator(generator, like.device)
     dtype = like.dtype if like.is_floating_point() else torch.float32
+    if generator is None:  # rand's generator overload takes no symbolic sizes (torch.export, dynamic batch)
+        return torch.rand(tuple(shape), dtype=dtype, device=like.device).lt_(keep)
     return torch.rand(tuple(shape), dtype=dtype, device=like.device, generator=generator).lt_(keep)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_probability
+from ._common import bernoulli_mask, check_probability, torch_function_visible
 
 __all__ = ["ClassicDropout", "classic_dropout"]
 
 
+@torch_function_visible
 def classic_dropout(x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None) -> Tensor:
     """Non-inverted dropout: ``m * x`` when ``training`` (``m ~ Bernoulli(1 - p)``), else ``(1 - p) * x``."""
     p = check_probability(p)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import check_generator, check_probability
+from ._common import check_generator, check_probability, torch_function_visible
 
 __all__ = [
     "NORMALIZE_MODES",
@@ -103,6 +103,7 @@ def drop_block_mask(
     return (~blocks).to(dtype)
 
 
+@torch_function_visible
 def drop_block2d(
     x: Tensor,
     p: float = 0.1,

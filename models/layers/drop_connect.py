@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_probability
+from ._common import bernoulli_mask, check_probability, torch_function_visible
 
 __all__ = [
     "DropConnectConv2d",
@@ -106,6 +106,7 @@ def _moment_matched(mean: Tensor, var: Tensor, activation: Callable[[Tensor], Te
     return activation(mean.unsqueeze(0) + std.unsqueeze(0) * nodes).mean(0)
 
 
+@torch_function_visible
 def drop_connect_linear(
     x: Tensor,
     weight: Tensor,
@@ -204,6 +205,7 @@ def per_example_conv2d(
     return y
 
 
+@torch_function_visible
 def drop_connect_conv2d(
     x: Tensor,
     weight: Tensor,

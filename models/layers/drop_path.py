@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_probability
+from ._common import bernoulli_mask, check_probability, torch_function_visible
 
 __all__ = ["DropPath", "drop_path", "linear_decay"]
 
 
+@torch_function_visible
 def drop_path(
     x: Tensor,
     p: float = 0.0,

@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_probability
+from ._common import bernoulli_mask, check_probability, torch_function_visible
 
 __all__ = ["EmbeddingDropout", "embedding_dropout"]
 
 
+@torch_function_visible
 def embedding_dropout(x: Tensor, p: float = 0.5, *, training: bool, generator: torch.Generator | None = None) -> Tensor:
     """Drop embedding dimensions of ``x: [B, L, E]`` shared across the ``L`` positions, rescale by ``1/q``."""
     p = check_probability(p)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._common import bernoulli_mask, check_probability
+from ._common import bernoulli_mask, check_probability, torch_function_visible
 
 __all__ = ["FractalJoin", "fractal_join"]
 
@@ -42,6 +42,7 @@ def _check_inputs(inputs: Sequence[Tensor], n_inputs: int | None) -> torch.Size:
     return shape
 
 
+@torch_function_visible
 def fractal_join(
     inputs: Sequence[Tensor],
     p: float = 0.15,

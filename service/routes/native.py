@@ -1,11 +1,23 @@
-"""The native API: list and describe models, deterministic and MC-dropout predictions."""
+"""The native API: list and describe models, deterministic and MC-dropout predictions.
+
+The predict routes read the raw body themselves, after refusing what can be refused without it (unknown
+model 404, model not loaded or shutting down 503, queue full 429 with Retry-After), and parse and validate
+it off the event loop when it is large (over 256 KiB), so one big body never stalls other requests or
+`/healthz`. The OpenAPI schema still documents the `PredictRequest` body.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import numpy as np
+from dropwise.service.body_parsing import BodyValidationFailed, ParsingPool, parse_predict
+from dropwise.service.deps import ApiToken
+from dropwise.service.errors import InvalidInput
+from dropwise.service.examples import example_request, preprocess
 from dropwise.service.inference import InferenceRequest, InferenceResult, InferenceService, ModelInfo
+from dropwise.service.middleware import label_mode
 from dropwise.service.schemas import (
     PREDICT_EXAMPLES,
     ErrorBody,
@@ -17,22 +29,38 @@ from dropwise.service.schemas import (
     PredictResponse,
     Uncertainty,
 )
-from fastapi import APIRouter, Body, Path, Request
+from dropwise.surgery.outputs import NUM_SAMPLES
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 
-router = APIRouter(prefix="/v1", tags=["native"])
+router = APIRouter(prefix="/v1", tags=["native"], dependencies=[ApiToken])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Invalid input (the field is named)."},
     404: {"model": ErrorBody, "description": "Unknown model or version."},
     413: {"model": ErrorBody, "description": "Body over the size limit."},
     422: {"model": ErrorBody, "description": "Request body does not match the schema."},
+    408: {"model": ErrorBody, "description": "The body was not sent in time (stalled upload)."},
     429: {"model": ErrorBody, "description": "Queue full; see Retry-After."},
+    503: {"model": ErrorBody, "description": "Model not loaded, or the server is shutting down."},
     504: {"model": ErrorBody, "description": "Not answered before the deadline."},
+}
+#: Bodies (and answers) larger than this are parsed (encoded) in a worker thread.
+_THREAD_THRESHOLD = 256 * 1024
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
+                "examples": PREDICT_EXAMPLES,
+            }
+        },
+    }
 }
 
 ModelName = Annotated[str, Path(description="Model name as listed by GET /v1/models.", examples=["mlp_digits"])]
 Version = Annotated[int, Path(description="Numeric package version.", examples=[1])]
-Predict = Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]
 
 
 def _service(request: Request) -> InferenceService:
@@ -40,17 +68,23 @@ def _service(request: Request) -> InferenceService:
 
 
 def _detail(info: ModelInfo) -> ModelDetail:
+    inputs = [
+        InputSpecOut(
+            name=spec.name,
+            shape=list(spec.shape),
+            dtype=spec.dtype,
+            preprocessing=spec.preprocessing,
+            range=list(spec.range) if spec.range else None,
+        )
+        for spec in info.input_specs()
+    ]
     return ModelDetail(
         name=info.name,
         version=info.version,
         versions=list(info.versions),
         task=info.task,
-        input=InputSpecOut(
-            name=info.input_name,
-            shape=list(info.input_shape),
-            dtype=info.input_dtype,
-            preprocessing=info.preprocessing,
-        ),
+        input=inputs[0],
+        inputs=inputs,
         labels=list(info.labels) if info.labels else None,
         sites=list(info.sites),
         backend=info.backend,
@@ -60,6 +94,8 @@ def _detail(info: ModelInfo) -> ModelDetail:
         mc_available=info.mc_available,
         max_samples=info.max_samples,
         default_samples=info.default_samples,
+        placement=info.placement,
+        evaluation=info.evaluation,
     )
 
 
@@ -91,12 +127,32 @@ async def describe_model(request: Request, name: ModelName) -> ModelDetail:
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=ModelDetail,
-    responses={404: _ERRORS[404]},
+    responses={404: _ERRORS[404], 422: _ERRORS[422]},
     summary="Describe a model version",
 )
 async def describe_model_version(request: Request, name: ModelName, version: Version) -> ModelDetail:
     """Like `GET /v1/models/{name}` for a given version."""
     return _detail(_service(request).info(name, version))
+
+
+@router.get(
+    "/models/{name}/example",
+    response_model=PredictRequest,
+    response_model_exclude_none=True,
+    responses={404: _ERRORS[404]},
+    summary="A ready request body for the model",
+)
+async def example(request: Request, name: ModelName) -> dict[str, Any]:
+    """A body `POST /v1/models/{name}/predict` accepts as is: the first rows of the model's test split
+    (preprocessed), MC mode, the default T, seed 0 (zeros of the input shape when the package records no
+    dataset). `curl .../example | curl -d @- .../predict` gives a first answer."""
+    service = _service(request)
+    info = service.info(name)
+    spec = service.spec(name)
+    body = await asyncio.to_thread(example_request, spec, info.default_samples)
+    if not info.mc_available:
+        body = {"inputs": body["inputs"], "mode": "deterministic"}
+    return body
 
 
 def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
@@ -123,8 +179,9 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),
         uncertainty=uncertainty,
-        sample_outputs=_list(out.get("samples")),
-        samples=result.samples,
+        abstain=None if "abstain" not in out else [bool(v) for v in np.asarray(out["abstain"])],
+        samples=_list(out.get("samples")),
+        num_samples=result.num_samples,
         seed=result.seed,
         backend=result.backend,
         device=result.device,
@@ -137,21 +194,42 @@ def _list(value: np.ndarray | None) -> Any:
     return None if value is None else np.asarray(value).tolist()
 
 
-async def _predict(request: Request, name: str, version: int | None, body: PredictRequest) -> PredictResponse:
+async def _predict(request: Request, name: str, version: int | None) -> Response:
     service = _service(request)
+    service.admit(name, version)  # 404 / 503 / 429 before the body is read
+    raw = await request.body()  # bounded (413) and timed (408) by the body guard middleware
+    parsing: ParsingPool = request.app.state.parsing
+    try:  # inline, in a thread or in the parsing process by size: the event loop stays free
+        body, inputs = await parsing.run(parse_predict, raw)
+    except BodyValidationFailed as exc:
+        raise RequestValidationError(exc.errors) from None
+    label_mode(request, body.mode)
+    if body.preprocess:
+        inputs = await asyncio.to_thread(preprocess, service.spec(name, version), inputs)
+    if body.samples is not None and body.num_samples is not None:
+        raise InvalidInput(f"give {NUM_SAMPLES} only (samples is its deprecated alias)", field=NUM_SAMPLES)
     result = await service.infer(
         InferenceRequest(
             model=name,
             version=version,
-            inputs=body.inputs,  # validated (shape, dtype, NaN/Inf) by the service
+            inputs=inputs,  # validated (shape, dtype, NaN/Inf) by the service
             mode=body.mode,
-            samples=body.samples,
+            num_samples=body.num_samples if body.num_samples is not None else body.samples,
             seed=body.seed,
             return_samples=body.return_samples,
+            abstain=body.abstain,
             deadline_s=body.timeout_s,
         )
     )
-    return _response(result, service.info(result.model, result.version))
+    answer = _response(result, service.info(result.model, result.version))
+    size = sum(np.asarray(v).size for v in result.outputs.values())
+    encode = answer.model_dump_json
+    text = (
+        await asyncio.to_thread(encode, exclude_none=True)
+        if size * 20 > _THREAD_THRESHOLD
+        else encode(exclude_none=True)
+    )
+    return Response(text, media_type="application/json")
 
 
 @router.post(
@@ -160,10 +238,11 @@ async def _predict(request: Request, name: str, version: int | None, body: Predi
     response_model_exclude_none=True,
     responses=_ERRORS,
     summary="Predict with the latest version",
+    openapi_extra=_PREDICT_BODY,
 )
-async def predict(request: Request, name: ModelName, body: Predict) -> PredictResponse:
+async def predict(request: Request, name: ModelName) -> Response:
     """Deterministic or MC-dropout predictions; MC adds the uncertainty summaries."""
-    return await _predict(request, name, None, body)
+    return await _predict(request, name, None)
 
 
 @router.post(
@@ -172,7 +251,8 @@ async def predict(request: Request, name: ModelName, body: Predict) -> PredictRe
     response_model_exclude_none=True,
     responses=_ERRORS,
     summary="Predict with a given version",
+    openapi_extra=_PREDICT_BODY,
 )
-async def predict_version(request: Request, name: ModelName, version: Version, body: Predict) -> PredictResponse:
+async def predict_version(request: Request, name: ModelName, version: Version) -> Response:
     """Like `POST /v1/models/{name}/predict` for a given version."""
-    return await _predict(request, name, version, body)
+    return await _predict(request, name, version)

@@ -37,8 +37,13 @@ def _service(request: Request) -> InferenceService:
     return request.app.state.inference
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (an empty body is `{}`); 400 for anything else."""
+async def _json_object(request: Request, allowed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The request body as a JSON object (an empty body is `{}`); 400 for anything else.
+
+    `allowed` names the `parameters` this route understands; any other parameter is refused rather than
+    ignored (Triton's `config` and `file:` overrides are not supported: a package carries its own serving
+    configuration).
+    """
     raw = await request.body()
     if not raw.strip():
         return {}
@@ -53,6 +58,14 @@ async def _json_object(request: Request) -> dict[str, Any]:
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidInput("parameters must be a JSON object", field="parameters")
+    unknown = sorted(set(parameters) - allowed)
+    if unknown:
+        raise InvalidInput(
+            f"unsupported parameter(s) {unknown[:5]}: a model's configuration lives in its package "
+            "(dropwise.package.serving); this route takes "
+            + (", ".join(sorted(allowed)) if allowed else "no parameters"),
+            field="parameters",
+        )
     return body
 
 
@@ -85,7 +98,9 @@ async def load_model(request: Request, name: str) -> dict[str, Any]:
 @router.post("/v2/repository/models/{name}/unload", dependencies=_ADMIN, summary="Unload a model")
 async def unload_model(request: Request, name: str) -> dict[str, Any]:
     """Stop serving every version of `name` once its queued requests are answered; explicit mode only."""
-    await _json_object(request)
+    body = await _json_object(request, frozenset({"unload_dependents"}))
+    if not isinstance(body.get("parameters", {}).get("unload_dependents", False), bool):
+        raise InvalidInput("parameters.unload_dependents must be true or false", field="unload_dependents")
     await _service(request).control.unload(name)
     return {}
 

@@ -5,7 +5,9 @@ Content-Type and by default puts tensors after the JSON header (``Inference-Head
 infer route reads the raw body and decodes it with :mod:`dropwise.service.v2_codec` instead of a pydantic model.
 
 Per-request settings travel in the request's ``parameters``: ``mode`` ("deterministic" | "mc"),
-``samples`` (T), ``seed``, ``return_samples``, plus the protocol's own ``binary_data_output`` and
+``num_samples`` (T; ``samples`` is accepted as a deprecated alias), ``seed``, ``return_samples``,
+``abstain`` ("auto" or a threshold: adds the BOOL output ``abstain``), plus the
+protocol's own ``binary_data_output`` and
 ``timeout`` (microseconds, as the Triton client sends it). Every failure answers ``{"error": "..."}`` with a
 4xx status for bad input; nothing a client sends gives a 500.
 """
@@ -18,17 +20,22 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
-from dropwise.service.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServiceError
+from dropwise.service.body_parsing import ParsingPool
+from dropwise.service.deps import ApiToken
+from dropwise.service.errors import InvalidInput, ModelNotReady, ServiceError
 from dropwise.service.inference import MODES, InferenceRequest, InferenceService, ModelInfo
+from dropwise.service.middleware import label_mode
 from dropwise.service.v2_codec import (
     DecodedRequest,
-    V2CodecError,
+    TensorInput,
     datatype_of,
     decode_body,
     decompress_body,
     encode_response,
     parse_header_length,
 )
+from dropwise.surgery.outputs import NUM_SAMPLES, output_shape
+from dropwise.surgery.outputs import spec as output_spec
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -46,20 +53,16 @@ SERVER_EXTENSIONS = [
 ]
 #: Request parameters this server understands; anything else is refused so a typo never goes unnoticed.
 _KNOWN_PARAMETERS = frozenset(
-    {"mode", "samples", "seed", "return_samples", "binary_data_output", "timeout", "priority"}
+    {"mode", NUM_SAMPLES, "samples", "seed", "return_samples", "abstain", "binary_data_output", "timeout", "priority"}
     | {"sequence_id", "sequence_start", "sequence_end"}
 )
-_MC_ONLY_PARAMETERS = ("samples", "return_samples")
+_MC_ONLY_PARAMETERS = (NUM_SAMPLES, "samples", "return_samples", "abstain")
 #: Longest request timeout accepted (one day, in microseconds as the Triton client sends it).
 _MAX_TIMEOUT_US = 86_400 * 1_000_000
 #: Bodies above this size are decoded and encoded in a worker thread so the event loop stays free.
 _THREAD_THRESHOLD = 256 * 1024
 #: Responses smaller than this are never compressed, even when the client accepts it.
 _COMPRESS_MIN_BYTES = 1024
-
-
-def _error(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(exc.to_v2(), status_code=exc.status, headers=exc.headers or None)
 
 
 def _service(request: Request) -> InferenceService:
@@ -84,22 +87,19 @@ def _datatype_for(dtype: str) -> str:
 
 
 def _output_specs(info: ModelInfo) -> list[dict[str, Any]]:
-    """Every output a model can answer, with its datatype and shape (-1 = dynamic)."""
-    classes = len(info.labels) if info.labels else -1
-    per_class = [-1, classes] if info.task == "classification" else [-1, -1]
-    shapes: dict[str, tuple[str, list[int]]] = {
-        "probabilities": ("FP32", per_class),
-        "predictions": ("INT64", [-1]),
-        "mean": ("FP32", [-1, -1]),
-        "predictive_entropy": ("FP32", [-1]),
-        "expected_entropy": ("FP32", [-1]),
-        "mutual_information": ("FP32", [-1]),
-        "variation_ratio": ("FP32", [-1]),
-        "std": ("FP32", per_class),
-        "samples": ("FP32", [-1, *per_class]),
-    }
-    names = info.output_names("mc" if info.mc_available else "deterministic", info.mc_available)
-    return [{"name": n, "datatype": shapes[n][0], "shape": shapes[n][1]} for n in names if n in shapes]
+    """Every output a model can answer, with its datatype and shape (-1 = dynamic), from the output table."""
+    width = len(info.labels) if info.task == "classification" and info.labels else None
+    names = info.output_names(
+        "mc" if info.mc_available else "deterministic", info.mc_available, abstain=info.mc_available
+    )
+    return [
+        {
+            "name": name,
+            "datatype": datatype_of(np.dtype(output_spec(name).dtype)),
+            "shape": output_shape(name, info.task, width),
+        }
+        for name in names
+    ]
 
 
 def _model_metadata(info: ModelInfo) -> dict[str, Any]:
@@ -108,11 +108,8 @@ def _model_metadata(info: ModelInfo) -> dict[str, Any]:
         "versions": [str(v) for v in info.versions],
         "platform": f"dropwise_{info.backend}",
         "inputs": [
-            {
-                "name": info.input_name,
-                "datatype": _datatype_for(info.input_dtype),
-                "shape": [-1, *info.input_shape[1:]],
-            }
+            {"name": spec.name, "datatype": _datatype_for(spec.dtype), "shape": [-1, *spec.shape[1:]]}
+            for spec in info.input_specs()
         ],
         "outputs": _output_specs(info),
         "parameters": {
@@ -137,9 +134,9 @@ async def live() -> Response:
 
 async def ready(request: Request) -> Response:
     """200 once every model of the repository is loaded (never with zero models), else 503."""
-    if _service(request).ready():
-        return Response(status_code=200)
-    return _error(ModelNotReady("server is not ready: models are loading, failed, or none are served"))
+    if not _service(request).ready():
+        raise ModelNotReady("server is not ready: models are loading, failed, or none are served")
+    return Response(status_code=200)
 
 
 async def server_metadata() -> dict[str, Any]:
@@ -154,42 +151,19 @@ async def server_metadata() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- models
 async def model_metadata(request: Request, model: str) -> Response:
     """Name, versions, platform, input and output tensors (-1 marks a dynamic dimension)."""
-    try:
-        info = _service(request).info(model, _path_version(request))
-    except ServiceError as exc:
-        return _error(exc)
+    info = _service(request).info(model, _path_version(request))
     return JSONResponse(_model_metadata(info))
 
 
 async def model_ready(request: Request, model: str) -> Response:
     """200 when the model version is loaded, 404 when unknown, 503 when it failed to load."""
-    service = _service(request)
-    try:
-        info = service.info(model, _path_version(request))
-    except ServiceError as exc:
-        return _error(exc)
-    if info.ready:
-        return Response(status_code=200)
-    return _error(ModelNotReady(f"model {model!r} version {info.version} is not loaded"))
+    info = _service(request).info(model, _path_version(request))
+    if not info.ready:
+        raise ModelNotReady(f"model {model!r} version {info.version} is not loaded")
+    return Response(status_code=200)
 
 
 # ---------------------------------------------------------------------------------------------- infer
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    text = (declared or "").strip()
-    if text.isascii() and text.isdigit() and (len(text) > 18 or int(text) > limit):
-        raise PayloadTooLarge(f"request body of {text} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _strict_int(parameters: Mapping[str, Any], name: str) -> int | None:
     value = parameters.get(name)
     if value is None:
@@ -224,7 +198,15 @@ class _Plan:
         if mode not in MODES:
             raise InvalidInput(f"parameters.mode must be one of {list(MODES)}, got {mode!r}", field="mode")
         self.mode: str = mode
-        self.samples = _strict_int(params, "samples")
+        self.num_samples = _strict_int(params, NUM_SAMPLES)
+        alias = _strict_int(params, "samples")
+        if alias is not None:
+            if self.num_samples is not None:
+                raise InvalidInput(
+                    f"give parameters.{NUM_SAMPLES} only (parameters.samples is its deprecated alias)",
+                    field=NUM_SAMPLES,
+                )
+            self.num_samples = alias
         self.seed = _strict_int(params, "seed")
         return_samples = bool(_strict_bool(params, "return_samples"))
         if mode == "deterministic":
@@ -245,7 +227,8 @@ class _Plan:
         if requested is not None and any(o.name == "samples" for o in requested):
             return_samples = True
         self.return_samples = return_samples
-        available = info.output_names(mode, return_samples)
+        self.abstain = params.get("abstain")  # "auto" or a threshold, checked by the service
+        available = info.output_names(mode, return_samples, abstain=self.abstain is not None)
         if requested:
             names = [o.name for o in requested]
             duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -260,24 +243,39 @@ class _Plan:
         else:
             self.outputs = [(n, self.binary_default) for n in available]
 
-        if len(decoded.inputs) != 1:
-            raise InvalidInput(
-                f"model {info.name!r} takes exactly one input {info.input_name!r}, got {len(decoded.inputs)}",
-                field="inputs",
-            )
-        tensor = decoded.inputs[0]
-        if tensor.name != info.input_name:
-            raise InvalidInput(
-                f"unknown input {tensor.name!r}; model {info.name!r} expects {info.input_name!r}",
-                field="inputs",
-            )
-        expected = _datatype_for(info.input_dtype)
+        self.inputs = _model_inputs(decoded.inputs, info)
+
+
+def _model_inputs(tensors: list[TensorInput], info: ModelInfo) -> Any:
+    """The request's input tensors matched to the model's inputs by name and datatype: one array for a
+    one-input model, ``{name: array}`` for a model with several (checked further by the service)."""
+    specs = info.input_specs()
+    names = [spec.name for spec in specs]
+    given = [t.name for t in tensors]
+    if sorted(given) != sorted(names):
+        duplicates = sorted({n for n in given if given.count(n) > 1})
+        unknown = sorted(set(given) - set(names))
+        missing = [n for n in names if n not in given]
+        problems = [
+            f"{label} {values}"
+            for label, values in (("missing", missing), ("unknown", unknown), ("repeated", duplicates))
+            if values
+        ]
+        raise InvalidInput(
+            f"model {info.name!r} takes input(s) {names}; got {given} ({', '.join(problems)})", field="inputs"
+        )
+    by_name = {t.name: t for t in tensors}
+    for spec in specs:
+        expected = _datatype_for(spec.dtype)
+        tensor = by_name[spec.name]
         if tensor.datatype != expected:
             raise InvalidInput(
                 f"input {tensor.name!r} has datatype {tensor.datatype}; model {info.name!r} expects {expected}",
                 field="datatype",
             )
-        self.inputs = tensor.data
+    if len(specs) == 1:
+        return by_name[names[0]].data
+    return {name: by_name[name].data for name in names}
 
 
 def _compression(request: Request, size: int) -> str | None:
@@ -293,15 +291,15 @@ def _compression(request: Request, size: int) -> str | None:
 async def _infer(request: Request, model: str) -> Response:
     service = _service(request)
     info = service.info(model, _path_version(request))
+    service.admit(info.name, info.version)  # 429 / 503 before a byte of the body is read
     limit = service.settings.max_body_bytes
-    raw = await _read_body(request, limit)
+    raw = await request.body()  # bounded (413) and timed (408) by the body guard middleware
     body = decompress_body(raw, request.headers.get("content-encoding"), limit)
     header_length = parse_header_length(request.headers.get("inference-header-content-length"), len(body))
-    if len(body) > _THREAD_THRESHOLD:
-        decoded = await asyncio.to_thread(decode_body, body, header_length)
-    else:
-        decoded = decode_body(body, header_length)
+    parsing: ParsingPool = request.app.state.parsing
+    decoded = await parsing.run(decode_body, body, header_length)  # off the event loop when large
     plan = _Plan(decoded, info)
+    label_mode(request, plan.mode)
     result = await service.infer(
         InferenceRequest(
             model=info.name,
@@ -309,9 +307,10 @@ async def _infer(request: Request, model: str) -> Response:
             version=_path_version(request),
             inputs=plan.inputs,
             mode=plan.mode,
-            samples=plan.samples,
+            num_samples=plan.num_samples,
             seed=plan.seed,
             return_samples=plan.return_samples,
+            abstain=plan.abstain,
             deadline_s=plan.deadline_s,
         )
     )
@@ -321,7 +320,7 @@ async def _infer(request: Request, model: str) -> Response:
     outputs = [(name, np.asarray(result.outputs[name]), binary) for name, binary in plan.outputs]
     parameters: dict[str, Any] = {"mode": result.mode, "backend": result.backend, "device": result.device}
     if result.mode == "mc":
-        parameters.update(samples=result.samples, seed=result.seed)
+        parameters.update({NUM_SAMPLES: result.num_samples, "seed": result.seed})
     size = sum(array.nbytes for _, array, _ in outputs)
     encoding = _compression(request, size)
     args = (result.model, str(result.version), outputs)
@@ -340,43 +339,75 @@ async def infer(request: Request, model: str) -> Response:
     """Run a deterministic or MC-dropout prediction.
 
     Body: a V2 inference request, JSON alone or JSON followed by binary tensors (set
-    ``Inference-Header-Content-Length``). ``parameters``: ``mode``, ``samples``, ``seed``,
+    ``Inference-Header-Content-Length``). ``parameters``: ``mode``, ``num_samples`` (T), ``seed``,
     ``return_samples``, ``binary_data_output``, ``timeout`` (µs). Outputs: ``probabilities``,
     ``predictions`` (or ``mean``), and for MC ``predictive_entropy``, ``expected_entropy``,
     ``mutual_information``, ``variation_ratio``, ``std``, ``samples``.
     """
-    try:
-        return await _infer(request, model)
-    except V2CodecError as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-    except ServiceError as exc:
-        return _error(exc)
+    return await _infer(request, model)
+
+
+_BODY_DOC = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
+_V2_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+#: every status an Open Inference route may answer with an error, in the protocol's `{"error": "..."}` form
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/json": {"schema": _V2_ERROR_SCHEMA}}}
+    for status, description in (
+        (400, "Invalid request (the message names the field)."),
+        (401, "Missing or wrong bearer token (when DROPWISE_API_TOKEN is set)."),
+        (404, "Unknown model or version."),
+        (408, "The body was not sent in time."),
+        (413, "Body or MC work over the limit."),
+        (415, "Unsupported Content-Encoding."),
+        (422, "Malformed path parameter."),
+        (429, "Queue full; see Retry-After."),
+        (503, "Not ready, or shutting down."),
+        (504, "Not answered before the deadline."),
+    )
+}
+#: health routes answer an empty body: 200 when true, an error otherwise
+_EMPTY_OK: dict[int | str, dict[str, Any]] = {200: {"description": "Yes (empty body)."}, **_ERRORS}
+
+
+def _route(path: str, endpoint: Any, method: str, summary: str, **extra: Any) -> None:
+    router.add_api_route(path, endpoint, methods=[method], summary=summary, **{"responses": _ERRORS, **extra})
 
 
 # Inference first: the busiest route is matched before the others.
-_BODY_DOC = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
-router.add_api_route(
+_route(
     "/v2/models/{model}/infer",
     infer,
-    methods=["POST"],
-    summary="Inference (latest version)",
+    "POST",
+    "Inference (latest version)",
+    dependencies=[ApiToken],
     openapi_extra=_BODY_DOC,
 )
-router.add_api_route(
+_route(
     "/v2/models/{model}/versions/{version}/infer",
     infer,
-    methods=["POST"],
-    summary="Inference",
+    "POST",
+    "Inference",
+    dependencies=[ApiToken],
     openapi_extra=_BODY_DOC,
 )
-router.add_api_route("/v2/health/live", live, methods=["GET"], summary="Server liveness")
-router.add_api_route("/v2/health/ready", ready, methods=["GET"], summary="Server readiness")
-router.add_api_route("/v2", server_metadata, methods=["GET"], summary="Server metadata")
-router.add_api_route("/v2/models/{model}", model_metadata, methods=["GET"], summary="Model metadata (latest version)")
-router.add_api_route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"], summary="Model metadata")
-router.add_api_route(
-    "/v2/models/{model}/ready", model_ready, methods=["GET"], summary="Model readiness (latest version)"
+_route("/v2/health/live", live, "GET", "Server liveness", response_class=Response, responses=_EMPTY_OK)
+_route("/v2/health/ready", ready, "GET", "Server readiness", response_class=Response, responses=_EMPTY_OK)
+_route("/v2", server_metadata, "GET", "Server metadata")
+_route("/v2/models/{model}", model_metadata, "GET", "Model metadata (latest version)", dependencies=[ApiToken])
+_route("/v2/models/{model}/versions/{version}", model_metadata, "GET", "Model metadata", dependencies=[ApiToken])
+_route(
+    "/v2/models/{model}/ready",
+    model_ready,
+    "GET",
+    "Model readiness (latest version)",
+    response_class=Response,
+    responses=_EMPTY_OK,
 )
-router.add_api_route(
-    "/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"], summary="Model readiness"
+_route(
+    "/v2/models/{model}/versions/{version}/ready",
+    model_ready,
+    "GET",
+    "Model readiness",
+    response_class=Response,
+    responses=_EMPTY_OK,
 )

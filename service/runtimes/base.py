@@ -3,26 +3,26 @@
 A runtime follows LitServe's decode / predict / encode split. The service decodes and validates the request
 (`dropwise.service.inference`), the runtime *predicts* on a whole dynamic batch, and encodes the raw network output
 into named numpy outputs (`probabilities`, `predictions` or `mean`, and for MC the uncertainty summaries).
-Two runtimes implement it: `dropwise.service.runtimes.torch_runtime.TorchRuntime` and
+Output names, dtypes and shapes come from one table, `dropwise.surgery.outputs`; `encode_deterministic` and
+`encode_mc` are the only encoders (every runtime and every MC path goes through them). Two runtimes
+implement it: `dropwise.service.runtimes.torch_runtime.TorchRuntime` and
 `dropwise.service.runtimes.onnx_runtime.OnnxRuntime`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from dropwise.package import InputSpec
+from dropwise.service.model_inputs import ModelInputs
+from dropwise.surgery.outputs import SAMPLE_LOGITS, SAMPLES, output_names, rename_legacy, summary_names
 
 Task = Literal["classification", "regression"]
 Outputs = dict[str, np.ndarray]
-
-#: Output names a runtime produces (the contract in docs/CONTRACTS.md, "Service internals").
-DETERMINISTIC_CLASSIFICATION = ("probabilities", "predictions")
-DETERMINISTIC_REGRESSION = ("mean",)
-MC_SUMMARIES = ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio", "std")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class PackageSpec:
     input_range: tuple[int, int] | None = None  #: [low, high) of token ids for integer inputs
     files: tuple[str, ...] = ()
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: every named input in ``forward`` order (the manifest's ``inputs``); ``input_*`` describe the first
+    inputs: tuple[InputSpec, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -65,7 +67,7 @@ class MCGroup:
     """One request's share of an MC batch: which rows it owns, its T, seed and whether to return samples."""
 
     rows: int
-    samples: int
+    num_samples: int
     seed: int
     return_samples: bool = False
 
@@ -93,15 +95,24 @@ class Runtime(Protocol):
         """Whether `predict_mc` is available for this package and backend."""
         ...
 
-    def predict_deterministic(self, x: np.ndarray) -> Outputs:
+    @property
+    def mc_returns_samples(self) -> bool:
+        """Whether `predict_mc` can answer the per-sample `samples` output (`return_samples`)."""
+        ...
+
+    def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """One deterministic (eval-mode) pass over a batch `x` [B, ...] -> named outputs with batch dim B."""
         ...
 
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         """MC-dropout for several requests stacked in `x` (rows in `groups` order) -> one output dict each.
 
-        Requests with different T share the trunk pass. Each dict holds `probabilities` (or `mean`), the MC
-        summaries, and `samples` [T, rows, K] when that group asked for it.
+        Requests with different T share the trunk pass. Each dict holds the outputs of
+        `dropwise.surgery.outputs.output_names(task, "mc", group.return_samples)`, made by `encode_mc`.
+        `check` is called between chunks of work; an exception it raises abandons the computation (the
+        batcher stops work past its deadline).
         """
         ...
 
@@ -112,6 +123,13 @@ def standardised_to_target(values: np.ndarray, spec: PackageSpec, *, scale_only:
     if not scale_only:
         out = out + spec.target_mean
     return out.astype(np.float32)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A tensor or array as a float32 numpy array on the CPU."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
 
 
 def encode_deterministic(raw: np.ndarray, spec: PackageSpec) -> Outputs:
@@ -125,33 +143,52 @@ def encode_deterministic(raw: np.ndarray, spec: PackageSpec) -> Outputs:
     return {"mean": standardised_to_target(np.asarray(raw), spec)}
 
 
-def encode_mc(samples: Any, spec: PackageSpec, return_samples: bool) -> Outputs:
-    """Encode T stochastic passes `[T, B, K]` (torch tensor) with `dropwise.surgery.summaries` into named outputs."""
+def encode_mc(values: Mapping[str, Any], spec: PackageSpec, return_samples: bool) -> Outputs:
+    """The one MC encoder: named MC values (summaries, optional per-sample outputs) -> the service outputs.
+
+    ``values`` are keyed by the names of `dropwise.surgery.outputs` (torch tensors or numpy arrays): an
+    `MCResult.as_dict()`, `summarise_samples(...)`, or an MC ONNX graph's outputs by name (legacy names are
+    translated). Classification adds `predictions` (argmax of `probabilities`); per-sample logits become
+    per-sample probabilities; regression values go back to target units. The result holds exactly
+    `output_names(task, "mc", return_samples)`.
+    """
+    import torch
+
+    values = rename_legacy(values, spec.task)
+    names = output_names(spec.task, "mc", return_samples)
+    out: Outputs = {}
+    for name in summary_names(spec.task):
+        out[name] = _numpy(values[name])
+    if spec.task == "classification":
+        out["predictions"] = out["probabilities"].argmax(axis=-1).astype(np.int64)
+    else:
+        out["mean"] = standardised_to_target(out["mean"], spec)
+        out["std"] = standardised_to_target(out["std"], spec, scale_only=True)
+    if return_samples:
+        if values.get(SAMPLES) is not None:
+            per_sample = _numpy(values[SAMPLES])
+        elif spec.task == "classification" and values.get(SAMPLE_LOGITS) is not None:
+            per_sample = torch.softmax(torch.from_numpy(_numpy(values[SAMPLE_LOGITS])), dim=-1).numpy()
+        else:
+            raise ValueError(f"{spec.name}: the MC path produced no per-sample outputs")
+        out[SAMPLES] = per_sample if spec.task == "classification" else standardised_to_target(per_sample, spec)
+    return {name: out[name] for name in names}
+
+
+def summarise_samples(per_sample: Any, task: str) -> dict[str, Any]:
+    """Summaries of raw per-sample outputs ``[T, B, K]`` (logits or values) keyed by output name.
+
+    For MC paths that produce the T passes themselves (the torch runtime's fallback loop); the result
+    feeds `encode_mc`.
+    """
     import torch
     from dropwise.surgery.summaries import classification_summaries, regression_summaries
 
-    samples = samples if isinstance(samples, torch.Tensor) else torch.from_numpy(np.asarray(samples))
+    samples = per_sample if isinstance(per_sample, torch.Tensor) else torch.from_numpy(np.asarray(per_sample))
     samples = samples.detach().float().cpu()
-    if spec.task == "classification":
+    if task == "classification":
         s = classification_summaries(samples)
-        probs = s.mean_probs.numpy()
-        out: Outputs = {
-            "probabilities": probs,
-            "predictions": probs.argmax(axis=-1).astype(np.int64),
-            "predictive_entropy": s.predictive_entropy.numpy(),
-            "expected_entropy": s.expected_entropy.numpy(),
-            "mutual_information": s.mutual_information.numpy(),
-            "variation_ratio": s.variation_ratio.numpy(),
-            "std": s.std.numpy(),
-        }
-        if return_samples:
-            out["samples"] = torch.softmax(samples, dim=-1).numpy()
-        return out
+        named = dict(zip(summary_names(task), s.as_tuple(), strict=True))
+        return {**named, SAMPLE_LOGITS: samples}
     r = regression_summaries(samples)
-    out = {
-        "mean": standardised_to_target(r.mean.numpy(), spec),
-        "std": standardised_to_target(r.std.numpy(), spec, scale_only=True),
-    }
-    if return_samples:
-        out["samples"] = standardised_to_target(samples.numpy(), spec)
-    return out
+    return {**dict(zip(summary_names(task), r.as_tuple(), strict=True)), SAMPLES: samples}

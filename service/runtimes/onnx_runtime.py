@@ -1,30 +1,36 @@
 """The ONNX Runtime runtime: deterministic predictions from `model.onnx`, MC from `model.mc.onnx`.
 
-The MC graph (`dropwise.surgery.mc_export`) takes the input, `samples` (int64 scalar T) and `seed` (int64 scalar)
-and answers the summaries of `dropwise.surgery.summaries` by name (`mean_probs`, ..., or regression `mean`, `std`),
-optionally `sample_outputs` [T, B, K]. Its masks hash (seed, row within the request, sample, site,
-position), so each request runs as its own call and its result does not depend on its batch company.
+The MC graph (`dropwise.surgery.mc_export`) takes the inputs, `num_samples` (int64 scalar T; `samples` in graphs
+exported before the output table) and `seed` (int64 scalar)
+and answers the summaries of `dropwise.surgery.summaries` by the names of `dropwise.surgery.outputs`
+(`probabilities`, ..., or regression `mean`, `std`), optionally `samples` [T, B, K] (graphs exported
+before the output table say `mean_probs` and `sample_outputs`; `encode_mc` reads both). Its masks hash
+(seed, row within the request, sample, site, position), so each request runs as its own call and its
+result does not depend on its batch company.
 
 Sessions are opened through `dropwise.surgery.providers.create_session`, which detects ONNX Runtime's silent CPU
-fallback; the provider that really runs is what the service reports. The deterministic graph has one input
-(named as in the manifest) and one output `output` (logits, or the standardised regression value), see
+fallback; the provider that really runs is what the service reports. Both graphs take the manifest's
+inputs by name (one for most models; ``input_ids`` and ``attention_mask`` for a text classifier); the
+deterministic graph has one output `output` (logits, or the standardised regression value), see
 `dropwise.surgery.export`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dropwise.service.model_inputs import ModelInputs, as_tuple, example_inputs, take_rows
 from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
     PackageSpec,
     encode_deterministic,
-    standardised_to_target,
+    encode_mc,
 )
+from dropwise.surgery.outputs import LEGACY_NAMES, NUM_SAMPLES, SAMPLES
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
@@ -45,6 +51,7 @@ class OnnxRuntime:
         self._mc_session: Any = None
         self._mc_inputs: list[str] = []
         self._mc_outputs: list[str] = []
+        self._count_input = NUM_SAMPLES
 
     @property
     def supports_mc(self) -> bool:
@@ -54,7 +61,7 @@ class OnnxRuntime:
     @property
     def mc_returns_samples(self) -> bool:
         """Whether the MC graph exposes its per-sample outputs (`return_samples` can be honoured)."""
-        return "sample_outputs" in self._mc_outputs
+        return any(SAMPLES in (name, LEGACY_NAMES.get(name)) for name in self._mc_outputs)
 
     def load(self) -> None:
         """Verify the package, open the sessions and warm up; raises when `model.onnx` is missing."""
@@ -71,20 +78,25 @@ class OnnxRuntime:
         self.device = info.device
         self.provider = info.provider
         self.provider_info = info.to_dict()
-        self._input = self._session.get_inputs()[0].name
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        expected = [spec.name for spec in self.spec.inputs] or [self.spec.input_name]
+        if self._inputs != expected:
+            raise ValueError(f"{path / DETERMINISTIC_FILE}: graph inputs {self._inputs}, manifest {expected}")
         self._vocabulary_from_manifest(loaded.manifest.model_dump(mode="json"))
         if MC_FILE in loaded.manifest.files:
-            self._mc_session, _ = create_session(path / MC_FILE, self.requested_device)
+            self._mc_session, mc_info = create_session(path / MC_FILE, self.requested_device)
+            self.provider_info["mc_placement"] = mc_info.placement  # CUDA: nodes left to the CPU (None on CPU)
             # `seed` has a default (an initializer), so ONNX Runtime lists it as an overridable initializer
             self._mc_inputs = [i.name for i in self._mc_session.get_inputs()] + [
                 i.name for i in self._mc_session.get_overridable_initializers() if i.name == "seed"
             ]
             self._mc_outputs = [o.name for o in self._mc_session.get_outputs()]
-            unknown = set(self._mc_inputs) - {self.spec.input_name, "samples", "seed"}
-            if unknown or "samples" not in self._mc_inputs or "seed" not in self._mc_inputs:
+            count = [name for name in (NUM_SAMPLES, "samples") if name in self._mc_inputs]
+            unknown = set(self._mc_inputs) - {*self._inputs, NUM_SAMPLES, "samples", "seed"}
+            if unknown or len(count) != 1 or "seed" not in self._mc_inputs:
                 raise ValueError(f"{path / MC_FILE}: unexpected MC graph inputs {self._mc_inputs}")
-        example = np.zeros((1, *self.spec.sample_shape), dtype=self.spec.input_dtype)
-        self.predict_deterministic(example)
+            self._count_input = count[0]
+        self.predict_deterministic(example_inputs(self.spec, rows=1))
 
     def _vocabulary_from_manifest(self, manifest: dict[str, Any]) -> None:
         """Token models: bound the ids by the embedding size recorded in the architecture kwargs."""
@@ -97,51 +109,32 @@ class OnnxRuntime:
 
             self.spec = replace(self.spec, input_range=(0, vocab))
 
-    def predict_deterministic(self, x: np.ndarray) -> Outputs:
+    def _feeds(self, x: ModelInputs) -> dict[str, np.ndarray]:
+        """Each input array by its graph input name."""
+        return dict(zip(self._inputs, as_tuple(x), strict=True))
+
+    def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """One pass of the deterministic graph."""
-        (raw,) = self._session.run(None, {self._input: x})[:1]
+        (raw,) = self._session.run(None, self._feeds(x))[:1]
         return encode_deterministic(np.asarray(raw), self.spec)
 
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed)."""
+    def predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
+        """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed); `check` runs
+        before each call and may raise to abandon the rest."""
         if self._mc_session is None:
             raise RuntimeError(f"{self.spec.name}: no {MC_FILE} in the package")
         results: list[Outputs] = []
         start = 0
         for group in groups:
-            rows = x[start : start + group.rows]
+            if check is not None:
+                check()
+            rows = take_rows(x, start, start + group.rows)
             start += group.rows
-            feeds = {self.spec.input_name: rows, "samples": np.array(group.samples, dtype=np.int64)}
+            feeds = {**self._feeds(rows), self._count_input: np.array(group.num_samples, dtype=np.int64)}
             if "seed" in self._mc_inputs:
                 feeds["seed"] = np.array(group.seed, dtype=np.int64)
             values = dict(zip(self._mc_outputs, self._mc_session.run(self._mc_outputs, feeds), strict=True))
-            results.append(self._encode(values, group.return_samples))
+            results.append(encode_mc(values, self.spec, group.return_samples))
         return results
-
-    def _encode(self, values: dict[str, np.ndarray], return_samples: bool) -> Outputs:
-        """The MC graph's named outputs as the service's output names (target units for regression)."""
-        import torch
-
-        if self.spec.task == "classification":
-            probs = np.asarray(values["mean_probs"], dtype=np.float32)
-            out: Outputs = {
-                "probabilities": probs,
-                "predictions": probs.argmax(axis=-1).astype(np.int64),
-                **{
-                    name: np.asarray(values[name], dtype=np.float32)
-                    for name in ("predictive_entropy", "expected_entropy", "mutual_information")
-                },
-                "variation_ratio": np.asarray(values["variation_ratio"], dtype=np.float32),
-                "std": np.asarray(values["std"], dtype=np.float32),
-            }
-            if return_samples and "sample_outputs" in values:
-                logits = torch.from_numpy(np.asarray(values["sample_outputs"], dtype=np.float32))
-                out["samples"] = torch.softmax(logits, dim=-1).numpy()
-            return out
-        out = {
-            "mean": standardised_to_target(np.asarray(values["mean"]), self.spec),
-            "std": standardised_to_target(np.asarray(values["std"]), self.spec, scale_only=True),
-        }
-        if return_samples and "sample_outputs" in values:
-            out["samples"] = standardised_to_target(np.asarray(values["sample_outputs"]), self.spec)
-        return out

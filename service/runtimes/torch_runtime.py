@@ -17,11 +17,10 @@ form, and applies seeded inverted dropout to PyTorch's own `nn.Dropout` layers t
 `torch.Generator` seeded from the request's seed, so a request's masks never depend on what else shares
 its batch.
 
-On CUDA each runtime issues its work on a CUDA stream of its own (`compute_stream`), entered by the one
-compute thread that runs the model's batches: one model's result copy then waits only for its own
-kernels, not for every other model's work on the shared default stream. Inputs are copied to the device
-and results back to the host on that same stream (a host copy synchronises it), and loading ends with a
-device synchronisation, so the weights are in place before the first batch. On the CPU it is a no-op.
+On CUDA each runtime issues its work on a CUDA stream of its own (`dropwise.service.runtimes.streams.
+ComputeStream`), entered by the one compute thread that runs the model's batches: one model's result copy
+then waits only for its own kernels, not for every other model's work on the shared default stream. On the
+CPU it is a no-op.
 """
 
 from __future__ import annotations
@@ -34,15 +33,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from dropwise.package import load_package
+from dropwise.service.model_inputs import ModelInputs, example_inputs, take_rows
 from dropwise.service.runtimes.base import (
     MCGroup,
     Outputs,
     PackageSpec,
     encode_deterministic,
     encode_mc,
-    standardised_to_target,
+    summarise_samples,
 )
+from dropwise.service.runtimes.streams import ComputeStream
+from dropwise.surgery.sources import resolve_source
 from torch import nn
 
 log = logging.getLogger("dropwise.torch_runtime")
@@ -55,11 +56,6 @@ def resolve_torch_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
     return torch.device(device)
-
-
-def compute_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A new CUDA stream on `device` for one model's compute thread; None on the CPU (no streams)."""
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 def stochastic_modules(model: nn.Module) -> list[nn.Module]:
@@ -95,8 +91,10 @@ class TorchRuntime:
         self.provider = f"torch-{self.device}" + (
             f" ({torch.cuda.get_device_name(self._device)})" if self._device.type == "cuda" else ""
         )
-        self.stream = compute_stream(self._device)  #: the CUDA stream every batch of this model runs on
+        self._compute = ComputeStream(self._device)
+        self.stream = self._compute.stream  #: the CUDA stream every batch of this model runs on (None on CPU)
         self.model: nn.Module | None = None
+        self.mc_model: nn.Module | None = None  #: the network after its recorded surgery (MC runs this one)
         self._stochastic: list[nn.Module] = []
         self._dropouts: list[nn.Dropout] = []
         self.engine: Any = None
@@ -108,35 +106,48 @@ class TorchRuntime:
         """MC mode needs at least one dropout-family layer."""
         return self.engine is not None or bool(self._stochastic or self._dropouts)
 
+    @property
+    def mc_returns_samples(self) -> bool:
+        """The engine and the fallback loop both keep the per-sample outputs when asked."""
+        return True
+
     def load(self) -> None:
-        """Verify and rebuild the network from safetensors, move it to the device and warm it up."""
-        loaded = load_package(self.spec.path)
-        model = loaded.model
-        assert model is not None
+        """Verify and rebuild the network through ``dropwise.surgery.sources`` (recorded surgery replayed),
+        move it to the device and warm it up.
+
+        Deterministic predictions run the source network in eval mode (what a folded package equals); MC runs
+        the network after its recorded surgery, so a ``dropwise mc --add-dropout-before-head`` package is
+        sampled with its head dropout.
+        """
+        source = resolve_source(str(self.spec.path))
+        model = source.base
         model.eval().to(self._device)
         self.model = model
-        self._stochastic = stochastic_modules(model)
-        self._dropouts = torch_dropouts(model)
+        self.mc_model = source.model.to(self._device) if source.model is not model else model
+        self._stochastic = stochastic_modules(self.mc_model)
+        self._dropouts = torch_dropouts(self.mc_model)
         embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        if self.spec.input_dtype == "int64" and embeddings:
+        if self.spec.input_dtype == "int64" and embeddings and self.spec.input_range is None:
             self.spec = replace(self.spec, input_range=(0, min(e.num_embeddings for e in embeddings)))
-        example = np.zeros((2, *self.spec.sample_shape), dtype=self.spec.input_dtype)
-        self._build_engine(self._tensor(example))
-        self.predict_deterministic(example[:1])
-        if self._device.type == "cuda":  # weights and engine buffers were made on the loading thread's stream
-            torch.cuda.synchronize(self._device)
+        example = example_inputs(self.spec, rows=2)
+        self._build_engine(self._tensor(example))  # the engine keeps its own copy in the MC state
+        self._compute.ready()  # weights and engine buffers were queued on the loading thread's stream
+        # the fallback switches the stochastic layers itself, with a seeded generator per request: it starts
+        # from eval (an MC model's own train-mode sites would draw from the global generator)
+        nn.Module.train(self.mc_model, False)
+        self.predict_deterministic(take_rows(example, 0, 1))
 
     def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
         """Enter this model's CUDA stream (the calling thread's current stream); nothing on the CPU."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        return self._compute()
 
-    def _build_engine(self, example: torch.Tensor) -> None:
+    def _build_engine(self, example: Any) -> None:
         """Use the trunk/tail engine when it supports the model; otherwise keep the fallback loop."""
-        assert self.model is not None
+        assert self.mc_model is not None
         from dropwise.surgery.engine import MCEngine
 
         try:
-            engine = MCEngine(self.model, example, task=self.spec.task)
+            engine = MCEngine(self.mc_model, example, task=self.spec.task)
             engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split
         except Exception as exc:  # a model the engine cannot split or rewrite: the fallback serves it
             log.warning("%s: MC engine unavailable (%s); using the per-request fallback", self.spec.name, exc)
@@ -146,15 +157,19 @@ class TorchRuntime:
         self.shares_trunk = bool(engine.rows_independent)
         self.mc_path = "engine" if self.shares_trunk else "engine-per-request"
 
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+    def _tensor(self, x: ModelInputs) -> Any:
+        """The inputs on the device: one tensor, or a tuple for a model with several named inputs."""
+        if isinstance(x, tuple):
+            return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self._device) for a in x)
         return torch.from_numpy(np.ascontiguousarray(x)).to(self._device)
 
     @torch.inference_mode()
-    def predict_deterministic(self, x: np.ndarray) -> Outputs:
+    def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """Eval-mode forward pass over the batch."""
         assert self.model is not None
         with self._on_stream():
-            raw = self.model(self._tensor(x)).float().cpu().numpy()
+            tensors = self._tensor(x)
+            raw = (self.model(*tensors) if isinstance(tensors, tuple) else self.model(tensors)).float().cpu().numpy()
         return encode_deterministic(raw, self.spec)
 
     @contextlib.contextmanager
@@ -176,70 +191,58 @@ class TorchRuntime:
                 m.generator = gen
 
     @torch.inference_mode()
-    def predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
-        """MC outputs of several requests stacked in `x` (see the module docstring)."""
+    def predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
+        """MC outputs of several requests stacked in `x` (see the module docstring); `check` runs before
+        every chunk of the engine's tail (or every request of the fallback) and may raise to abandon."""
         with self._on_stream():
-            return self._predict_mc(x, groups)
+            return self._predict_mc(x, groups, check)
 
-    def _predict_mc(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def _predict_mc(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         if self.engine is None:
-            return self._predict_mc_fallback(x, groups)
+            return self._predict_mc_fallback(x, groups, check)
         tensor = self._tensor(x)
         if self.shares_trunk:
             results = self.engine.run_batch(
                 tensor,
                 [g.rows for g in groups],
-                [g.samples for g in groups],
+                [g.num_samples for g in groups],
                 [g.seed for g in groups],
                 return_samples=any(g.return_samples for g in groups),
+                to_host=True,  # one device-to-host copy per batch
+                check=check,
             )
         else:
             results, start = [], 0
             for g in groups:
-                part = tensor[start : start + g.rows]
+                part = take_rows(tensor, start, start + g.rows)
                 start += g.rows
-                results += self.engine.run_batch(part, [g.rows], [g.samples], [g.seed], g.return_samples)
-        return [self._encode_result(r, g.return_samples) for r, g in zip(results, groups, strict=True)]
+                results += self.engine.run_batch(
+                    part, [g.rows], [g.num_samples], [g.seed], g.return_samples, check=check
+                )
+        return [encode_mc(r.as_dict(), self.spec, g.return_samples) for r, g in zip(results, groups, strict=True)]
 
-    def _encode_result(self, result: Any, return_samples: bool) -> Outputs:
-        """An engine `MCResult` as named numpy outputs (target units for regression)."""
-
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().float().cpu().numpy()
-
-        if self.spec.task == "classification":
-            probs = arr(result.mean_probs)
-            out: Outputs = {
-                "probabilities": probs,
-                "predictions": probs.argmax(axis=-1).astype(np.int64),
-                "predictive_entropy": arr(result.predictive_entropy),
-                "expected_entropy": arr(result.expected_entropy),
-                "mutual_information": arr(result.mutual_information),
-                "variation_ratio": arr(result.variation_ratio),
-                "std": arr(result.std),
-            }
-            if return_samples and result.samples is not None:
-                out["samples"] = arr(torch.softmax(result.samples.float(), dim=-1))
-            return out
-        out = {
-            "mean": standardised_to_target(arr(result.mean), self.spec),
-            "std": standardised_to_target(arr(result.std), self.spec, scale_only=True),
-        }
-        if return_samples and result.samples is not None:
-            out["samples"] = standardised_to_target(arr(result.samples), self.spec)
-        return out
-
-    def _predict_mc_fallback(self, x: np.ndarray, groups: Sequence[MCGroup]) -> list[Outputs]:
+    def _predict_mc_fallback(
+        self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
+    ) -> list[Outputs]:
         """T stochastic passes per request, each request with its own seeded generator."""
-        assert self.model is not None
+        assert self.mc_model is not None
         results: list[Outputs] = []
         start = 0
         for group in groups:
-            rows = self._tensor(x[start : start + group.rows])
+            if check is not None:
+                check()
+            tensors = self._tensor(take_rows(x, start, start + group.rows))
+            rows: tuple[torch.Tensor, ...] = tensors if isinstance(tensors, tuple) else (tensors,)
             start += group.rows
-            expanded = rows.unsqueeze(0).expand(group.samples, *rows.shape).reshape(-1, *rows.shape[1:])
+            n = group.num_samples
+            expanded = [r.unsqueeze(0).expand(n, *r.shape).reshape(-1, *r.shape[1:]) for r in rows]
             with self._mc_mode(group.seed):
-                out = self.model(expanded)
-            samples = out.reshape(group.samples, group.rows, *out.shape[1:])
-            results.append(encode_mc(samples, self.spec, group.return_samples))
+                out = self.mc_model(*expanded)
+            per_sample = out.reshape(n, group.rows, *out.shape[1:])
+            values = summarise_samples(per_sample, self.spec.task)
+            results.append(encode_mc(values, self.spec, group.return_samples))
         return results

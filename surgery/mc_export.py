@@ -79,7 +79,7 @@ class MCGraph(nn.Module):
         with masks keyed by ``seed``; ``inputs`` are the model's positional inputs (one for most models)."""
         *inputs, num_samples, seed = args
         x = inputs[0]
-        n_samples = num_samples.item()
+        n_samples = int(num_samples.item())
         torch._check(n_samples >= 1)
         batch = x.shape[0]
         live = self.trunk(*inputs)

@@ -463,12 +463,14 @@ def _launches(fn: Callable[[], object], device: Device) -> int | None:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("cudaLaunchKernel"))
 
 
-def section_operators(check: Check, device: Device, repeats: int, big_t: int) -> dict[str, Any]:
+def section_operators(
+    check: Check, device: Device, repeats: int, big_t: int, networks: tuple[str, ...] = TIMED
+) -> dict[str, Any]:
     """Kernel operators, launches and median time of det / 1 x T=32 / 64 x T=32 / 64 x T=big_t."""
     from bench.op_counts import count
 
     table: dict[str, Any] = {}
-    for name in TIMED:
+    for name in networks:
         net = NETWORKS[name]
         model, x8 = build(name, device.torch_device)
         x = x8.repeat(8, *([1] * (x8.dim() - 1)))  # 64 rows
@@ -598,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="T of the seeded MC comparison.")
     parser.add_argument("--big-t", type=int, default=256, help="T of the large operator-count row.")
     parser.add_argument("--repeats", type=int, default=10, help="Timed repeats per figure (median).")
+    parser.add_argument("--timed", default=",".join(TIMED), help="Networks of the operator / timing table.")
     parser.add_argument("--mc-batch", type=int, default=256, help="Batch of the bench.mc runs.")
     parser.add_argument("--mc-samples", default="32,100", help="T values of the bench.mc runs.")
     args = parser.parse_args(argv)
@@ -617,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     with timed_section(report, "streams", device) as holder:
         holder["result"] = section_streams(check, device)
     with timed_section(report, "operators", device) as holder:
-        holder["result"] = section_operators(check, device, args.repeats, args.big_t)
+        holder["result"] = section_operators(check, device, args.repeats, args.big_t, tuple(args.timed.split(",")))
     with timed_section(report, "bench_mc", device) as holder:
         sample_counts = tuple(int(t) for t in args.mc_samples.split(","))
         holder["result"] = section_bench_mc(check, device, args.mc_batch, max(3, args.repeats // 2), sample_counts)

@@ -14,5 +14,8 @@ mkdir "$tree/dropwise"
 for entry in "$root"/dropwise/*; do ln -s "$entry" "$tree/dropwise/"; done
 for folder in package models surgery service; do ln -s "$root/$folder" "$tree/dropwise/$folder"; done
 cd "$root"
+# a fresh folder for torch's compiled extensions (the engine's CPU mask kernel): no stale build lock of an
+# earlier, interrupted run can make this one wait
+export TORCH_EXTENSIONS_DIR="$tree/torch_extensions"
 export PYTHONPATH="$tree:$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
 "$python" -m bench.gpu_check "$@"

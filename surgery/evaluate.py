@@ -107,6 +107,7 @@ def _mc(engine: MCEngine, x: np.ndarray, t: int, seed: int, bar: Any) -> np.ndar
     for i in range(0, len(x), _CHUNK):
         result = engine(torch.from_numpy(x[i : i + _CHUNK]), samples=t, seed=seed + i, return_samples=True)
         raw = result.sample_logits if result.sample_logits is not None else result.samples
+        assert raw is not None, "the engine was asked for its per-sample outputs"
         parts.append(raw.float().numpy())
         bar.update(min(_CHUNK, len(x) - i))
     return np.concatenate(parts, axis=1)

@@ -19,6 +19,7 @@ model and calls these.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -88,7 +89,7 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     return float(gap)
 
 
-def fit_temperature(log_probs_of: callable, y: np.ndarray) -> float:  # type: ignore[valid-type]
+def fit_temperature(log_probs_of: Callable[[float], np.ndarray], y: np.ndarray) -> float:
     """The temperature minimising the NLL of ``log_probs_of(tau)`` (log-probabilities [N, K]) on labels ``y``.
 
     Searched over log tau in [log 0.05, log 20] (bounded Brent), so the fit cannot run away.

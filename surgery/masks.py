@@ -344,7 +344,9 @@ def onnx_translation_table() -> dict[Any, Any]:
     the hash runs as six uint32 ops per word, bit-identical to the torch paths (tested).
     """
     from onnx import TensorProto, helper
-    from onnxscript import opset20 as op
+    from onnxscript import opset20
+
+    op: Any = opset20  # onnxscript's per-op type stubs reject these (valid) uint32 / int64 mixes
 
     def const_u32(values: Sequence[int] | int, name: str) -> Any:
         if isinstance(values, int):

@@ -79,7 +79,7 @@ class MCGraph(nn.Module):
         with masks keyed by ``seed``; ``inputs`` are the model's positional inputs (one for most models)."""
         *inputs, num_samples, seed = args
         x = inputs[0]
-        n_samples = num_samples.item()
+        n_samples = int(num_samples.item())
         torch._check(n_samples >= 1)
         batch = x.shape[0]
         live = self.trunk(*inputs)
@@ -220,6 +220,8 @@ def export_mc_onnx(
                 "op exportable with a run-time number of rows T * B (e.g. no convolution whose group count "
                 "depends on the number of rows: ONNX Conv takes it only as a constant)."
             ) from exc
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise RuntimeError(f"MC export of {type(model).__name__} returned no program")
     proto = program.model_proto
     proto = add_optional_seed(proto)
     onnx.checker.check_model(proto)

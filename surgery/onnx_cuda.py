@@ -148,7 +148,7 @@ CUDA_KERNELS: dict[str, tuple[int, frozenset[str]]] = {
 BITWISE_OPS = frozenset({"BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot"})
 """Op types the CUDA provider does not implement at all and `cuda_compatible` rewrites."""
 
-_NUMPY = {
+_NUMPY: dict[int, Any] = {
     TensorProto.UINT8: np.uint8,
     TensorProto.UINT16: np.uint16,
     TensorProto.UINT32: np.uint32,
@@ -158,7 +158,7 @@ _NUMPY = {
     TensorProto.INT32: np.int32,
     TensorProto.INT64: np.int64,
 }
-_BITS = {
+_BITS: dict[int, int] = {
     TensorProto.UINT8: 8,
     TensorProto.UINT16: 16,
     TensorProto.UINT32: 32,
@@ -168,7 +168,7 @@ _BITS = {
     TensorProto.INT32: 32,
     TensorProto.INT64: 64,
 }
-_UNSIGNED_SMALL = {TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.BOOL}
+_UNSIGNED_SMALL: set[int] = {TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.BOOL}
 _PASS_BOUND = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Flatten", "Gather", "Slice", "Transpose"}
 
 

@@ -17,6 +17,7 @@ them into integer arithmetic it has (bit-identical) before a CUDA session is ope
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -61,7 +62,7 @@ class GraphBuilder:
         """An int64 constant (scalar or 1-d)."""
         return self.const(np.asarray(value, dtype=np.int64), hint)
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, **attrs: Any) -> str:
         """Append one node with a single output; returns the output's name."""
         out = self.fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))

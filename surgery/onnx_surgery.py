@@ -234,7 +234,7 @@ def find_dropouts(model: onnx.ModelProto) -> list[OnnxDropout]:
         ratio_from, p = "default", 0.5
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if "ratio" in attrs:
-            ratio_from, p = "attribute", float(attrs["ratio"])  # type: ignore[arg-type]
+            ratio_from, p = "attribute", float(attrs["ratio"])
         if len(node.input) > 1 and node.input[1]:
             if node.input[1] not in constants:
                 raise OnnxSurgeryError(f"Dropout {name!r}: its ratio {node.input[1]!r} is not a constant")
@@ -483,7 +483,9 @@ def _summary_graph(task: str, opset: int, prefix: str) -> onnx.ModelProto:
     assert program is not None
     proto = program.model_proto
     if proto.functions:
-        proto = onnx.inliner.inline_local_functions(proto)
+        from onnx import inliner
+
+        proto = inliner.inline_local_functions(proto)
     return proto
 
 
@@ -621,6 +623,7 @@ def mc_graph(
     expanded: dict[str, str] = {}
     for name in boundary:
         rank = _rank(shapes.get(name))
+        ones: str | None
         if rank is None:
             rank_t = b.op("Shape", [b.op("Shape", [name], "shape")], "rank")
             ones = b.op("Expand", [b.i64([1], "one"), b.op("Sub", [rank_t, b.i64([1], "one")])], "ones")

@@ -169,7 +169,7 @@ def test_placement_reported_for_a_tensor_without_cuda_kernel() -> None:
 
 def test_convert_summary_reports_the_mc_placement() -> None:
     """`dropwise convert --device cuda` prints the MC graph's placement (here from a real placement count)."""
-    from dropwise.surgery.convert import report_summary
+    from dropwise.surgery.convert_report import report_summary
     from dropwise.surgery.parity import ParityReport
 
     graph = helper.make_graph(

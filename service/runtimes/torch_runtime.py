@@ -181,7 +181,7 @@ class TorchRuntime:
         try:
             for m in self._stochastic:
                 m.train(True)
-                m.generator = generator
+                m.generator = generator  # type: ignore[assignment]  # a plain attribute of our layers
             yield
         finally:
             for handle in handles:

@@ -7,12 +7,12 @@ passes. Only the layers from the first stochastic site on differ between passes,
 2. runs the trunk once per request (eval mode, no autograd);
 3. repeats the tail's inputs T times (sample-major rows ``n = t * B + b``) and runs the tail once for all
    samples, in chunks of at most ``chunk_rows`` rows (cache-sized by default, within a memory budget);
-4. replaces every chosen site of the tail by its hash-mask form (`dropwise.surgery.masks.HashMaskSite`): masks
+4. replaces every chosen site of the tail by its hash-mask form (`dropwise.surgery.keyed_sites.HashMaskSite`): masks
    from a counter-based hash of (request seed, row within request, sample, site, position), far cheaper
    than ``F.dropout``'s per-element Bernoulli draw and reproducible per row whatever else is in the batch.
    Sites with no hash form (DropBlock, DropConnect, FractalJoin, functional and attention dropout inside a
-   module's forward) run their own train-mode forward (`dropwise.surgery.masks.TrainModeSite`) with torch's random
-   draws and dropout calls routed to the same hash (`dropwise.surgery.masks.KeyedRandom`): per-example draws
+   module's forward) run their own train-mode forward (`dropwise.surgery.keyed_sites.TrainModeSite`) with torch's random
+   draws and dropout calls routed to the same hash (`dropwise.surgery.keyed_sites.KeyedRandom`): per-example draws
    stay keyed per row, ``F.dropout`` / ``scaled_dot_product_attention(dropout_p=...)`` get keyed masks, and
    ``dropwise.models.layers.DropBlock2d`` rescales per sample (``normalize="sample"``) instead of over the
    whole batch. A gate that is also the parent of a module site (BERT's sdpa attention) is wrapped after its
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .export_split import FunctionalCallSite
 from .functional_sites import trace_calls
-from .masks import HashMaskSite, MaskContext, TrainModeSite
+from .keyed_sites import HashMaskSite, MaskContext, TrainModeSite
 from .mc_layout import plan
 from .module_tools import set_training
 from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
@@ -394,7 +394,7 @@ class MCEngine:
     def rows_independent(self) -> bool:
         """Whether a seeded request's result can never depend on its batch companions.
 
-        True when every chosen site is a hash-mask site or a `masks.TrainModeSite` whose
+        True when every chosen site is a hash-mask site or a `keyed_sites.TrainModeSite` whose
         ``rows_independent`` holds (``dropwise.models.layers`` DropBlock2d / DropConnect / FractalJoin with every
         draw keyed per row). When False, `run_batch` still works, but a seeded request reproduces only for
         an identical batch: run such requests one per call.
@@ -442,7 +442,7 @@ class MCEngine:
     ) -> Tensor:
         """Run the tail on trunk rows ``index`` with mask keys ``keys``, chunked; outputs ``[M, ...]``.
 
-        ``site_bits``: precomputed site keys ``[M]`` per hash-mask site (see `masks.MaskContext`).
+        ``site_bits``: precomputed site keys ``[M]`` per hash-mask site (see `keyed_sites.MaskContext`).
         ``check`` is called before every chunk; an exception it raises abandons the computation (a server
         uses it to stop work whose deadline has passed).
         """

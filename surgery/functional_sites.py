@@ -8,7 +8,7 @@ Face transformers) or one of this project's own functional forms (``dropwise.mod
 model under a ``torch.overrides.TorchFunctionMode`` (`Recorder`) while forward hooks track which module is
 running; `FUNCTIONAL_SPECS` says, per function, where its drop probability and training flag are.
 
-The MC engine intercepts the same calls (``dropwise.surgery.masks.KeyedRandom``) and draws their masks from the
+The MC engine intercepts the same calls (``dropwise.surgery.keyed_sites.KeyedRandom``) and draws their masks from the
 counter hash, so a seeded request reproduces row by row. Train: the call drops; eval: the gating module's
 ``training`` flag turns it off; MC: the gating module alone is put in train mode.
 """

@@ -46,7 +46,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from .engine import MCEngine, primary_output
-from .masks import onnx_translation_table, row_keys, sample_keys
+from .mask_onnx import onnx_translation_table
+from .masks import row_keys, sample_keys
 from .outputs import NUM_SAMPLES, mc_graph_output_names
 from .sites import Site
 from .summaries import SummaryHead

@@ -3,7 +3,7 @@
 `dropwise.surgery.masks` defines the masks of every MC path: the ``lowbias32`` integer hash (a counter-based
 generator in the sense of Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") keyed by
 (seed, row within the request, MC sample, site, position). The torch engine computes it with torch ops and
-the torch-exported MC graph gets it from ``masks.onnx_translation_table``; this module emits the same
+the torch-exported MC graph gets it from ``mask_onnx.onnx_translation_table``; this module emits the same
 computation as plain ONNX nodes so that `dropwise.surgery.onnx_surgery` can put it into a graph that came
 from an ONNX file. Same constants, same key schedule, same 16-bit halves: a seeded run of such a graph
 draws exactly the masks ``masks.keep_mask`` draws (tested bit for bit).

@@ -22,7 +22,8 @@ from dropwise.models.layers import (
     FractalJoin,
 )
 from dropwise.surgery.engine import MCEngine, mc_predict
-from dropwise.surgery.masks import KeyedRandom, keep_mask, quantised_p, row_keys, sample_keys, threshold
+from dropwise.surgery.keyed_sites import KeyedRandom
+from dropwise.surgery.masks import keep_mask, quantised_p, row_keys, sample_keys, threshold
 from torch import nn
 
 Z = 5.0

@@ -23,7 +23,7 @@ more often than edge ones, e.g. 0.85 vs 1.17 on an 8x8 map, p = 0.2, block 3); t
 position up to the ratio-of-counts bias of the per-sample count, O(1 / (C * H * W)) (under 2% at 256
 values per sample; tested). ``"batch"`` couples the rows of a batch (one sample's output depends on the
 masks of its companions); with ``"sample"`` each row depends only on its own mask, which MC inference needs
-to reproduce a seeded row whatever else shares its batch (`dropwise.surgery.masks.TrainModeSite` selects it inside
+to reproduce a seeded row whatever else shares its batch (`dropwise.surgery.keyed_sites.TrainModeSite` selects it inside
 the MC engine). A sample whose mask is all zeros stays 0.
 
 Because blocks overlap, the zeroed fraction is slightly below ``p`` (exactly ``p`` when the block covers

@@ -32,7 +32,7 @@ def _markdown(findings: list[Finding], meta: dict[str, object]) -> str:
         f"torch {meta['torch']}, in {meta['seconds']:.0f} s of wall time ({meta['cpu_seconds']:.0f} s of CPU time) in "
         "all. Seeds are fixed; each "
         "caption names the command that regenerates that figure alone. The verdicts are computed from the "
-        "numbers, not written by hand, and say where the data contradicts the seed.",
+        "numbers, not written by hand, and say where the data contradicts the seed. " + str(meta["note"]),
         "",
     ]
     for f in findings:
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__)
     parser.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--out", type=Path, default=Path("docs/evidence"))
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per training run (early stopping on val)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per training run (early stopping on val)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per configuration")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--note", default=None, help="a sentence about the run (machine load...) for evidence.md")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     stored["torch"] = torch.__version__
     stored["threads"] = torch.get_num_threads()
     stored["command_line"] = f"--epochs {args.epochs} --seeds {args.seeds}"
+    if args.note is not None:
+        stored["note"] = args.note
     results_path.write_text(json.dumps(stored, indent=1, default=float) + "\n")
     findings = [Finding(**stored["findings"][n]) for n in EXPERIMENTS if n in stored["findings"]]
     meta = {
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{stored['threads']} torch threads",
         "torch": stored["torch"],
         "seconds": stored["seconds"],
+        "cpu_seconds": stored["cpu_seconds"],
+        "note": stored.get("note", ""),
     }
     markdown = args.out.parent / "evidence.md"
     markdown.write_text(_markdown(findings, meta) + "\n")

@@ -24,7 +24,7 @@ class Context:
 
     out: Path
     seeds: tuple[int, ...] = (0, 1)
-    epochs: int = 15
+    epochs: int = 10
     progress: bool = False
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 

@@ -91,6 +91,16 @@ def test_evaluate_calibrates_both_runtimes_and_both_graphs(package: Path) -> Non
     new_max = mc["torch"]["probabilities"].max(axis=1).mean()
     assert (new_max > old_max) == (t_mc < 1.0)
 
+    from dropwise.service.app import create_app
+    from dropwise.service.settings import Settings
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(repository=package.parent.parent, device="cpu"))) as client:
+        assert client.get("/v1/models/mlp_digits").json()["calibrated"] is True
+        body = {"inputs": x[:4].tolist(), "mode": "deterministic"}
+        answer = client.post("/v1/models/mlp_digits/predict", json=body).json()
+        np.testing.assert_allclose(answer["probabilities"], by_hand[:4], atol=1e-5)
+
     # evaluating again replaces the baked temperature instead of stacking a second one
     _run("evaluate", str(package), "-T", "4", "-T", "6", "--no-progress", "--seed", "1")
     t2 = verify_package(package).model_dump()["calibration"]["deterministic"]["temperature"]

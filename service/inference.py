@@ -96,6 +96,7 @@ class ModelInfo:
     default_samples: int
     placement: dict[str, Any] | None = None  #: ONNX Runtime on CUDA: MC graph nodes left to the CPU
     evaluation: dict[str, Any] | None = None  #: `dropwise evaluate`'s summary from the manifest, when run
+    calibrated: bool = False  #: classification probabilities are temperature-scaled (`dropwise evaluate`)
     #: every named input in ``forward`` order; ``input_*`` above describe the first (the only one for most)
     inputs: tuple[InputSpec, ...] = ()
 
@@ -214,6 +215,7 @@ class InferenceService:
             inputs=spec.inputs,
             placement=(getattr(runtime, "provider_info", None) or {}).get("mc_placement"),
             evaluation=spec.manifest.get("evaluation"),
+            calibrated=spec.calibrated,
         )
 
     def _slot(self, name: str, version: int | None, *, describe: bool = False) -> LoadedVersion:

@@ -232,6 +232,11 @@ class ModelDetail(BaseModel):
         "after temperature scaling, the best OOD score per OOD set with its AUROC, MI deviation by T, the "
         "abstention rule; the full report is the package's evaluation.json.",
     )
+    calibrated: bool = Field(
+        False,
+        description="Classification `probabilities` are temperature-scaled with the temperatures `dropwise evaluate` "
+        "stored (deterministic: softmax(z / T); MC: softmax(log p_bar / T)); uncertainty scores are not.",
+    )
 
 
 class ErrorDetail(BaseModel):

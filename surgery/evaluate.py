@@ -394,16 +394,25 @@ def write_evaluation(package_dir: str | Path, evaluation: Evaluation) -> list[st
     fields: dict[str, Any] = {"evaluation": _finite(report["summary"]) | {"files": names}}
     if "calibration" in report:
         cal = report["calibration"]
+        # the runtimes and the MC graph apply the log-of-the-mean temperature (`dropwise.surgery.calibration`);
+        # the better fit by validation NLL is kept beside it as ``best_method``
+        log_mean = cal["mc"]["candidates"]["log_mean"]["temperature"]
         fields["calibration"] = {
             "deterministic": cal["deterministic"],
-            "mc": {k: cal["mc"][k] for k in ("temperature", "method")},
+            "mc": {"temperature": log_mean, "method": "log_mean", "best_method": cal["mc"]["method"]},
             "num_samples": cal["num_samples"],
+            "applied": True,
         }
     if "abstention" in report:
         fields["abstention"] = {
             k: report["abstention"][k] for k in ("score", "threshold", "num_samples", "target_keep")
         }
     update_manifest(package_dir, **fields)
+    if "calibration" in fields:
+        from .calibration import bake_temperatures
+
+        cal = fields["calibration"]
+        names += bake_temperatures(package_dir, cal["deterministic"]["temperature"], cal["mc"]["temperature"])
     return names
 
 

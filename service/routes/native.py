@@ -96,6 +96,7 @@ def _detail(info: ModelInfo) -> ModelDetail:
         default_samples=info.default_samples,
         placement=info.placement,
         evaluation=info.evaluation,
+        calibrated=info.calibrated,
     )
 
 

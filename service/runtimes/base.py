@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from dropwise.package import InputSpec
 from dropwise.service.model_inputs import ModelInputs
+from dropwise.surgery.calibration import calibrate_mean, scale_logits, temperatures
 from dropwise.surgery.outputs import SAMPLE_LOGITS, SAMPLES, output_names, rename_legacy, summary_names
 
 Task = Literal["classification", "regression"]
@@ -55,6 +56,17 @@ class PackageSpec:
     def sample_shape(self) -> tuple[int, ...]:
         """The input shape of one example (without the batch dimension)."""
         return tuple(self.input_shape[1:])
+
+    @property
+    def temperatures(self) -> tuple[float, float]:
+        """(T_det, T_mc) that `dropwise evaluate` stored in the manifest; (1.0, 1.0) when uncalibrated
+        (`dropwise.surgery.calibration`)."""
+        return temperatures(self.manifest or {"task": self.task})
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the manifest holds temperatures (classification answers are temperature-scaled)."""
+        return self.task == "classification" and bool((self.manifest or {}).get("calibration"))
 
     @property
     def has_mc_sites(self) -> bool:
@@ -132,25 +144,29 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def encode_deterministic(raw: np.ndarray, spec: PackageSpec) -> Outputs:
-    """Encode one deterministic pass: logits -> `probabilities` + `predictions`, or regression -> `mean`."""
+def encode_deterministic(raw: np.ndarray, spec: PackageSpec, temperature: float = 1.0) -> Outputs:
+    """Encode one deterministic pass: logits -> `probabilities` + `predictions`, or regression -> `mean`.
+
+    ``temperature``: the logits are divided by it first (temperature scaling; 1.0 = as they are).
+    """
     import torch
 
     if spec.task == "classification":
-        logits = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+        logits = torch.from_numpy(np.ascontiguousarray(scale_logits(raw, temperature), dtype=np.float32))
         probs = torch.softmax(logits, dim=-1).numpy()
         return {"probabilities": probs, "predictions": probs.argmax(axis=-1).astype(np.int64)}
     return {"mean": standardised_to_target(np.asarray(raw), spec)}
 
 
-def encode_mc(values: Mapping[str, Any], spec: PackageSpec, return_samples: bool) -> Outputs:
+def encode_mc(values: Mapping[str, Any], spec: PackageSpec, return_samples: bool, temperature: float = 1.0) -> Outputs:
     """The one MC encoder: named MC values (summaries, optional per-sample outputs) -> the service outputs.
 
     ``values`` are keyed by the names of `dropwise.surgery.outputs` (torch tensors or numpy arrays): an
     `MCResult.as_dict()`, `summarise_samples(...)`, or an MC ONNX graph's outputs by name (legacy names are
     translated). Classification adds `predictions` (argmax of `probabilities`); per-sample logits become
     per-sample probabilities; regression values go back to target units. The result holds exactly
-    `output_names(task, "mc", return_samples)`.
+    `output_names(task, "mc", return_samples)`. ``temperature`` calibrates `probabilities` only
+    (``softmax(log p_bar / T)``, `dropwise.surgery.calibration`; 1.0 = as they are).
     """
     import torch
 
@@ -160,6 +176,7 @@ def encode_mc(values: Mapping[str, Any], spec: PackageSpec, return_samples: bool
     for name in summary_names(spec.task):
         out[name] = _numpy(values[name])
     if spec.task == "classification":
+        out["probabilities"] = calibrate_mean(out["probabilities"], temperature)
         out["predictions"] = out["probabilities"].argmax(axis=-1).astype(np.int64)
     else:
         out["mean"] = standardised_to_target(out["mean"], spec)

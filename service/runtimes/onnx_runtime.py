@@ -31,6 +31,7 @@ from dropwise.service.runtimes.base import (
     encode_deterministic,
     encode_mc,
 )
+from dropwise.surgery.calibration import graph_temperature
 from dropwise.surgery.outputs import LEGACY_NAMES, NUM_SAMPLES, SAMPLES
 
 DETERMINISTIC_FILE = "model.onnx"
@@ -55,6 +56,8 @@ class OnnxRuntime:
         self._mc_inputs: list[str] = []
         self._mc_outputs: list[str] = []
         self._count_input = NUM_SAMPLES
+        #: temperatures this runtime applies to graph outputs: the manifest's, unless the graph has them baked in
+        self._temperatures = (1.0, 1.0)
 
     @property
     def supports_mc(self) -> bool:
@@ -86,6 +89,8 @@ class OnnxRuntime:
         if self._inputs != expected:
             raise ValueError(f"{path / DETERMINISTIC_FILE}: graph inputs {self._inputs}, manifest {expected}")
         self._vocabulary_from_manifest(loaded.manifest.model_dump(mode="json"))
+        t_det, t_mc = self.spec.temperatures
+        t_det = 1.0 if graph_temperature(self._session.get_modelmeta().custom_metadata_map) is not None else t_det
         if MC_FILE in loaded.manifest.files:
             self._mc_session, mc_info = create_session(path / MC_FILE, self.requested_device)
             self.provider_info["mc_placement"] = mc_info.placement  # CUDA: nodes left to the CPU (None on CPU)
@@ -99,6 +104,9 @@ class OnnxRuntime:
             if unknown or len(count) != 1 or "seed" not in self._mc_inputs:
                 raise ValueError(f"{path / MC_FILE}: unexpected MC graph inputs {self._mc_inputs}")
             self._count_input = count[0]
+            if graph_temperature(self._mc_session.get_modelmeta().custom_metadata_map) is not None:
+                t_mc = 1.0
+        self._temperatures = (t_det, t_mc)
         self.predict_deterministic(example_inputs(self.spec, rows=1))
 
     def _vocabulary_from_manifest(self, manifest: dict[str, Any]) -> None:
@@ -119,7 +127,7 @@ class OnnxRuntime:
     def predict_deterministic(self, x: ModelInputs) -> Outputs:
         """One pass of the deterministic graph."""
         (raw,) = self._session.run(None, self._feeds(x))[:1]
-        return encode_deterministic(np.asarray(raw), self.spec)
+        return encode_deterministic(np.asarray(raw), self.spec, self._temperatures[0])
 
     def predict_mc(
         self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
@@ -141,7 +149,7 @@ class OnnxRuntime:
             if "seed" in self._mc_inputs:
                 feeds["seed"] = np.array(group.seed, dtype=np.int64)
             values = dict(zip(self._mc_outputs, self._run_mc(feeds, check), strict=True))
-            results.append(encode_mc(values, self.spec, group.return_samples))
+            results.append(encode_mc(values, self.spec, group.return_samples, self._temperatures[1]))
         return results
 
     def _run_mc(self, feeds: dict[str, np.ndarray], check: Callable[[], None] | None) -> list[Any]:

@@ -170,7 +170,7 @@ class TorchRuntime:
         with self._on_stream():
             tensors = self._tensor(x)
             raw = (self.model(*tensors) if isinstance(tensors, tuple) else self.model(tensors)).float().cpu().numpy()
-        return encode_deterministic(raw, self.spec)
+        return encode_deterministic(raw, self.spec, self.spec.temperatures[0])
 
     @contextlib.contextmanager
     def _mc_mode(self, seed: int) -> Iterator[None]:
@@ -223,7 +223,8 @@ class TorchRuntime:
                 results += self.engine.run_batch(
                     part, [g.rows], [g.num_samples], [g.seed], g.return_samples, check=check
                 )
-        return [encode_mc(r.as_dict(), self.spec, g.return_samples) for r, g in zip(results, groups, strict=True)]
+        t_mc = self.spec.temperatures[1]
+        return [encode_mc(r.as_dict(), self.spec, g.return_samples, t_mc) for r, g in zip(results, groups, strict=True)]
 
     def _predict_mc_fallback(
         self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
@@ -244,5 +245,5 @@ class TorchRuntime:
                 out = self.mc_model(*expanded)
             per_sample = out.reshape(n, group.rows, *out.shape[1:])
             values = summarise_samples(per_sample, self.spec.task)
-            results.append(encode_mc(values, self.spec, group.return_samples))
+            results.append(encode_mc(values, self.spec, group.return_samples, self.spec.temperatures[1]))
         return results

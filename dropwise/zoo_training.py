@@ -50,6 +50,7 @@ def train_zoo(
             **config.model_dump(mode="json"),
             "dataset": dataset.name,
             "split": dataset.split,
+            "normalisation": dataset.normalisation,  # raw -> model input as numbers ("preprocess": true)
             "quick": quick,
             "history": result.history,
         }

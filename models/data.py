@@ -56,7 +56,10 @@ class Dataset:
     preprocessing: str
     split: dict[str, object]
     target: dict[str, float] | None = None
-    normalisation: dict[str, float] = field(default_factory=dict)
+    normalisation: dict[str, float | list[float]] = field(default_factory=dict)
+    """Raw input -> model input as numbers (recorded in the package's ``training`` for ``"preprocess": true``):
+    ``{scale, mean, std}``: ``x = (raw / scale - mean) / std`` (``mean``, ``std`` scalars or per-feature
+    lists); ``{low, high}``: the raw integers are the token ids, each in ``[low, high)``."""
 
     @property
     def num_classes(self) -> int | None:
@@ -138,6 +141,7 @@ def _digits(tokens: bool) -> Dataset:
             preprocessing="8x8 digit image flattened row-major into 64 int64 tokens, each the raw pixel "
             "intensity 0..16 (vocabulary 17); no other preprocessing.",
             split=record,
+            normalisation={"low": 0, "high": 17},
         )
     scaled = pixels / 16.0
     x, mean, std = _standardise(scaled, parts[0], axis=None)
@@ -225,6 +229,7 @@ def _diabetes() -> Dataset:
         f"the model predicts the standardised target: y = {t_mean:.4f} + {t_std:.4f} * output.",
         split=_split_record(*parts, strategy="stratified by target quintile"),
         target={"mean": t_mean, "std": t_std},
+        normalisation={"scale": 1.0, "mean": f_mean.ravel().tolist(), "std": f_std.ravel().tolist()},
     )
 
 

@@ -56,37 +56,42 @@ def example_request(spec: PackageSpec, num_samples: int) -> dict[str, Any]:
     return {"inputs": inputs, "mode": "mc", "num_samples": num_samples, "seed": 0}
 
 
-@functools.lru_cache(maxsize=64)
-def _normalisation(dataset: str) -> tuple[float, float, float] | None:
-    from dropwise.models.data import DATASETS, load_dataset
-
-    if dataset not in DATASETS:
-        return None
-    norm = load_dataset(dataset).normalisation
-    if not {"scale", "mean", "std"} <= set(norm):
-        return None
-    return float(norm["scale"]), float(norm["mean"]), float(norm["std"])
+def _recorded(spec: PackageSpec) -> dict[str, Any] | None:
+    """The package's recorded `training.normalisation` (written by `dropwise train` since it exists)."""
+    training = spec.manifest.get("training") or {}
+    norm = training.get("normalisation") if isinstance(training, dict) else None
+    return norm if isinstance(norm, dict) and norm and len(spec.inputs) <= 1 else None
 
 
 def preprocess(spec: PackageSpec, inputs: Any) -> np.ndarray:
-    """Raw inputs -> what the model takes, by the package's recorded preprocessing.
+    """Raw inputs -> what the model takes, by the preprocessing recorded in the package's manifest.
 
-    Image packages (the dataset records `{scale, mean, std}`): `x = (raw / scale - mean) / std`, the formula
-    their `input.preprocessing` sentence states. Raises `InvalidInput` for a package whose preprocessing is
-    not recorded as numbers (send preprocessed inputs to those).
+    `training.normalisation` (see `dropwise.models.data.Dataset.normalisation`) is either `{scale, mean,
+    std}`: `x = (raw / scale - mean) / std` (image pixels; diabetes' per-feature lists broadcast over the
+    last axis), or `{low, high}`: the raw integers are the token ids (digits_tokens: pixel intensities
+    0..16). Raises `InvalidInput` for a package that records no such numbers (send preprocessed inputs) or
+    for raw values the recorded preprocessing cannot take.
     """
-    training = spec.manifest.get("training") or {}
-    dataset = training.get("dataset") if isinstance(training, dict) else None
-    norm = _normalisation(dataset) if isinstance(dataset, str) and len(spec.inputs) <= 1 else None
+    norm = _recorded(spec)
     if norm is None or isinstance(inputs, dict):
         raise InvalidInput(
             f"model {spec.name!r} records no numeric preprocessing; send preprocessed inputs "
             f"(as GET /v1/models/{spec.name} describes) without 'preprocess'",
             field="preprocess",
         )
-    scale, mean, std = norm
-    raw = np.asarray(inputs, dtype=np.float64)
-    return ((raw / scale - mean) / std).astype(np.float32)
+    try:
+        raw = np.asarray(inputs, dtype=np.float64)
+        if {"low", "high"} <= set(norm):
+            low, high = int(norm["low"]), int(norm["high"])
+            if not (np.all(raw == np.round(raw)) and np.all((raw >= low) & (raw < high))):
+                raise ValueError(f"raw values must be integers in [{low}, {high})")
+            return raw.astype(np.int64)
+        scale = float(norm["scale"])
+        mean = np.asarray(norm["mean"], dtype=np.float64)
+        std = np.asarray(norm["std"], dtype=np.float64)
+        return ((raw / scale - mean) / std).astype(np.float32)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"model {spec.name!r}: cannot preprocess the raw inputs: {exc}", field="preprocess") from exc
 
 
 __all__ = ["example_inputs", "example_request", "preprocess"]

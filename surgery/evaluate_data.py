@@ -11,8 +11,10 @@ resized to 8x8 and quantised to 0..16.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,12 +60,12 @@ def load_npz(path: str | Path, *, need_y: bool) -> tuple[np.ndarray, np.ndarray 
     return x, y
 
 
-def _raw01(x: np.ndarray, norm: dict[str, float]) -> np.ndarray:
+def _raw01(x: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
     """Standardised inputs back to pixel intensities in [0, 1]."""
     return x * norm["std"] + norm["mean"]
 
 
-def _standardise(raw01: np.ndarray, norm: dict[str, float]) -> np.ndarray:
+def _standardise(raw01: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
     return ((raw01 - norm["mean"]) / norm["std"]).astype(np.float32)
 
 
@@ -112,7 +114,8 @@ def ood_sets(
     else:
         mean, std = x_in.mean(axis=0), x_in.std(axis=0)
         sets["gaussian_noise"] = (mean + std * rng.standard_normal((n, *shape))).astype(np.float32)
-        norm = load_dataset(dataset).normalisation if dataset else {}
+        # image datasets only (diabetes records per-feature statistics: no image to invert)
+        norm = load_dataset(dataset).normalisation if dataset in ("digits", "mnist") else {}
         if norm:
             sets["inverted"] = _standardise(1.0 - _raw01(x_in[:n], norm), norm)
             other = _other_digits(dataset or "", split)

@@ -169,6 +169,46 @@ def test_work_past_its_deadline_is_abandoned_midway(repo: Path) -> None:
     assert abandoned == [1.0]
 
 
+def test_onnx_runtime_run_past_its_deadline_is_terminated_and_frees_the_worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """ONNX Runtime: the MC graph call in flight is terminated (`RunOptions.terminate`) once its request is
+    past its deadline, so the next request is answered long before the abandoned call would have ended."""
+    from test_service_fixtures import build_onnx_repository
+
+    onnx_repo = build_onnx_repository(request, tmp_path_factory.mktemp("onnx"))
+    settings = Settings(repository=onnx_repo, backend="onnxruntime", max_samples=100_000, max_mc_sample_rows=10**8)
+
+    def mc(rows: int, samples: int, timeout_s: float) -> dict[str, Any]:
+        return {"inputs": _x(rows, 1), "mode": "mc", "num_samples": samples, "seed": 1, "timeout_s": timeout_s}
+
+    async def body(c: httpx.AsyncClient) -> tuple[float, float, httpx.Response, httpx.Response, str]:
+        rows, samples, full = 64, 256, 0.0
+        while full < 1.0 and samples < 100_000:  # size one MC pass to last at least a second, measured here
+            samples *= 2
+            begin = asyncio.get_running_loop().time()
+            assert (await c.post(URL, json=mc(rows, samples, 120))).status_code == 200
+            full = asyncio.get_running_loop().time() - begin
+        late = await c.post(URL, json=mc(rows, samples, full / 5))
+        begin = asyncio.get_running_loop().time()
+        after = await c.post(URL, json={"inputs": _x(1), "mode": "mc", "num_samples": 4})
+        waited = asyncio.get_running_loop().time() - begin
+        return full, waited, late, after, (await c.get("/metrics")).text
+
+    full, waited, late, after, metrics = _run(settings, body)
+    print(f"one MC pass {full:.2f} s; the next request answered {waited:.3f} s after the 504")
+    assert late.status_code == 504 and late.json()["error"]["field"] == "timeout"
+    assert after.status_code == 200
+    assert waited < full / 2  # without terminate it would wait for the rest of the call (about 0.8 x full)
+    abandoned = [
+        s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == "dropwise_abandoned_batches_total"
+    ]
+    assert abandoned == [1.0]
+
+
 def test_request_over_the_sample_row_limit_is_refused_up_front_with_413(client: TestClient) -> None:
     r = client.post(URL, json={"inputs": _x(1024), "mode": "mc", "samples": 256})
     assert r.status_code == 413, r.text
@@ -322,16 +362,57 @@ def test_every_model_has_an_example_body_that_predict_accepts(client: TestClient
     assert client.get("/v1/models/nope/example").status_code == 404
 
 
-def test_raw_inputs_with_preprocess_match_preprocessed_inputs(client: TestClient) -> None:
+def _raw_test_rows(dataset: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw rows, the same rows preprocessed) of `dataset`'s test split: the raw rows are found in the
+    scikit-learn source data (the inverse of the standardisation picks each row out), not computed."""
     from dropwise.models.data import load_dataset
+    from sklearn.datasets import load_diabetes, load_digits
 
-    norm = load_dataset("digits").normalisation
-    raw = np.random.default_rng(3).integers(0, 17, size=(2, 64)).astype(float)
-    ready = ((raw / norm["scale"] - norm["mean"]) / norm["std"]).tolist()
-    request = {"mode": "mc", "num_samples": 8, "seed": 5}
-    by_hand = client.post(URL, json={**request, "inputs": ready})
-    by_server = client.post(URL, json={**request, "inputs": raw.tolist(), "preprocess": True})
-    assert by_hand.status_code == by_server.status_code == 200, by_server.text
-    np.testing.assert_allclose(by_server.json()["probabilities"], by_hand.json()["probabilities"], atol=1e-5)
-    tokens = client.post("/v1/models/embedding_digits_tokens/predict", json={"inputs": [[1] * 64], "preprocess": True})
-    assert tokens.status_code == 400 and tokens.json()["error"]["field"] == "preprocess"
+    ds = load_dataset(dataset)
+    ready = ds.test[0][:rows].numpy()
+    norm: dict[str, Any] = ds.normalisation
+    if dataset == "digits_tokens":
+        source, approx = load_digits().data, ready.astype(np.float64)
+    elif dataset == "digits":
+        source, approx = load_digits().data, (ready * norm["std"] + norm["mean"]) * norm["scale"]
+    else:
+        source = load_diabetes(scaled=False).data
+        approx = ready * np.asarray(norm["std"]) + np.asarray(norm["mean"])
+    nearest = np.abs(source[None, :, :] - approx[:, None, :]).max(axis=2).argmin(axis=1)
+    raw = source[nearest]
+    np.testing.assert_allclose(raw, approx, rtol=1e-4, atol=1e-3)  # really the same rows
+    return raw, ready
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset"),
+    [("mlp_digits", "digits"), ("embedding_digits_tokens", "digits_tokens"), ("mlp_diabetes", "diabetes")],
+)
+def test_raw_test_rows_with_preprocess_answer_as_the_preprocessed_rows(
+    client: TestClient, model: str, dataset: str
+) -> None:
+    raw, ready = _raw_test_rows(dataset, 4)
+    url = f"/v1/models/{model}/predict"
+    for request in ({"mode": "deterministic"}, {"mode": "mc", "num_samples": 8, "seed": 5}):
+        by_hand = client.post(url, json={**request, "inputs": ready.tolist()})
+        by_server = client.post(url, json={**request, "inputs": raw.tolist(), "preprocess": True})
+        assert by_hand.status_code == by_server.status_code == 200, by_server.text
+        key = "mean" if dataset == "diabetes" else "probabilities"
+        np.testing.assert_allclose(by_server.json()[key], by_hand.json()[key], atol=1e-5)
+    if dataset == "digits_tokens":  # a raw value the token model cannot take: 400, not a 500
+        bad = client.post(url, json={"inputs": [[17.0] * 64], "preprocess": True})
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "preprocess"
+
+
+def test_a_package_without_recorded_preprocessing_numbers_refuses_preprocess_with_400(client: TestClient) -> None:
+    from dataclasses import replace
+
+    from dropwise.service.errors import InvalidInput
+    from dropwise.service.examples import preprocess
+
+    spec = client.app.state.inference.spec("mlp_digits")  # type: ignore[attr-defined]
+    training = {k: v for k, v in spec.manifest["training"].items() if k != "normalisation"}
+    old = replace(spec, manifest={**spec.manifest, "training": training})  # as written before it was recorded
+    with pytest.raises(InvalidInput, match="records no numeric preprocessing") as caught:
+        preprocess(old, [[0.0] * 64])
+    assert caught.value.status == 400 and caught.value.field == "preprocess"

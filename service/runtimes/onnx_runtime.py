@@ -17,6 +17,7 @@ deterministic graph has one output `output` (logits, or the standardised regress
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from dropwise.surgery.outputs import LEGACY_NAMES, NUM_SAMPLES, SAMPLES
 
 DETERMINISTIC_FILE = "model.onnx"
 MC_FILE = "model.mc.onnx"
+CHECK_INTERVAL_S = 0.02
+"""How often a watcher calls the batch's `check` while an MC graph call runs."""
 
 
 class OnnxRuntime:
@@ -130,7 +133,9 @@ class OnnxRuntime:
         self, x: ModelInputs, groups: Sequence[MCGroup], check: Callable[[], None] | None = None
     ) -> list[Outputs]:
         """MC-dropout through `model.mc.onnx`, one graph call per request (its own T and seed); `check` runs
-        before each call and may raise to abandon the rest."""
+        before each call and, from a watcher thread, during it: when it raises (every request of the batch
+        past its deadline or gone) the call in flight is terminated (`RunOptions.terminate`) and `check`'s
+        exception propagates, so abandoned work stops consuming compute within one graph node."""
         if self._mc_session is None:
             raise RuntimeError(f"{self.spec.name}: no {MC_FILE} in the package")
         results: list[Outputs] = []
@@ -143,6 +148,35 @@ class OnnxRuntime:
             feeds = {**self._feeds(rows), self._count_input: np.array(group.num_samples, dtype=np.int64)}
             if "seed" in self._mc_inputs:
                 feeds["seed"] = np.array(group.seed, dtype=np.int64)
-            values = dict(zip(self._mc_outputs, self._mc_session.run(self._mc_outputs, feeds), strict=True))
+            values = dict(zip(self._mc_outputs, self._run_mc(feeds, check), strict=True))
             results.append(encode_mc(values, self.spec, group.return_samples, self._temperatures[1]))
         return results
+
+    def _run_mc(self, feeds: dict[str, np.ndarray], check: Callable[[], None] | None) -> list[Any]:
+        """One MC graph call, terminated from a watcher thread as soon as `check` raises."""
+        if check is None:
+            return list(self._mc_session.run(self._mc_outputs, feeds))
+        import onnxruntime
+
+        options = onnxruntime.RunOptions()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(CHECK_INTERVAL_S):
+                try:
+                    check()
+                except Exception:
+                    options.terminate = True  # ONNX Runtime checks it between nodes; the run then raises
+                    return
+
+        watcher = threading.Thread(target=watch, name=f"{self.spec.name}-mc-watch", daemon=True)
+        watcher.start()
+        try:
+            return list(self._mc_session.run(self._mc_outputs, feeds, run_options=options))
+        except Exception:
+            if options.terminate:
+                check()  # raises the batcher's abandonment, answered 504 as for the torch runtime
+            raise
+        finally:
+            done.set()
+            watcher.join()

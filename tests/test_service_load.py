@@ -1,12 +1,12 @@
 """Load and overload against a real `dropwise serve` (uvicorn subprocess over TCP).
 
 - 64 clients send mixed deterministic and MC requests (varying T and seeds) for `DROPWISE_LOAD_SECONDS`
-  (default 10 s in CI; the documented figure uses 60 s): every request is answered, none with a 5xx; p50
-  and p99 are printed.
+  (default 60 s, as the issue asks, in CI too; set it lower for a quick local run): every request is
+  answered, none with a 5xx; p50 and p99 are printed.
 - 512 clients at once against a queue of 128: the excess is refused with 429 and `Retry-After`, everything
   else answers 200, and the server's RSS grows by less than 300 MiB.
 
-    DROPWISE_LOAD_SECONDS=60 OMP_NUM_THREADS=1 python -m pytest tests/test_service_load.py -s -m slow
+    OMP_NUM_THREADS=1 python -m pytest tests/test_service_load.py -s -m slow
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from test_service_fixtures import build_service_repository, running_server
 
 URL = "/v1/models/mlp_digits/predict"
-SECONDS = float(os.environ.get("DROPWISE_LOAD_SECONDS", "10"))
+SECONDS = float(os.environ.get("DROPWISE_LOAD_SECONDS", "60"))
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ class MCGraph(nn.Module):
         with masks keyed by ``seed``; ``inputs`` are the model's positional inputs (one for most models)."""
         *inputs, num_samples, seed = args
         x = inputs[0]
-        n_samples = int(num_samples.item())
+        n_samples = num_samples.item()
         torch._check(n_samples >= 1)
         batch = x.shape[0]
         live = self.trunk(*inputs)
@@ -96,7 +96,7 @@ class MCGraph(nn.Module):
             out = primary_output(self.tail(*expanded))  # logits of a Hugging Face ModelOutput
         finally:
             self.engine.context.keys = None
-        per_sample = out.reshape(n_samples, batch, -1)
+        per_sample = out.reshape(n_samples, batch, -1)  # type: ignore[arg-type]  # item() of an int64 tensor
         results = tuple(self.head(per_sample))
         if self.return_samples:
             if self.engine.task == "classification":

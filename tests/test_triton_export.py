@@ -64,15 +64,15 @@ def test_export_triton_writes_configs_triton_parses_and_graphs_that_run(onnx_rep
         if mc:
             assert config.max_batch_size == 0
             by_name = {i.name: i for i in config.input}
-            for scalar in ("samples", "seed"):
+            for scalar in ("num_samples", "seed"):
                 assert by_name[scalar].data_type == model_config_pb2.TYPE_INT64
                 assert list(by_name[scalar].dims) == [1] and list(by_name[scalar].reshape.shape) == []
-            assert by_name["seed"].optional and not by_name["samples"].optional
+            assert by_name["seed"].optional and not by_name["num_samples"].optional
             assert {p: v.string_value for p, v in config.parameters.items()}["dropwise_flavour"] == "mc"
         else:
             expected_batch = 16 if name == "mlp_digits" else 64
             assert config.max_batch_size == expected_batch
-        data_input = next(i for i in config.input if i.name not in ("samples", "seed"))
+        data_input = next(i for i in config.input if i.name not in ("num_samples", "seed"))
         dims = list(data_input.dims)[1:] if mc else list(data_input.dims)
         dtype = NP_TYPES[data_input.data_type]
         batch = 3
@@ -81,13 +81,13 @@ def test_export_triton_writes_configs_triton_parses_and_graphs_that_run(onnx_rep
         )
         feeds: dict[str, np.ndarray] = {data_input.name: x}
         if mc:
-            feeds["samples"] = np.array(8, dtype=np.int64)
+            feeds["num_samples"] = np.array(8, dtype=np.int64)
             seeded = dict(feeds, seed=np.array(11, dtype=np.int64))
             first = dict(zip([o.name for o in config.output], session.run(None, seeded), strict=True))
             again = dict(zip([o.name for o in config.output], session.run(None, seeded), strict=True))
             np.testing.assert_array_equal(first["std"], again["std"])
             assert int(first["seed_used"]) == 11
-            assert first["sample_outputs"].shape[:2] == (8, batch)
+            assert first["samples"].shape[:2] == (8, batch)
             fresh = dict(zip([o.name for o in config.output], session.run(None, feeds), strict=True))
             assert int(fresh["seed_used"]) >= 0  # seed left out: the graph drew one
         else:

@@ -9,7 +9,7 @@ backend (`platform: "onnxruntime_onnx"`):
   (``max_batch_size`` from the package's serving configuration, else the server default) and, for
   classifiers, ``labels.txt`` as the output's label file;
 - ``<name>_mc/<version>/model.onnx``: the package's MC-dropout graph (`model.mc.onnx`), whose inputs are the
-  batch, ``samples`` (T, an int64 scalar) and ``seed`` (int64 scalar, optional: left out or negative, the
+  batch, ``num_samples`` (T, an int64 scalar) and ``seed`` (int64 scalar, optional: left out or negative, the
   graph draws a fresh one and reports it in ``seed_used``). Its outputs are the uncertainty summaries
   (`dropwise.surgery.mc_export`). T is a run-time input, so the MC model takes whole requests
   (``max_batch_size: 0``, the batch dimension is declared as -1).
@@ -199,10 +199,12 @@ def deterministic_config(
 
 def mc_config(name: str, manifest: Manifest, onnx_path: Path, config: ServingConfig) -> dict[str, Any]:
     """The `config.pbtxt` message of the MC model: T and seed declared, whole requests (no batching)."""
+    from dropwise.surgery.outputs import NUM_SAMPLES
+
     inputs, outputs, defaults = _graph_io(onnx_path)
     names = [t["name"] for t in inputs]
-    if "samples" not in names or "seed" not in names:
-        raise UserError(f"{onnx_path}: an MC graph takes 'samples' and 'seed' inputs, found {names}")
+    if NUM_SAMPLES not in names or "seed" not in names:
+        raise UserError(f"{onnx_path}: an MC graph takes '{NUM_SAMPLES}' and 'seed' inputs, found {names}")
     return {
         "name": name,
         "platform": "onnxruntime_onnx",

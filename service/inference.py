@@ -241,10 +241,14 @@ class InferenceService:
     def admit(self, name: str, version: int | None = None) -> None:
         """Refuse up front, before the body is read or parsed: unknown model (404), not loaded or shutting
         down (503), queue full (429 with Retry-After)."""
-        slot = self._slot(name, version)
-        if not slot.serving:
-            raise ModelNotReady(f"model {name!r} version {slot.spec.version} is not loaded")
-        slot.batcher.admit()
+        slot = self._slot(name, version)  # an unknown model is nobody's request: 404, no statistics
+        try:
+            if not slot.serving:
+                raise ModelNotReady(f"model {name!r} version {slot.spec.version} is not loaded")
+            slot.batcher.admit()
+        except ServiceError:  # refused before its body is read, still a failed request of this version
+            slot.statistics.record_request(False, 0.0)
+            raise
 
     # ---------------------------------------------------------------- inference
     async def infer(self, request: InferenceRequest) -> InferenceResult:

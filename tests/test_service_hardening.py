@@ -243,9 +243,14 @@ def test_full_queue_is_shed_before_the_body_is_read(repo: Path) -> None:
             shed = [await c.post(URL, content=b"{not json"), await c.post("/v2/models/mlp_digits/infer", content=b"{")]
         finally:
             release.set()
-        return shed + list(await asyncio.gather(*queued))
+        answered = list(await asyncio.gather(*queued))
+        return [*shed, *answered, await c.get("/v2/models/mlp_digits/stats")]
 
-    answers = _run(settings, body)
+    *answers, stats = _run(settings, body)
+    # the two shed requests count as failures of the model in Triton's statistics, the three answered as successes
+    (model_stats,) = stats.json()["model_stats"]
+    assert model_stats["inference_stats"]["fail"]["count"] == 2
+    assert model_stats["inference_stats"]["success"]["count"] == 3
     assert [a.status_code for a in answers[:2]] == [429, 429]
     assert all(a.headers["retry-after"] == "1" for a in answers[:2])
     assert answers[0].json()["error"]["type"] == "QueueFull" and isinstance(answers[1].json()["error"], str)

@@ -76,7 +76,7 @@ class Network:
 NETWORKS: dict[str, Network] = {
     "mlp_digits": Network(
         mlp.dropout_mlp,
-        {"in_features": 64, "hidden": [256, 256], "out_features": 10, "p_input": 0.2, "p_hidden": 0.5},
+        {"in_features": 64, "hidden": [256, 256], "out_features": 10, "p_input": 0.0, "p_hidden": [0.0, 0.5]},
         (64,),
         "float32",
         "classification",

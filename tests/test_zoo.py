@@ -102,15 +102,18 @@ def test_zoo_uses_every_member_of_the_family() -> None:
     assert {s.dataset for s in ZOO.values()} == {"digits", "digits_tokens", "mnist", "diabetes"}
 
 
-def test_srivastava_mlp_recipe() -> None:
+def test_mlp_recipes() -> None:
+    """mlp_digits: dropout 0.5 only before the head (the MC-NLL pick); mlp_classic_digits: Srivastava's rates."""
     model = build("mlp_digits")
-    drops = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert drops[0] == 0.2 and all(p == 0.5 for p in drops[1:]) and len(drops) == 3
-    assert isinstance(model[0], nn.Dropout), "input dropout comes first"
+    drops = [(i, m.p) for i, m in enumerate(model) if isinstance(m, nn.Dropout)]
+    assert drops == [(len(model) - 2, 0.5)], "one dropout, between the last hidden layer and the head"
+    assert isinstance(model[-1], nn.Linear) and not isinstance(model[0], nn.Dropout)
     assert ZOO["mlp_digits"].train.max_norm == 3.0
     classic = build("mlp_classic_digits")
-    assert [m.p for m in classic.modules() if isinstance(m, ClassicDropout)] == drops
+    assert [m.p for m in classic.modules() if isinstance(m, ClassicDropout)] == [0.2, 0.5, 0.5]
+    assert isinstance(classic[0], ClassicDropout), "Srivastava's input dropout comes first"
     assert not any(type(m) is nn.Dropout for m in classic.modules())
+    assert ZOO["mlp_classic_digits"].train.max_norm == 3.0
 
 
 def test_dropout_mlp_per_layer_rates() -> None:

@@ -30,7 +30,7 @@ def _dropout(p: float, kind: Literal["inverted", "classic"]) -> nn.Module:
     raise ValueError(f"dropout must be 'inverted' or 'classic', got {kind!r}")
 
 
-def _probability(p: float, what: str) -> float:
+def _probability(p: object, what: str) -> float:
     if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= float(p) < 1.0:
         raise ValueError(f"{what} must be a dropout probability in [0, 1), got {p!r}")
     return float(p)
@@ -41,7 +41,7 @@ def hidden_rates(p_hidden: float | Sequence[float], layers: int) -> list[float]:
 
     Raises ``ValueError`` for a rate outside [0, 1) or a sequence whose length is not ``layers``.
     """
-    if isinstance(p_hidden, Real):
+    if isinstance(p_hidden, (Real, bool)):
         return [_probability(p_hidden, "p_hidden")] * layers
     if isinstance(p_hidden, (str, bytes)) or not isinstance(p_hidden, Sequence):
         raise ValueError(f"p_hidden must be a float or one float per hidden layer, got {p_hidden!r}")

@@ -120,7 +120,7 @@ NETWORKS: dict[str, Network] = {
             "p_block": 0.1,
             "block_size": 5,
             "p_spatial": 0.1,
-            "p_head": 0.5,
+            "p_head": 0.25,
         },
         (1, 28, 28),
         "float32",

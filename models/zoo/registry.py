@@ -106,14 +106,17 @@ ZOO: dict[str, ZooSpec] = dict(
                 "p_block": 0.1,
                 "block_size": 5,
                 "p_spatial": 0.1,
-                "p_head": 0.5,
+                "p_head": 0.25,
             },
             dataset="mnist",
             task="classification",
             train=TrainConfig(
                 epochs=15, lr=3e-3, batch_size=64, patience=5, seed=4, cutout=CutoutConfig(size=8, p=0.5)
             ),
-            description="CNN with BatchNorm, DropBlock (scheduled), spatial dropout, dropout head; Cutout",
+            description=(
+                "CNN with BatchNorm, DropBlock (scheduled), spatial dropout, dropout head 0.25 (picked by validation "
+                "MC NLL over 2 seeds); Cutout"
+            ),
             members=("DropBlock2d", "Dropout2d", "Dropout", "Cutout", "BatchNorm2d"),
         ),
         _spec(

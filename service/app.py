@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from dropwise.service import tracing
 from dropwise.service.body_parsing import ParsingPool
 from dropwise.service.errors import PayloadTooLarge, ServiceError
 from dropwise.service.inference import InferenceService
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await service.stop()
             parsing.shutdown()
+            tracing.flush()
 
     app = FastAPI(
         title="dropwise",

@@ -26,6 +26,7 @@ from dropwise.service.model_inputs import ModelInputs, batch_rows
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec
 from dropwise.service.settings import Settings
+from dropwise.service.tracing import Trace
 from dropwise.surgery.outputs import ABSTAIN, NUM_SAMPLES, output_names
 
 log = logging.getLogger("dropwise.service")
@@ -55,6 +56,7 @@ class InferenceRequest:
     return_samples: bool = False
     deadline_s: float | None = None
     abstain: str | float | None = None
+    trace: Trace | None = None  #: per-step timestamps when tracing is on (`dropwise.service.tracing`)
 
 
 @dataclass
@@ -320,7 +322,7 @@ class InferenceService:
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
         rule = None if request.abstain is None else resolve_rule(spec, request.abstain, request.mode)
-        job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
+        job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout, trace=request.trace)
         outputs = await slot.batcher.submit(job)
         if rule is not None:
             outputs = {**outputs, ABSTAIN: abstain_flags(outputs, *rule)}

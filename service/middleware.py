@@ -23,6 +23,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+from dropwise.service import tracing
 from dropwise.service.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -73,6 +74,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        trace = tracing.start(scope)
         given = None
         for key, value in scope.get("headers", ()):
             if key == b"x-request-id":
@@ -89,6 +91,10 @@ class RequestContextMiddleware:
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", rid.encode("latin-1")))
                 message = {**message, "headers": headers}
+            elif trace is not None and not message.get("more_body", False):
+                await send(message)
+                tracing.mark(trace, "sent")
+                return
             await send(message)
 
         try:
@@ -98,6 +104,8 @@ class RequestContextMiddleware:
             raise
         finally:
             self._record(scope, status, time.perf_counter() - started, rid)
+            if trace is not None:
+                tracing.finish(trace, rid=rid, path=scope.get("path"), status=status)
 
     def _record(self, scope: Scope, status: int, seconds: float, rid: str) -> None:
         params = scope.get("path_params") or {}
@@ -149,8 +157,9 @@ class BodyGuardMiddleware:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit", field="body")
             if declared == -1:
                 raise InvalidInput("invalid Content-Length header", field="content-length")
-            try:
-                message = await asyncio.wait_for(receive(), timeout=self.idle_timeout_s)
+            try:  # `asyncio.timeout`, not `wait_for`: no task of its own per body read (see the batcher)
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
                     f"no request body data for {self.idle_timeout_s:g} s; upload abandoned", field="body"

@@ -12,6 +12,7 @@ import asyncio
 from typing import Annotated, Any
 
 import numpy as np
+from dropwise.service import tracing
 from dropwise.service.body_parsing import BodyValidationFailed, ParsingPool, parse_predict
 from dropwise.service.deps import ApiToken
 from dropwise.service.errors import InvalidInput
@@ -199,11 +200,14 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
     service = _service(request)
     service.admit(name, version)  # 404 / 503 / 429 before the body is read
     raw = await request.body()  # bounded (413) and timed (408) by the body guard middleware
+    trace = tracing.of(request.scope)
+    tracing.mark(trace, "body")
     parsing: ParsingPool = request.app.state.parsing
     try:  # inline, in a thread or in the parsing process by size: the event loop stays free
         body, inputs = await parsing.run(parse_predict, raw)
     except BodyValidationFailed as exc:
         raise RequestValidationError(exc.errors) from None
+    tracing.mark(trace, "parsed")
     label_mode(request, body.mode)
     if body.preprocess:
         inputs = await asyncio.to_thread(preprocess, service.spec(name, version), inputs)
@@ -220,6 +224,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
             return_samples=body.return_samples,
             abstain=body.abstain,
             deadline_s=body.timeout_s,
+            trace=trace,
         )
     )
     answer = _response(result, service.info(result.model, result.version))
@@ -230,6 +235,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
         if size * 20 > _THREAD_THRESHOLD
         else encode(exclude_none=True)
     )
+    tracing.mark(trace, "encoded")
     return Response(text, media_type="application/json")
 
 

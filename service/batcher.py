@@ -162,21 +162,25 @@ class ModelBatcher:
             raise self._queue_full() from None
         self._set_depth()
         mark(job.trace, "enqueued")
-        remaining = job.deadline - time.monotonic()
+        # One timer that fails the job's future at its deadline: `wait_for` (3.11) would wrap the future in a
+        # task of its own, one more trip through the event loop's queue per request, and `asyncio.timeout`
+        # costs a context manager and a reschedule. The worker and `_resolve` skip a future already done.
+        timer = loop.call_at(loop.time() + max(job.deadline - time.monotonic(), 0.0), self._expire, job)
         try:
-            # `asyncio.timeout` arms one timer; `wait_for` (3.11) would wrap the future in a task of its own,
-            # one more trip through the event loop's queue per request. A timeout cancels `job.future`,
-            # which the worker and `_resolve` then skip.
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return await job.future
-        except TimeoutError:
-            job.abandoned = True
-            raise DeadlineExceeded(
-                f"request to {self.name!r} was not answered within its deadline", field="timeout"
-            ) from None
+            return await job.future
         except asyncio.CancelledError:  # the client went away
             job.abandoned = True
             raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, job: Job) -> None:
+        """The job's deadline passed before its outputs came: answer 504 (the worker skips it from now)."""
+        if job.future is not None and not job.future.done():
+            job.abandoned = True
+            job.future.set_exception(
+                DeadlineExceeded(f"request to {self.name!r} was not answered within its deadline", field="timeout")
+            )
 
     # ------------------------------------------------------------------ worker
     async def _next(self, timeout: float | None) -> Job | None:

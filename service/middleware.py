@@ -57,7 +57,9 @@ def label_mode(request: Request, mode: str) -> None:
 
 def _route_template(scope: Scope) -> str:
     """The matched route's path template (FastAPI records the route in the scope), bounded cardinality."""
-    path = getattr(scope.get("route"), "path", None)
+    route = scope.get("route")
+    # `path_format`: the template without convertors (`{version:int}` -> `{version}`), as FastAPI's routes have
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
     return path if isinstance(path, str) else UNMATCHED_ROUTE
 
 

@@ -164,16 +164,18 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
     if "predictions" in out:
         indices = [int(i) for i in np.asarray(out["predictions"]).reshape(-1)]
         predictions = [labels[i] for i in indices] if labels and len(labels) > max(indices) else indices
+    # `model_construct`: the values are the runtime's own lists of the declared types, so validating them
+    # again per request would only cost CPU; the answer is serialised by the same pydantic schema.
     uncertainty = None
     if result.mode == "mc":
-        uncertainty = Uncertainty(
+        uncertainty = Uncertainty.model_construct(
             predictive_entropy=_list(out.get("predictive_entropy")),
             expected_entropy=_list(out.get("expected_entropy")),
             mutual_information=_list(out.get("mutual_information")),
             variation_ratio=_list(out.get("variation_ratio")),
             std=np.asarray(out["std"]).tolist(),
         )
-    return PredictResponse(
+    return PredictResponse.model_construct(
         model=result.model,
         version=result.version,
         mode=result.mode,

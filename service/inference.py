@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,10 @@ log = logging.getLogger("dropwise.service")
 
 MODES: tuple[str, ...] = ("deterministic", "mc")
 MAX_SEED = 2**63 - 1
+#: draws the seed of a request that names none: a fast generator seeded once from the OS (a seed must
+#: differ between requests, not be secret), instead of one `os.urandom` call per request
+_SEEDS = random.Random(secrets.randbits(128))
+os.register_at_fork(after_in_child=lambda: _SEEDS.seed(secrets.randbits(128)))  # a forked worker: its own seeds
 
 __all__ = ["InferenceRequest", "InferenceResult", "InferenceService", "ModelInfo"]
 
@@ -361,7 +367,7 @@ class InferenceService:
     @staticmethod
     def _check_seed(seed: int | None) -> int:
         if seed is None:
-            return secrets.randbelow(2**31)
+            return _SEEDS.getrandbits(31)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise InvalidInput(f"seed must be an integer, got {seed!r}", field="seed")
         if not 0 <= int(seed) <= MAX_SEED:

@@ -17,7 +17,9 @@ plain-text 413 outside the app's handlers and has no stall timeout, hence this g
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import secrets
 import time
@@ -42,6 +44,25 @@ _VALID_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 NO_MODEL = "_none"
 UNKNOWN_MODEL = "_unknown"
 UNMATCHED_ROUTE = "_unmatched"
+
+
+#: fresh request ids: 16 random hex digits per process, then a 16-digit counter (32 characters, unique
+#: within the process and across processes; one `os.urandom` call per process instead of one per request)
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked worker gets ids of its own
+
+
+def new_request_id() -> str:
+    """A fresh 32-character request id (see `_ID_PREFIX`)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def request_id(scope: Scope) -> str | None:
@@ -82,7 +103,7 @@ class RequestContextMiddleware:
             if key == b"x-request-id":
                 given = value.decode("latin-1")
                 break
-        rid = given if given is not None and _VALID_ID.fullmatch(given) else secrets.token_hex(16)
+        rid = given if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
         scope[REQUEST_ID_KEY] = rid
         status = 500
 

@@ -6,8 +6,9 @@
 For each route (native predict, V2 infer) it prints the p50 / p99 / max of every step between two
 timestamps of `dropwise.service.tracing` (arrival -> body -> parsed -> enqueued -> batch -> compute_start
 -> compute_end -> resolved -> encoded -> sent), the share of each step in the slowest 1% of requests, and
-the batch sizes (requests sharing one ``batch`` timestamp). The first and last second of the file are left
-out (warm-up and shutdown).
+the batch sizes (requests sharing one ``batch`` timestamp), and the garbage collections while inference
+requests came in (the /readyz polls during loading are left out, as are the first and last second of the
+inference requests for the step table).
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines = [line for line in lines if "gc" not in line]
     if not lines:
         raise SystemExit(f"{args.trace}: no traces")
+    # the window of the inference requests (the bench's /readyz polls while the models load are not load)
+    lines = [line for line in lines if str(line.get("path", "")).endswith(("/predict", "/infer"))]
+    if not lines:
+        raise SystemExit(f"{args.trace}: no inference requests traced")
     first = min(line["t0"] for line in lines)
     last = max(line["t0"] for line in lines)
+    collections = [c for c in collections if first <= c["t0"] <= last]
     lines = [line for line in lines if first + 1.0 <= line["t0"] <= last - 1.0]
     by_route: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pauses = np.array([c["ms"] for c in collections if c["gc"] == generation])
         if len(pauses):
             out.append(
-                f"gc generation {generation}: {len(pauses)} collections in {span:.0f} s, "
+                f"gc generation {generation}: {len(pauses)} collections in the {span:.0f} s of load, "
                 f"p50 {np.percentile(pauses, 50):.2f} ms, max {pauses.max():.1f} ms, total {pauses.sum():.0f} ms"
             )
     print("\n".join(out))

@@ -178,7 +178,7 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
     return PredictResponse.model_construct(
         model=result.model,
         version=result.version,
-        mode=result.mode,
+        mode="mc" if result.mode == "mc" else "deterministic",  # the service accepts these two only
         predictions=predictions,
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),

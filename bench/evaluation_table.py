@@ -47,7 +47,7 @@ def summary_row(report: dict[str, Any]) -> str:
     t = str(report["summary"]["num_samples"])
     det, mc = report["deterministic"], report["mc"][t]
     seconds = report.get("seconds", {})
-    time = f"{seconds['wall']:.0f} / {seconds['cpu']:.0f}" if seconds else "n/a"
+    time = f"{seconds['wall']:.3g} / {seconds['cpu']:.3g}" if seconds else "n/a"
     aurocs = _mean_auroc(report, t)
     best = max(aurocs, key=lambda s: aurocs[s])
     ood = f"{best} {aurocs[best]:.3f}"

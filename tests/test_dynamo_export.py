@@ -41,13 +41,9 @@ def test_deterministic_graph_is_the_one_torch_onnx_export_writes() -> None:
     model, x = _mlp(), torch.randn(2, 8)
     shapes = ({0: Dim("batch")},)
     expected = _public(model, (x,), input_names=["input"], output_names=["output"], dynamic_shapes=shapes)
-    ours = export_program(
-        model, (x,), input_names=["input"], output_names=["output"], dynamic_shapes=shapes, opset=20
-    )
+    ours = export_program(model, (x,), input_names=["input"], output_names=["output"], dynamic_shapes=shapes, opset=20)
     assert _bytes(ours) == expected
-    again = export_program(
-        model, (x,), input_names=["input"], output_names=["output"], dynamic_shapes=shapes, opset=20
-    )
+    again = export_program(model, (x,), input_names=["input"], output_names=["output"], dynamic_shapes=shapes, opset=20)
     assert _bytes(again) == expected  # the second export reuses the registry and writes the same graph
 
 

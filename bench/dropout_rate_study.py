@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the MC masks")
     parser.add_argument("--out", default=None, help="write the rows and verdicts as JSON here")
     parser.add_argument(
+        "--variants", default=None, help="comma-separated indices of variants (0 = the reference); default all"
+    )
+    parser.add_argument(
         "--merge", nargs="+", default=None, metavar="JSON", help="combine the rows of earlier --out files instead"
     )
     args = parser.parse_args(argv)
@@ -313,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for k in range(args.first_seed_index, args.first_seed_index + args.seeds):
             train_seed = base + k * SEED_STRIDE
-            for name, make in variants(network).items():
+            chosen = list(variants(network).items())
+            if args.variants is not None:
+                chosen = [chosen[int(i)] for i in args.variants.split(",")]
+            for name, make in chosen:
                 rows.append(run_variant(network, name, make, dataset, args.samples, args.seed, train_seed))
                 print(f"{network}: {name}, training seed {train_seed}: {rows[-1].seconds:.1f} s", flush=True)
         result = verdict(rows)

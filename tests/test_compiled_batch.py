@@ -9,11 +9,18 @@ their reproducibility across batch company, and a new batch size or T must not c
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+from dropwise.service.repository import ModelRepository
+from dropwise.service.runtimes.base import MCGroup
+from dropwise.service.runtimes.torch_runtime import TorchRuntime
+from dropwise.service.settings import Settings
 from dropwise.surgery.engine import MCEngine
+from pydantic import ValidationError
 from torch._dynamo.utils import counters
 
 from bench.op_counts import _network, count, count_launches
@@ -100,3 +107,29 @@ def test_compile_option_is_validated() -> None:
     with pytest.raises(ValueError, match="exportable"):
         MCEngine(model, x[:8], sites, task=task, compile=True, exportable=True)
     assert MCEngine(model, x[:8], sites, task=task, compile="reduce-overhead").compile == "reduce-overhead"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_service_setting_serves_mc_through_the_compiled_batch(
+    quick_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DROPWISE_MC_COMPILE", "default")
+    assert Settings().mc_compile == "default"
+    with pytest.raises(ValidationError):
+        Settings(mc_compile="fastest")
+    (spec,) = ModelRepository(quick_repository).scan()["mlp_diabetes"].values()
+    eager, compiled = TorchRuntime(spec, device="cpu"), TorchRuntime(spec, device="cpu", mc_compile="default")
+    eager.load()
+    compiled.load()  # compiles both graphs (with and without per-sample outputs) while loading
+    assert compiled.engine.compile == "default" and compiled.engine.compile_error is None
+    assert compiled.mc_path == "engine"
+    x = np.random.default_rng(0).standard_normal((3, *spec.sample_shape)).astype(spec.input_dtype)
+    groups = [MCGroup(1, 8, 1, False), MCGroup(2, 16, 2, True)]
+    graphs = counters["stats"]["unique_graphs"]
+    got, want = compiled.predict_mc(x, groups), eager.predict_mc(x, groups)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled on a request
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=ATOL, err_msg=key)

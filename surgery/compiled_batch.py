@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
 
 from .mc_layout import Group, Plan
@@ -175,7 +176,7 @@ class CompiledBatch:
             # sizes that happen to be equal (rows of the batch, columns of the block) stay distinct symbols;
             # python floats (drop probabilities, scales) are constants of the graph, not inputs
             with (
-                torch.fx.experimental._config.patch(use_duck_shape=False),
+                fx_config.patch(use_duck_shape=False),  # type: ignore[attr-defined]
                 torch._dynamo.config.patch(specialize_float=True),
             ):
                 out = self._call_compiled(live, block, bool(return_samples))

@@ -80,7 +80,7 @@ class Network:
 NETWORKS: dict[str, Network] = {
     "mlp_digits": Network(
         mlp.dropout_mlp,
-        {"in_features": 64, "hidden": [256, 256], "out_features": 10, "p_input": 0.2, "p_hidden": 0.5},
+        {"in_features": 64, "hidden": [256, 256], "out_features": 10, "p_input": 0.0, "p_hidden": [0.0, 0.5]},
         (64,),
         "float32",
         "classification",
@@ -124,7 +124,7 @@ NETWORKS: dict[str, Network] = {
             "p_block": 0.1,
             "block_size": 5,
             "p_spatial": 0.1,
-            "p_head": 0.5,
+            "p_head": 0.25,
         },
         (1, 28, 28),
         "float32",

@@ -112,7 +112,9 @@ def _scenario_configs(scenario: str, args: argparse.Namespace, image: np.ndarray
             Config("dropwise native JSON, batching", "batch", native_request(MLP_NAME, vector, "mc")),
             Config("dropwise V2 binary, batching", "batch", v2_binary_request(MLP_NAME, vector)),
         ]
-        if ls is None:
+        if args.no_peers:
+            print("  --no-peers: LitServe row skipped", file=sys.stderr)
+        elif ls is None:
             print("  litserve not installed: LitServe row skipped", file=sys.stderr)
         else:
             label = f"LitServe {ls.__version__}, batching (max {MAX_BATCH})"
@@ -158,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per scenario (order alternates)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per run")
+    parser.add_argument("--no-peers", action="store_true", help="dropwise rows only (no LitServe)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator")
     args = parser.parse_args(argv)
     args.pinned = pin(args.no_pin)

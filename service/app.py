@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from dropwise.service import tracing
 from dropwise.service.body_parsing import ParsingPool
 from dropwise.service.errors import PayloadTooLarge, ServiceError
 from dropwise.service.inference import InferenceService
 from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.middleware import BodyGuardMiddleware, RequestContextMiddleware, request_id
-from dropwise.service.routes import health, native, repository, v2
+from dropwise.service.routes import health, hot_paths, native, repository, v2
 from dropwise.service.settings import Settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await service.stop()
             parsing.shutdown()
+            tracing.flush()
 
     app = FastAPI(
         title="dropwise",
@@ -141,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(native.router)
     _include_v2(app)
+    hot_paths.install(app)  # the inference routes without FastAPI's per-request machinery, matched first
     return app
 
 

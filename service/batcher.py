@@ -26,6 +26,7 @@ from dropwise.service.model_inputs import ModelInputs, batch_rows, concat_rows
 from dropwise.service.runtimes.base import MCGroup, Outputs, Runtime
 from dropwise.service.settings import Settings
 from dropwise.service.statistics import ModelStatistics
+from dropwise.service.tracing import Trace, mark
 
 log = logging.getLogger("dropwise.batcher")
 
@@ -48,6 +49,7 @@ class Job:
     queue_s: float = 0.0
     compute_s: float = 0.0
     batch_rows: int = 0
+    trace: Trace | None = field(default=None, repr=False)  #: `dropwise.service.tracing` timestamps
 
     @property
     def rows(self) -> int:
@@ -75,6 +77,11 @@ class ModelBatcher:
         self._running = False
         #: Triton-style statistics of this version (executions are counted here, requests by the service)
         self.statistics: ModelStatistics | None = None
+        # this model's metric children, looked up once (a `labels()` call per request costs a lock and a dict)
+        self._queue_time = metrics.queue_time.labels(model=name)
+        self._queue_depth = metrics.queue_depth.labels(model=name)
+        self._mc_samples = metrics.mc_samples.labels(model=name)
+        self._batch_size = {mode: metrics.batch_size.labels(model=name, mode=mode) for mode in ("deterministic", "mc")}
 
     @property
     def depth(self) -> int:
@@ -154,17 +161,26 @@ class ModelBatcher:
         except asyncio.QueueFull:
             raise self._queue_full() from None
         self._set_depth()
-        remaining = job.deadline - time.monotonic()
+        mark(job.trace, "enqueued")
+        # One timer that fails the job's future at its deadline: `wait_for` (3.11) would wrap the future in a
+        # task of its own, one more trip through the event loop's queue per request, and `asyncio.timeout`
+        # costs a context manager and a reschedule. The worker and `_resolve` skip a future already done.
+        timer = loop.call_at(loop.time() + max(job.deadline - time.monotonic(), 0.0), self._expire, job)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0.0))
-        except TimeoutError:
-            job.abandoned = True
-            raise DeadlineExceeded(
-                f"request to {self.name!r} was not answered within its deadline", field="timeout"
-            ) from None
+            return await job.future
         except asyncio.CancelledError:  # the client went away
             job.abandoned = True
             raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, job: Job) -> None:
+        """The job's deadline passed before its outputs came: answer 504 (the worker skips it from now)."""
+        if job.future is not None and not job.future.done():
+            job.abandoned = True
+            job.future.set_exception(
+                DeadlineExceeded(f"request to {self.name!r} was not answered within its deadline", field="timeout")
+            )
 
     # ------------------------------------------------------------------ worker
     async def _next(self, timeout: float | None) -> Job | None:
@@ -208,10 +224,13 @@ class ModelBatcher:
             self._running = False  # idle until `_collect` takes a job
             batch = await self._collect()
             now = time.monotonic()
+            now_perf = time.perf_counter()
             live: list[Job] = []
             for job in batch:
+                if job.trace is not None:
+                    job.trace["batch"] = now_perf
                 job.queue_s = now - job.enqueued
-                self.metrics.queue_time.labels(model=self.name).observe(job.queue_s)
+                self._queue_time.observe(job.queue_s)
                 if job.abandoned or (job.future is not None and job.future.done()):
                     continue
                 if now >= job.deadline:
@@ -265,14 +284,21 @@ class ModelBatcher:
         start = time.perf_counter()
         outputs = runner(jobs)
         elapsed = time.perf_counter() - start
+        for job in jobs:
+            if job.trace is not None:
+                job.trace["compute_start"] = start
+                job.trace["compute_end"] = start + elapsed
         rows = sum(job.rows for job in jobs)
-        self.metrics.batch_size.labels(model=self.name, mode=jobs[0].mode).observe(rows)
+        mode = jobs[0].mode
+        (self._batch_size.get(mode) or self.metrics.batch_size.labels(model=self.name, mode=mode)).observe(rows)
         if self.statistics is not None:
             self.statistics.record_execution(rows, elapsed)
-        for job, out in zip(jobs, outputs, strict=True):
+        for job in jobs:
             job.compute_s = elapsed
             job.batch_rows = rows
-            self._resolve_threadsafe(job, out)
+        # one wake-up of the event loop for the whole batch, not one per request
+        loop = jobs[0].future.get_loop()  # type: ignore[union-attr]
+        loop.call_soon_threadsafe(self._resolve_all, jobs, outputs)
 
     def _run_deterministic(self, jobs: list[Job]) -> list[Outputs]:
         x = concat_rows([job.x for job in jobs])
@@ -291,7 +317,7 @@ class ModelBatcher:
         assert all(group is not None for group in groups)
         for job in jobs:
             assert job.group is not None
-            self.metrics.mc_samples.labels(model=self.name).observe(job.group.num_samples)
+            self._mc_samples.observe(job.group.num_samples)
 
         def check() -> None:  # called by the runtime between chunks, in this compute thread
             now = time.monotonic()
@@ -301,9 +327,10 @@ class ModelBatcher:
         return self.runtime.predict_mc(x, groups, check)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ futures
-    def _resolve_threadsafe(self, job: Job, outputs: Outputs) -> None:
-        assert job.future is not None
-        job.future.get_loop().call_soon_threadsafe(self._resolve, job, outputs)
+    @classmethod
+    def _resolve_all(cls, jobs: list[Job], outputs: list[Outputs]) -> None:
+        for job, out in zip(jobs, outputs, strict=True):
+            cls._resolve(job, out)
 
     def _fail_threadsafe(self, job: Job) -> None:
         log.exception("inference failed for model %s", self.name)
@@ -313,6 +340,7 @@ class ModelBatcher:
 
     @staticmethod
     def _resolve(job: Job, outputs: Outputs) -> None:
+        mark(job.trace, "resolved")
         if job.future is not None and not job.future.done():
             job.future.set_result(outputs)
 
@@ -322,4 +350,4 @@ class ModelBatcher:
             job.future.set_exception(exc)
 
     def _set_depth(self) -> None:
-        self.metrics.queue_depth.labels(model=self.name).set(self.depth)
+        self._queue_depth.set(self.depth)

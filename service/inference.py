@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -26,12 +28,17 @@ from dropwise.service.model_inputs import ModelInputs, batch_rows
 from dropwise.service.repository import ModelRepository
 from dropwise.service.runtimes.base import MCGroup, PackageSpec
 from dropwise.service.settings import Settings
+from dropwise.service.tracing import Trace
 from dropwise.surgery.outputs import ABSTAIN, NUM_SAMPLES, output_names
 
 log = logging.getLogger("dropwise.service")
 
 MODES: tuple[str, ...] = ("deterministic", "mc")
 MAX_SEED = 2**63 - 1
+#: draws the seed of a request that names none: a fast generator seeded once from the OS (a seed must
+#: differ between requests, not be secret), instead of one `os.urandom` call per request
+_SEEDS = random.Random(secrets.randbits(128))
+os.register_at_fork(after_in_child=lambda: _SEEDS.seed(secrets.randbits(128)))  # a forked worker: its own seeds
 
 __all__ = ["InferenceRequest", "InferenceResult", "InferenceService", "ModelInfo"]
 
@@ -55,6 +62,7 @@ class InferenceRequest:
     return_samples: bool = False
     deadline_s: float | None = None
     abstain: str | float | None = None
+    trace: Trace | None = None  #: per-step timestamps when tracing is on (`dropwise.service.tracing`)
 
 
 @dataclass
@@ -320,7 +328,7 @@ class InferenceService:
         if not timeout > 0:
             raise InvalidInput("deadline must be a positive number of seconds", field="timeout")
         rule = None if request.abstain is None else resolve_rule(spec, request.abstain, request.mode)
-        job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout)
+        job = Job(x=x, mode=request.mode, group=group, deadline=time.monotonic() + timeout, trace=request.trace)
         outputs = await slot.batcher.submit(job)
         if rule is not None:
             outputs = {**outputs, ABSTAIN: abstain_flags(outputs, *rule)}
@@ -359,7 +367,7 @@ class InferenceService:
     @staticmethod
     def _check_seed(seed: int | None) -> int:
         if seed is None:
-            return secrets.randbelow(2**31)
+            return _SEEDS.getrandbits(31)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise InvalidInput(f"seed must be an integer, got {seed!r}", field="seed")
         if not 0 <= int(seed) <= MAX_SEED:

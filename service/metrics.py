@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -17,6 +19,10 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        # labelled children looked up once per label set: `labels()` takes a lock and builds a tuple per call
+        # (the label values are bounded: models, route templates, modes, statuses)
+        self._answers: dict[tuple[str, str, str, str], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
         self.requests = Counter(
             "dropwise_requests",
             "Every answered HTTP request by model (_unknown: not served; _none: route names no model), "
@@ -64,11 +70,19 @@ class ServiceMetrics:
 
     def count_answer(self, *, model: str, route: str, mode: str, status: str) -> None:
         """Count one answered HTTP request (called by the request-context middleware for every answer)."""
-        self.requests.labels(model=model, route=route, mode=mode, status=status).inc()
+        key = (model, route, mode, status)
+        child = self._answers.get(key)
+        if child is None:
+            child = self._answers[key] = self.requests.labels(model=model, route=route, mode=mode, status=status)
+        child.inc()
 
     def observe_latency(self, model: str, mode: str, seconds: float) -> None:
         """Time from validation to answer of one inference request."""
-        self.latency.labels(model=model, mode=mode).observe(seconds)
+        key = (model, mode)
+        child = self._latencies.get(key)
+        if child is None:
+            child = self._latencies[key] = self.latency.labels(model=model, mode=mode)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format of this registry."""

@@ -17,12 +17,15 @@ plain-text 413 outside the app's handlers and has no stall timeout, hence this g
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+from dropwise.service import tracing
 from dropwise.service.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +46,25 @@ UNKNOWN_MODEL = "_unknown"
 UNMATCHED_ROUTE = "_unmatched"
 
 
+#: fresh request ids: 16 random hex digits per process, then a 16-digit counter (32 characters, unique
+#: within the process and across processes; one `os.urandom` call per process instead of one per request)
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked worker gets ids of its own
+
+
+def new_request_id() -> str:
+    """A fresh 32-character request id (see `_ID_PREFIX`)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 def request_id(scope: Scope) -> str | None:
     """The id `RequestContextMiddleware` gave this request (None outside it)."""
     value = scope.get(REQUEST_ID_KEY)
@@ -56,7 +78,9 @@ def label_mode(request: Request, mode: str) -> None:
 
 def _route_template(scope: Scope) -> str:
     """The matched route's path template (FastAPI records the route in the scope), bounded cardinality."""
-    path = getattr(scope.get("route"), "path", None)
+    route = scope.get("route")
+    # `path_format`: the template without convertors (`{version:int}` -> `{version}`), as FastAPI's routes have
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
     return path if isinstance(path, str) else UNMATCHED_ROUTE
 
 
@@ -73,12 +97,13 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        trace = tracing.start(scope)
         given = None
         for key, value in scope.get("headers", ()):
             if key == b"x-request-id":
                 given = value.decode("latin-1")
                 break
-        rid = given if given is not None and _VALID_ID.fullmatch(given) else secrets.token_hex(16)
+        rid = given if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
         scope[REQUEST_ID_KEY] = rid
         status = 500
 
@@ -89,6 +114,10 @@ class RequestContextMiddleware:
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", rid.encode("latin-1")))
                 message = {**message, "headers": headers}
+            elif trace is not None and not message.get("more_body", False):
+                await send(message)
+                tracing.mark(trace, "sent")
+                return
             await send(message)
 
         try:
@@ -98,6 +127,8 @@ class RequestContextMiddleware:
             raise
         finally:
             self._record(scope, status, time.perf_counter() - started, rid)
+            if trace is not None:
+                tracing.finish(trace, rid=rid, path=scope.get("path"), status=status)
 
     def _record(self, scope: Scope, status: int, seconds: float, rid: str) -> None:
         params = scope.get("path_params") or {}
@@ -149,8 +180,9 @@ class BodyGuardMiddleware:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit", field="body")
             if declared == -1:
                 raise InvalidInput("invalid Content-Length header", field="content-length")
-            try:
-                message = await asyncio.wait_for(receive(), timeout=self.idle_timeout_s)
+            try:  # `asyncio.timeout`, not `wait_for`: no task of its own per body read (see the batcher)
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
                     f"no request body data for {self.idle_timeout_s:g} s; upload abandoned", field="body"

@@ -37,6 +37,7 @@ from dropwise.package import PackageError, validate_name
 from dropwise.package.serving import ServingConfig, VersionPolicy
 from dropwise.service.batcher import ModelBatcher
 from dropwise.service.errors import InvalidInput
+from dropwise.service.heap import freeze_long_lived, thaw
 from dropwise.service.metrics import ServiceMetrics
 from dropwise.service.model_inputs import example_inputs
 from dropwise.service.repository import ModelRepository
@@ -154,6 +155,7 @@ class ModelControl:
     async def start(self) -> None:
         """Load every model's chosen versions; in poll mode start the repository watcher."""
         await self.reconcile_all()
+        freeze_long_lived(collect=True)  # the loaded models and imports: out of the collector's way
         self.started = True
         if self.settings.model_control == "poll":
             self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="dropwise-poll")
@@ -175,6 +177,7 @@ class ModelControl:
             slot.serving = False
             await slot.batcher.stop()
         self.started = False
+        thaw()
 
     async def _poll(self) -> None:
         while True:
@@ -358,6 +361,8 @@ class ModelControl:
                 if new.get(version) is not slot:
                     self._retire(name, version, slot)
             log.info("%s: serving versions %s (was %s)", name, sorted(new), sorted(current))
+            if self.started:  # a version loaded while serving: freeze it too, without a full collection
+                freeze_long_lived(collect=False)
 
     async def _load_version(self, spec: PackageSpec, digest: str) -> LoadedVersion | None:
         key = (spec.name, spec.version)

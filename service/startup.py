@@ -187,6 +187,10 @@ class StartupGate:
         async def app_send(message: Message) -> None:
             kind = message["type"]
             if kind == "lifespan.startup.complete":
+                # Route to the app now, not when `_start` next runs: the app's own /readyz already answers
+                # 200 (it goes to the app early), and a request sent on that word must not get the gate's 503.
+                self._started = True
+                self.waiting_for = ""
                 started.set()
             elif kind == "lifespan.startup.failed":
                 startup_error.append(str(message.get("message", "")))

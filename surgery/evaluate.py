@@ -7,13 +7,21 @@ Ghahramani 2016) for T in {8, 32, 100}:
   2017) fitted on the validation split for the deterministic predictive and for the MC predictive, the MC
   one in two ways (dividing the per-sample logits, or the log of the MC mean) with the better one (by
   validation NLL) kept; OOD detection (AUROC, FPR at 95% TPR) scored by max probability, predictive entropy,
-  mutual information and variation ratio (`dropwise.surgery.evaluate_data` builds the OOD sets); the
-  convergence of each score with T (relative deviation from its T=100 value); the risk-coverage curve and
-  its area; the abstention rule: the score that detects OOD best on the validation split and its threshold
-  keeping 95% of in-distribution validation inputs, on the scores the service answers (max probability of
-  the temperature-scaled MC mean, `dropwise.surgery.calibration`; the other scores from the raw passes);
+  mutual information and variation ratio (`dropwise.surgery.evaluate_data` builds the OOD sets for the kind
+  of input: images, token sequences), with what the network predicts on each set (its most frequent class
+  and that class's share, the mean MC confidence: a set mapped to one class with confidence near 1 is what
+  no score can catch); the convergence of each score with T (relative deviation from its T=100 value); the
+  risk-coverage curve and its area; the abstention rule: the score that detects OOD best on the validation
+  split and its threshold keeping 95% of in-distribution validation inputs, on the scores the service
+  answers (max probability of the temperature-scaled MC mean, `dropwise.surgery.calibration`; the other
+  scores from the raw passes);
 * regression: RMSE, Gaussian NLL and the coverage of the 50/90/95% central intervals (target units), the
-  noise variance fitted on the validation split.
+  noise variance fitted on the validation split; OOD means inputs outside the range of the in-distribution
+  data (`dropwise.surgery.evaluate_data.REGRESSION_OOD_DEFINITION`, stored in the report), detected by the
+  MC predictive standard deviation (AUROC, FPR at 95% TPR).
+
+``max_rows`` caps every split and OOD set at its first rows, for a quick look (the splits are stratified, so
+the first rows of a split hold every class; the figures get noisier).
 
 The T passes run once at T=100 through `dropwise.surgery.engine.MCEngine`; since a sample's masks are keyed by
 its index t, the first T of them are exactly a T-sample run. `write_evaluation` stores ``evaluation.json`` and
@@ -37,7 +45,14 @@ from scipy.special import log_softmax, softmax
 from . import evaluate_metrics as m
 from .calibration import calibrate_mean
 from .engine import MCEngine
-from .evaluate_data import EvalData, EvaluationDataError, load_npz, ood_sets
+from .evaluate_data import (
+    REGRESSION_OOD_DEFINITION,
+    EvalData,
+    EvaluationDataError,
+    load_npz,
+    ood_sets,
+    regression_ood_sets,
+)
 from .summaries import classification_summaries
 
 __all__ = ["DEFAULT_T", "Evaluation", "evaluate_package", "write_evaluation"]
@@ -78,7 +93,16 @@ def _load(package: str | Path, allow_modules: Iterable[str] | None) -> tuple[Any
     return source.base.eval(), mc_model, manifest
 
 
-def _data(manifest: Any, data: str | Path | None) -> EvalData:
+def _data(manifest: Any, data: str | Path | None, max_rows: int | None) -> EvalData:
+    full = _full_data(manifest, data)
+    if max_rows is None:
+        return full
+    return EvalData(
+        full.dataset, full.x_val[:max_rows], full.y_val[:max_rows], full.x_test[:max_rows], full.y_test[:max_rows]
+    )
+
+
+def _full_data(manifest: Any, data: str | Path | None) -> EvalData:
     from dropwise.models.data import load_dataset
 
     name = manifest.training.get("dataset") if isinstance(manifest.training, dict) else None
@@ -130,6 +154,19 @@ def _det_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
     p = softmax(logits, axis=1)
     logp = log_softmax(logits, axis=1)
     return {"max_probability": 1.0 - p.max(axis=1), "predictive_entropy": -(p * logp).sum(axis=1)}
+
+
+def _predictions(sample_logits: np.ndarray, det_logits: np.ndarray) -> dict[str, Any]:
+    """What the network answers on a set: its most frequent MC class, that class's share, mean confidences."""
+    probs = classification_summaries(torch.from_numpy(sample_logits)).probabilities.numpy()
+    counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+    top = int(counts.argmax())
+    return {
+        "top_class": top,
+        "top_class_share": float(counts[top] / len(probs)),
+        "mc_mean_max_probability": float(probs.max(axis=1).mean()),
+        "deterministic_mean_max_probability": float(softmax(det_logits, axis=1).max(axis=1).mean()),
+    }
 
 
 def _classification_block(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -226,6 +263,7 @@ def _evaluate_classification(
         for t in ts:
             out_scores = _scores(z_ood[name][:t])
             entry["mc"][str(t)] = {s: m.ood_scores(in_scores[t][s], out_scores[s]) for s in SCORES}
+        entry["predictions"] = _predictions(z_ood[name][: min(CALIBRATION_T, t_max)], det_ood[name])
         ood[name] = entry
     report["ood"] = ood
 
@@ -309,15 +347,25 @@ def _classification_summary(report: dict[str, Any], tc: int) -> dict[str, Any]:
 
 
 def _evaluate_regression(
-    model: Any, mc_model: Any, data: EvalData, ts: tuple[int, ...], seed: int, manifest: Any, progress: bool
+    model: Any,
+    mc_model: Any,
+    data: EvalData,
+    ts: tuple[int, ...],
+    seed: int,
+    manifest: Any,
+    extra_ood: np.ndarray | None,
+    progress: bool,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     t_max = max(ts)
     scale = float(manifest.target.std) if manifest.target is not None else 1.0
     engine = MCEngine(mc_model, torch.from_numpy(data.x_test[:2]), task="regression")
-    with tqdm(total=len(data.x_val) + len(data.x_test), desc=f"MC T={t_max}", disable=not progress, leave=False) as bar:
+    ood_test = regression_ood_sets(np.concatenate([data.x_val, data.x_test]), data.x_test, seed, extra_ood)
+    rows = len(data.x_val) + len(data.x_test) + sum(map(len, ood_test.values()))
+    with tqdm(total=rows, desc=f"MC T={t_max}", unit="row", disable=not progress, leave=False) as bar:
         s_val, s_test = _mc(engine, data.x_val, t_max, seed, bar), _mc(engine, data.x_test, t_max, seed + 10**6, bar)
+        s_ood = {k: _mc(engine, v, t_max, seed + 2 * 10**6, bar) for k, v in ood_test.items()}
     y_val = data.y_val.reshape(len(data.y_val), -1).astype(np.float64)
     y_test = data.y_test.reshape(len(data.y_test), -1).astype(np.float64)
     det_val, det_test = _forward(model, data.x_val), _forward(model, data.x_test)
@@ -339,6 +387,15 @@ def _evaluate_regression(
         noise = max(float(((y_val - mean_v) ** 2 - var_v).mean()), 1e-6)
         mean_t, var_t = s_test[:t].mean(0), s_test[:t].var(0)
         report["mc"][str(t)] = block(mean_t, var_t + noise) | {"noise_variance": noise * scale**2}
+    # OOD: the MC predictive std across the passes (larger = more uncertain), per set and T
+    ood: dict[str, Any] = {}
+    for name, samples in s_ood.items():
+        ood[name] = {
+            "rows": int(samples.shape[1]),
+            "mc": {str(t): {"std": m.ood_scores(_mc_std(s_test[:t]), _mc_std(samples[:t]))} for t in ts},
+        }
+    report["ood"] = ood
+    report["ood_definition"] = REGRESSION_OOD_DEFINITION
     tc = min(CALIBRATION_T, t_max)
     report["summary"] = {
         "task": "regression",
@@ -346,8 +403,18 @@ def _evaluate_regression(
         "deterministic": {k: round(report["deterministic"][k], 4) for k in ("rmse", "nll")},
         "mc": {k: round(report["mc"][str(tc)][k], 4) for k in ("rmse", "nll")} if str(tc) in report["mc"] else {},
         "mc_coverage": report["mc"].get(str(tc), {}).get("coverage", {}),
+        "ood_auroc": {
+            name: {"best": "mc:std", "auroc": round(entry["mc"][str(tc)]["std"]["auroc"], 4)}
+            for name, entry in ood.items()
+            if str(tc) in entry["mc"]
+        },
     }
     return report
+
+
+def _mc_std(samples: np.ndarray) -> np.ndarray:
+    """Per-input MC standard deviation ``[N]`` of ``[T, N, outputs]`` samples (averaged over outputs)."""
+    return samples.std(axis=0).reshape(samples.shape[1], -1).mean(axis=1)
 
 
 def evaluate_package(
@@ -360,18 +427,23 @@ def evaluate_package(
     allow_modules: Iterable[str] | None = None,
     progress: bool = True,
     plots: bool = True,
+    max_rows: int | None = None,
 ) -> Evaluation:
     """Evaluate a package (see the module docstring); nothing is written (see `write_evaluation`)."""
     ts = tuple(sorted({int(t) for t in num_samples}))
     if not ts or ts[0] < 2:
         raise EvaluationDataError(f"num_samples must be integers >= 2, got {list(ts)}")
+    if max_rows is not None and max_rows < 10:
+        raise EvaluationDataError(f"max_rows must be at least 10, got {max_rows}")
     model, mc_model, manifest = _load(package, allow_modules)
-    evaluation_data = _data(manifest, data)
+    evaluation_data = _data(manifest, data, max_rows)
     extra = load_npz(ood, need_y=False)[0] if ood is not None else None
+    if extra is not None and max_rows is not None:
+        extra = extra[:max_rows]
     if manifest.task == "classification":
         report = _evaluate_classification(model, mc_model, evaluation_data, ts, seed, extra, progress)
     else:
-        report = _evaluate_regression(model, mc_model, evaluation_data, ts, seed, manifest, progress)
+        report = _evaluate_regression(model, mc_model, evaluation_data, ts, seed, manifest, extra, progress)
     report = {
         "model": manifest.name,
         "version": manifest.version,

@@ -191,3 +191,51 @@ def test_first_start_training_answers_healthz_from_the_start(tmp_path: Path) -> 
     assert result["waiting_for"][0].startswith("training the reference networks into"), result["waiting_for"]
     assert any(reason.startswith("loading ") for reason in result["waiting_for"])
     assert len(list((tmp_path / "repository").glob("*/1/manifest.json"))) == 10
+
+
+def test_requests_reach_the_app_as_soon_as_its_startup_completes() -> None:
+    """No gap between the app's /readyz saying 200 and its routes answering: the gate forwards every request
+    from the moment the app reports `lifespan.startup.complete` (once, a request sent right after /readyz
+    said 200 got the gate's 503 "starting", until the gate's own start-up task ran again)."""
+    import asyncio
+
+    answers: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "lifespan":
+            assert (await receive())["type"] == "lifespan.startup"
+            await send({"type": "lifespan.startup.complete"})
+            # the first moment a client could have seen 200 from /readyz: ask the gate for a model route
+            await gate({"type": "http", "path": "/v1/models", "method": "GET"}, receive_nothing, record)
+            await receive()  # shutdown
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive_nothing() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def record(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answers.append(message["status"])
+
+    gate = StartupGate(lambda: app)
+
+    async def run() -> None:
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await inbox.put({"type": "lifespan.startup"})
+        sent: list[dict[str, Any]] = []
+
+        async def lifespan_send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        lifespan = asyncio.create_task(gate({"type": "lifespan"}, inbox.get, lifespan_send))
+        deadline = time.monotonic() + 30
+        while not answers and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await inbox.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(lifespan, 30)
+
+    asyncio.run(run())
+    assert answers == [200]

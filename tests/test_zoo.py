@@ -17,6 +17,7 @@ from dropwise.models.layers import (
 )
 from dropwise.models.zoo import ZOO, ZooSpec, build
 from dropwise.models.zoo.fractalnet import FractalBlock, FractalNet
+from dropwise.models.zoo.mlp import dropout_mlp
 from dropwise.package import build_from_architecture
 from torch import fx, nn
 
@@ -101,15 +102,45 @@ def test_zoo_uses_every_member_of_the_family() -> None:
     assert {s.dataset for s in ZOO.values()} == {"digits", "digits_tokens", "mnist", "diabetes"}
 
 
-def test_srivastava_mlp_recipe() -> None:
+def test_mlp_recipes() -> None:
+    """mlp_digits: dropout 0.5 only before the head (the MC-NLL pick); mlp_classic_digits: Srivastava's rates."""
     model = build("mlp_digits")
-    drops = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert drops[0] == 0.2 and all(p == 0.5 for p in drops[1:]) and len(drops) == 3
-    assert isinstance(model[0], nn.Dropout), "input dropout comes first"
+    drops = [(i, m.p) for i, m in enumerate(model) if isinstance(m, nn.Dropout)]
+    assert drops == [(len(model) - 2, 0.5)], "one dropout, between the last hidden layer and the head"
+    assert isinstance(model[-1], nn.Linear) and not isinstance(model[0], nn.Dropout)
     assert ZOO["mlp_digits"].train.max_norm == 3.0
     classic = build("mlp_classic_digits")
-    assert [m.p for m in classic.modules() if isinstance(m, ClassicDropout)] == drops
+    assert [m.p for m in classic.modules() if isinstance(m, ClassicDropout)] == [0.2, 0.5, 0.5]
+    assert isinstance(classic[0], ClassicDropout), "Srivastava's input dropout comes first"
     assert not any(type(m) is nn.Dropout for m in classic.modules())
+    assert ZOO["mlp_classic_digits"].train.max_norm == 3.0
+
+
+def test_dropout_mlp_per_layer_rates() -> None:
+    model = dropout_mlp(in_features=4, hidden=[8, 6, 5], out_features=2, p_input=0.0, p_hidden=[0.1, 0.0, 0.3])
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.1, 0.3]
+    same = dropout_mlp(in_features=4, hidden=[8, 6], out_features=2, p_input=0.2, p_hidden=0.4)
+    assert [m.p for m in same if isinstance(m, nn.Dropout)] == [0.2, 0.4, 0.4], "a float still means every layer"
+    classic = dropout_mlp(in_features=4, hidden=[8, 6], p_input=0.0, p_hidden=(0.0, 0.5), dropout="classic")
+    assert [m.p for m in classic if isinstance(m, ClassicDropout)] == [0.5]
+
+
+@pytest.mark.parametrize(
+    ("p_hidden", "p_input", "message"),
+    [
+        ([0.1], 0.0, "lists 1 rates for 2 hidden layers"),
+        ([0.1, 1.0], 0.0, r"p_hidden\[1\] must be a dropout probability"),
+        (-0.1, 0.0, "p_hidden must be a dropout probability"),
+        ("0.5", 0.0, "one float per hidden layer"),
+        ([0.1, "x"], 0.0, r"p_hidden\[1\]"),
+        (0.5, 1.5, "p_input must be a dropout probability"),
+    ],
+)
+def test_dropout_mlp_rejects_bad_rates(p_hidden: object, p_input: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dropout_mlp(hidden=[8, 6], p_input=p_input, p_hidden=p_hidden)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["resnet_mnist", "resnet_classic_digits"])

@@ -31,6 +31,10 @@ def evaluate_command(
     allow_module: Annotated[
         list[str] | None, typer.Option("--allow-module", help="Module prefix the factory may come from.")
     ] = None,
+    max_rows: Annotated[
+        int | None,
+        typer.Option("--max-rows", help="Use only the first N rows of each split and OOD set (a quick look)."),
+    ] = None,
     write: Annotated[bool, typer.Option("--write/--no-write", help="Store the results in the package.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
@@ -47,6 +51,7 @@ def evaluate_command(
             seed=seed,
             allow_modules=allow_module,
             progress=progress,
+            max_rows=max_rows,
         )
     except PackageError as exc:
         from dropwise.errors import UserError

@@ -12,6 +12,7 @@ import asyncio
 from typing import Annotated, Any
 
 import numpy as np
+from dropwise.service import tracing
 from dropwise.service.body_parsing import BodyValidationFailed, ParsingPool, parse_predict
 from dropwise.service.deps import ApiToken
 from dropwise.service.errors import InvalidInput
@@ -163,19 +164,21 @@ def _response(result: InferenceResult, info: ModelInfo) -> PredictResponse:
     if "predictions" in out:
         indices = [int(i) for i in np.asarray(out["predictions"]).reshape(-1)]
         predictions = [labels[i] for i in indices] if labels and len(labels) > max(indices) else indices
+    # `model_construct`: the values are the runtime's own lists of the declared types, so validating them
+    # again per request would only cost CPU; the answer is serialised by the same pydantic schema.
     uncertainty = None
     if result.mode == "mc":
-        uncertainty = Uncertainty(
+        uncertainty = Uncertainty.model_construct(
             predictive_entropy=_list(out.get("predictive_entropy")),
             expected_entropy=_list(out.get("expected_entropy")),
             mutual_information=_list(out.get("mutual_information")),
             variation_ratio=_list(out.get("variation_ratio")),
             std=np.asarray(out["std"]).tolist(),
         )
-    return PredictResponse(
+    return PredictResponse.model_construct(
         model=result.model,
         version=result.version,
-        mode=result.mode,
+        mode="mc" if result.mode == "mc" else "deterministic",  # the service accepts these two only
         predictions=predictions,
         probabilities=_list(out.get("probabilities")),
         mean=_list(out.get("mean")),
@@ -199,11 +202,14 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
     service = _service(request)
     service.admit(name, version)  # 404 / 503 / 429 before the body is read
     raw = await request.body()  # bounded (413) and timed (408) by the body guard middleware
+    trace = tracing.of(request.scope)
+    tracing.mark(trace, "body")
     parsing: ParsingPool = request.app.state.parsing
     try:  # inline, in a thread or in the parsing process by size: the event loop stays free
         body, inputs = await parsing.run(parse_predict, raw)
     except BodyValidationFailed as exc:
         raise RequestValidationError(exc.errors) from None
+    tracing.mark(trace, "parsed")
     label_mode(request, body.mode)
     if body.preprocess:
         inputs = await asyncio.to_thread(preprocess, service.spec(name, version), inputs)
@@ -220,6 +226,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
             return_samples=body.return_samples,
             abstain=body.abstain,
             deadline_s=body.timeout_s,
+            trace=trace,
         )
     )
     answer = _response(result, service.info(result.model, result.version))
@@ -230,6 +237,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
         if size * 20 > _THREAD_THRESHOLD
         else encode(exclude_none=True)
     )
+    tracing.mark(trace, "encoded")
     return Response(text, media_type="application/json")
 
 

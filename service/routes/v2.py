@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
+from dropwise.service import tracing
 from dropwise.service.body_parsing import ParsingPool
 from dropwise.service.deps import ApiToken
 from dropwise.service.errors import InvalidInput, ModelNotReady, ServiceError
@@ -294,11 +295,14 @@ async def _infer(request: Request, model: str) -> Response:
     service.admit(info.name, info.version)  # 429 / 503 before a byte of the body is read
     limit = service.settings.max_body_bytes
     raw = await request.body()  # bounded (413) and timed (408) by the body guard middleware
+    trace = tracing.of(request.scope)
+    tracing.mark(trace, "body")
     body = decompress_body(raw, request.headers.get("content-encoding"), limit)
     header_length = parse_header_length(request.headers.get("inference-header-content-length"), len(body))
     parsing: ParsingPool = request.app.state.parsing
     decoded = await parsing.run(decode_body, body, header_length)  # off the event loop when large
     plan = _Plan(decoded, info)
+    tracing.mark(trace, "parsed")
     label_mode(request, plan.mode)
     result = await service.infer(
         InferenceRequest(
@@ -312,6 +316,7 @@ async def _infer(request: Request, model: str) -> Response:
             return_samples=plan.return_samples,
             abstain=plan.abstain,
             deadline_s=plan.deadline_s,
+            trace=trace,
         )
     )
     missing = [name for name, _ in plan.outputs if name not in result.outputs]
@@ -329,6 +334,7 @@ async def _infer(request: Request, model: str) -> Response:
         encoded = await asyncio.to_thread(encode_response, *args, **options)
     else:
         encoded = encode_response(*args, **options)
+    tracing.mark(trace, "encoded")
     headers = encoded.headers
     if encoding is not None:
         headers["Content-Encoding"] = encoding

@@ -138,8 +138,13 @@ def standardised_to_target(values: np.ndarray, spec: PackageSpec, *, scale_only:
 
 
 def _numpy(value: Any) -> np.ndarray:
-    """A tensor or array as a float32 numpy array on the CPU."""
+    """A tensor or array as a float32 numpy array on the CPU (no copy when it already is one: this runs
+    for every output of every request)."""
     if hasattr(value, "detach"):
+        import torch  # here, as everywhere in this module: the module itself stays importable without torch
+
+        if value.dtype is torch.float32 and not value.requires_grad and value.device.type == "cpu":
+            return value.numpy()
         value = value.detach().float().cpu().numpy()
     return np.asarray(value, dtype=np.float32)
 

@@ -1,23 +1,35 @@
 """Operators per MC batch: how GPU-shaped the torch engine is, counted on any machine.
 
-On a GPU every operator is at least one kernel launch, so the count of operators that reach the dispatcher
-is a CPU-measurable proxy for launch overhead. A ``TorchDispatchMode`` counts every operator one call
-issues; view operators (``view``, ``slice``, ``expand``: metadata only, no kernel) are counted apart, and
-``aten._local_scalar_dense`` (``.item()``, a blocking device-to-host copy on a GPU) is reported as syncs.
+On a GPU every operator is at least one kernel launch, so the count of kernels one call issues is a
+CPU-measurable proxy for launch overhead. Two counters:
+
+* eager calls: a ``TorchDispatchMode`` counts every operator that reaches the dispatcher; view operators
+  (``view``, ``slice``, ``expand``: metadata only, no kernel) are counted apart, and
+  ``aten._local_scalar_dense`` (``.item()``, a blocking device-to-host copy on a GPU) is reported as syncs;
+* compiled calls (`count_launches`): a ``torch.profiler`` trace of the call, counting inductor's generated
+  kernels (C++ on the CPU, visible with ``torch._inductor.config.cpp.enable_kernel_profile``; the same
+  fusion graph becomes Triton kernels on a GPU) plus every operator called outside them (library matmuls and
+  convolutions, the eager trunk), views, allocations and no-op conversions excepted (`NO_KERNEL`). The
+  ``det (profiler)`` column applies it to the eager deterministic pass: it agrees with the dispatch count.
 
 Rows, per network (random weights; counts do not depend on the values):
 
-* ``det``: one deterministic eval pass on a batch of 64 (the unit of the goal);
+* ``det``: one deterministic eval pass on a batch of 64 (the unit of the goal); ``det compiled``: the same
+  model through ``torch.compile`` (for reference);
 * ``1 x T=32``: one one-row MC request; ``64 x T=32`` / ``64 x T=256``: 64 one-row requests in one
   ``MCEngine.run_batch`` (how the service batches);
 * ``naive``: the naive loop (T=32 eval passes with dropout modules in train mode) on a batch of 64;
 
-with the engine's chunk policy for the CPU (cache-sized chunks, masks from the fused CPU kernel) and for a
-GPU (one pass bounded by memory, `dropwise.surgery.engine.default_chunk_rows` with ``device="cuda"``, masks
-from torch operators as on a GPU, where the CPU kernel does not run). Goal (issue 14): 64 x T=32
-at most 3x ``det`` (kernel operators). Nothing is asserted.
+for the eager engine with the chunk policy of the CPU (``cpu``: cache-sized chunks, masks from the fused CPU
+kernel; ``--policies`` to include it) or of a GPU (``gpu``: one pass bounded by memory,
+`dropwise.surgery.engine.default_chunk_rows` with ``device="cuda"``, masks from torch operators as on a GPU,
+where the CPU kernel does not run), and for the compiled MC batch (``compiled``: ``MCEngine(compile=True)``,
+one pass per batch as on a card with the memory for 64 x 256 sample-rows). ``max gap to eager``: the largest
+absolute difference of any summary between the compiled and the eager engine (64 seeded requests, T=32).
+Goal (issue 14): compiled 64 x T=32 at most 3x ``det``. Nothing is asserted (tests/test_compiled_batch.py
+asserts it for two networks).
 
-Run: ``python -m bench.op_counts`` (``--networks mlp_digits,a,b``).
+Run: ``python -m bench.op_counts`` (``--networks mlp_digits,a,b``, ``--policies cpu,gpu,compiled``).
 """
 
 from __future__ import annotations

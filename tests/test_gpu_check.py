@@ -142,7 +142,8 @@ def test_gpu_check_runs_simulated_without_the_service_dependencies(tmp_path: Pat
     assert "error" not in compiled and compiled["max_abs_vs_eager"] <= 1e-4
     for label in ("1 x T=32", "64 x T=32", "64 x T=8"):
         assert 0 < compiled[label]["profiler_kernels"] <= 3 * operators["mlp_digits"]["det (64 rows)"]["kernel_ops"]
-        assert compiled[label]["graphs"] == 1 and compiled[label]["cuda_launches"] is None
+        # one compiled call per chunk of the device's chunk policy (simulated: the CPU's cache-sized chunks)
+        assert compiled[label]["graphs"] >= 1 and compiled[label]["cuda_launches"] is None
     assert "(b) MC / one deterministic forward" in report["bench_mc"]["result"]["T=2"]["output"]
     text = (out / "gpu_check.txt").read_text()
     assert "SIMULATED on the CPU" in text and "PASSED" in text

@@ -115,13 +115,14 @@ class _Steps:
         self.bar = tqdm(total=self.total, desc=self.name, unit="step", disable=not self.enabled, leave=False)
 
     @contextmanager
-    def step(self, label: str, seconds: dict[str, float] | None = None) -> Iterator[None]:
-        """Run one step; its wall time goes into `seconds[label]` when given."""
+    def step(self, label: str, report: ParityReport | None = None) -> Iterator[None]:
+        """Run one step; its wall and CPU times go into ``report.seconds`` and ``report.cpu_seconds``."""
         self.bar.set_postfix_str(label)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
-        if seconds is not None:
-            seconds[label] = round(time.perf_counter() - start, 3)
+        if report is not None:
+            report.seconds[label] = round(time.perf_counter() - start, 3)
+            report.cpu_seconds[label] = round(time.process_time() - cpu, 3)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -228,17 +229,17 @@ def convert_package(
         example = rows(inputs, 2)
         call_example: Any = example[0] if len(example) == 1 else example
         with tempfile.TemporaryDirectory(prefix="dropwise-convert-") as tmp:
-            with steps.step("fold", report.seconds):
+            with steps.step("fold", report):
                 folded = fold_fn(model, call_example) if options.fold else copy.deepcopy(model).eval()
-            with steps.step("export model.onnx", report.seconds):
+            with steps.step("export model.onnx", report):
                 det_path = export_deterministic(folded, call_example, Path(tmp) / DETERMINISTIC_FILE, input_names=names)
-            with steps.step("deterministic parity", report.seconds):
+            with steps.step("deterministic parity", report):
                 session, provider = create_session(det_path, options.device)
                 report.providers = provider.to_dict()
                 report.deterministic = deterministic_parity(model, folded, session, names, batches, options.tolerance)
             mc_path: Path | None = None
             if options.mc:
-                with steps.step("export model.mc.onnx", report.seconds):
+                with steps.step("export model.mc.onnx", report):
                     head_p = head_dropout(source.surgery)
                     mc_model = _to_mc(model, call_example, head_p)
                     # A head dropout recorded by `dropwise mc` exists only in the MC model: export that one.
@@ -250,7 +251,7 @@ def convert_package(
                         report.mc_error = " ".join(str(exc).split())
                         mc_path = None
                 if mc_path is not None:
-                    with steps.step("MC parity", report.seconds):
+                    with steps.step("MC parity", report):
                         report.mc = mc_parity(
                             mc_model,
                             mc_path,
@@ -266,7 +267,7 @@ def convert_package(
                         from dropwise.surgery.onnx_cuda import cuda_compatible, placement
 
                         report.providers["mc_placement"] = placement(cuda_compatible(onnx.load(mc_path))).to_dict()
-            with steps.step("write package", report.seconds):
+            with steps.step("write package", report):
                 add_file(path, DETERMINISTIC_FILE, det_path)
                 if mc_path is not None:
                     add_file(path, MC_FILE, mc_path)

@@ -1,6 +1,7 @@
 """Deterministic ONNX export: a folded (or eval-mode) model as a graph with no random node.
 
-The model is exported with the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, opset 20) with a
+The model is exported with the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, opset 20; run through
+`dropwise.surgery.dynamo_export`, which builds its translation registry once per process) with a
 dynamic batch dimension. Its `training=` argument is ignored by that exporter, so the model is put in eval
 mode before export (docs/DESIGN.md §6). The resulting graph is then searched, including sub-graphs and local
 functions, for any node that would make it stochastic (Dropout, RandomUniform*, RandomNormal*, Bernoulli,
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from dropwise.surgery.dynamo_export import export_program
 from torch import nn
 from torch.export import Dim
 
@@ -135,16 +137,13 @@ def export_graph(
     dynamic_shapes = tuple({0: batch} for _ in examples) if dynamic_batch else None
     try:
         with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
+            program = export_program(
                 model,
                 examples,
-                dynamo=True,
                 input_names=names,
                 output_names=output_names or [DEFAULT_OUTPUT_NAME],
                 dynamic_shapes=dynamic_shapes,
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
+                opset=opset,
             )
     except Exception as exc:  # the exporter raises many types; report the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -38,10 +38,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
+from dropwise.surgery.dynamo_export import export_program
+from dropwise.surgery.export import DEFAULT_OPSET
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
@@ -196,22 +197,17 @@ def export_mc_onnx(
         raise ValueError(f"{len(inputs)} example input(s) but {len(names)} input name(s): {names}")
     example = (*inputs, torch.tensor(2, dtype=torch.int64), torch.tensor(0, dtype=torch.int64))
     batch = torch.export.Dim("batch", min=1)
-    kwargs: dict[str, Any] = {}
-    if opset is not None:
-        kwargs["opset_version"] = opset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(
+            program = export_program(
                 graph,
                 example,
                 input_names=[*names, NUM_SAMPLES, "seed"],
                 output_names=output_names(task, return_samples),
                 dynamic_shapes={"args": (*({0: batch} for _ in inputs), None, None)},
-                dynamo=True,
-                verbose=False,
+                opset=opset if opset is not None else DEFAULT_OPSET,
                 custom_translation_table=onnx_translation_table(),
-                **kwargs,
             )
         except Exception as exc:  # the exporter raises many kinds; say which model and why, briefly
             lines = [line for line in str(exc).splitlines() if line.strip()]

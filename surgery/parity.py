@@ -85,6 +85,8 @@ class ParityReport:
     providers: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """Per step: ``seconds`` is wall time, ``cpu_seconds`` the process's CPU time (user + system)."""
 
     @property
     def passed(self) -> bool:

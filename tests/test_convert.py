@@ -91,6 +91,9 @@ def test_zoo_network_converts_with_parity(name: str, converted: _Converted) -> N
     assert report.mc.std_within_run > 0 and report.mc.runs_differ and report.mc.sessions_differ
     assert report.mc.spread_ok
     assert report.providers["provider"] == "CPUExecutionProvider"
+    steps = ["fold", "export model.onnx", "deterministic parity", "export model.mc.onnx", "MC parity", "write package"]
+    assert list(report.seconds) == steps and list(report.cpu_seconds) == steps
+    assert report.cpu_seconds["export model.mc.onnx"] > 0
 
     loaded = load_package(package_dir, build=False)  # verifies every sha256
     assert {DETERMINISTIC_FILE, MC_FILE, PARITY_FILE} <= set(loaded.manifest.files)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from dropwise.models.layers import DropBlock2d, DropBlockSchedule, drop_block2d, drop_block_gamma
+from dropwise.models.layers import DropBlock2d, DropBlockSchedule, drop_block, drop_block2d, drop_block_gamma
+from dropwise.models.layers.drop_block import dilate_seeds, dilate_seeds_by_max_pool, drop_block_mask
 from torch import nn
 
 SIGMAS = 5.0
@@ -180,3 +181,29 @@ def test_schedule_ramps_drop_prob_linearly_to_p() -> None:
     assert blocks[1].drop_prob == pytest.approx(0.08)
     with pytest.raises(ValueError):
         DropBlockSchedule(model, 0)
+
+
+@pytest.mark.parametrize(("bh", "bw", "vh", "vw"), [(5, 5, 10, 10), (3, 1, 6, 9), (1, 4, 5, 2), (2, 3, 1, 1)])
+def test_max_pool_dilation_of_the_onnx_export_gives_the_same_blocks(bh: int, bw: int, vh: int, vw: int) -> None:
+    seeds = torch.rand((3, 4, vh, vw), generator=_gen(bh * 10 + bw)) < 0.2
+    seeds[0, 0] = True  # saturated and empty maps too
+    seeds[0, 1] = False
+    by_shifts = dilate_seeds(seeds, bh, bw)
+    assert by_shifts.shape == (3, 4, vh + bh - 1, vw + bw - 1)
+    assert torch.equal(dilate_seeds_by_max_pool(seeds, bh, bw), by_shifts)
+
+
+def test_the_onnx_export_traces_the_max_pool_dilation(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 3, 12, 12)
+    eager = drop_block_mask((2, 3, 12, 12), 0.3, 5, x, _gen(4))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    calls: list[int] = []
+    original = drop_block.dilate_seeds_by_max_pool
+
+    def counted(seeds: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+        calls.append(bh)
+        return original(seeds, bh, bw)
+
+    monkeypatch.setattr(drop_block, "dilate_seeds_by_max_pool", counted)
+    assert torch.equal(drop_block_mask((2, 3, 12, 12), 0.3, 5, x, _gen(4)), eager)
+    assert calls == [5]

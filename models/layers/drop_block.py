@@ -91,16 +91,38 @@ def drop_block_mask(
     check_generator(generator, like.device)
     vh, vw = h - bh + 1, w - bw + 1
     seeds = torch.rand((b, c, vh, vw), device=like.device, generator=generator) < gamma
-    # A seed at (i, j) anchors the block rows i..i+bh-1, cols j..j+bw-1: dilate the seeds by OR-ing shifted
-    # copies, rows then columns (bh + bw boolean passes; several times faster than max_pool2d on the CPU).
-    rows = torch.zeros((b, c, h, vw), dtype=torch.bool, device=like.device)
-    for k in range(bh):
-        rows[:, :, k : k + vh] |= seeds
-    blocks = torch.zeros((b, c, h, w), dtype=torch.bool, device=like.device)
-    for k in range(bw):
-        blocks[..., k : k + vw] |= rows
+    blocks = dilate_seeds_by_max_pool(seeds, bh, bw) if torch.onnx.is_in_onnx_export() else dilate_seeds(seeds, bh, bw)
     dtype = like.dtype if like.is_floating_point() else torch.float32
     return (~blocks).to(dtype)
+
+
+def dilate_seeds(seeds: Tensor, bh: int, bw: int) -> Tensor:
+    """The drop blocks of boolean ``seeds: [B, C, vh, vw]``: ``[B, C, vh + bh - 1, vw + bw - 1]``, True where dropped.
+
+    A seed at (i, j) anchors the block rows i..i+bh-1, cols j..j+bw-1: the seeds are dilated by OR-ing shifted
+    copies, rows then columns (bh + bw boolean passes; several times faster than max_pool2d on the CPU).
+    """
+    b, c, vh, vw = seeds.shape
+    h, w = vh + bh - 1, vw + bw - 1
+    rows = torch.zeros((b, c, h, vw), dtype=torch.bool, device=seeds.device)
+    for k in range(bh):
+        rows[:, :, k : k + vh] |= seeds
+    blocks = torch.zeros((b, c, h, w), dtype=torch.bool, device=seeds.device)
+    for k in range(bw):
+        blocks[..., k : k + vw] |= rows
+    return blocks
+
+
+def dilate_seeds_by_max_pool(seeds: Tensor, bh: int, bw: int) -> Tensor:
+    """`dilate_seeds` as one zero-padded ``bh x bw`` max-pool of the {0, 1} seeds: the same booleans.
+
+    Used while ``torch.onnx.export`` traces: the shifted in-place ORs become ``bh + bw`` ScatterND nodes,
+    each between two Transposes, on the T * B rows of an MC graph, which make the export several seconds
+    slower and ONNX Runtime's MC run about twice as slow (cnn_mnist, ``bench/convert_time.py``); Pad + MaxPool
+    is two nodes. The torch path keeps the shifted ORs (faster there).
+    """
+    padded = nn.functional.pad(seeds.to(torch.float32), (bw - 1, bw - 1, bh - 1, bh - 1))
+    return nn.functional.max_pool2d(padded, (bh, bw), stride=1) > 0.5
 
 
 @torch_function_visible

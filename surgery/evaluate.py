@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,6 +436,7 @@ def evaluate_package(
         raise EvaluationDataError(f"num_samples must be integers >= 2, got {list(ts)}")
     if max_rows is not None and max_rows < 10:
         raise EvaluationDataError(f"max_rows must be at least 10, got {max_rows}")
+    wall, cpu = time.perf_counter(), time.process_time()
     model, mc_model, manifest = _load(package, allow_modules)
     evaluation_data = _data(manifest, data, max_rows)
     extra = load_npz(ood, need_y=False)[0] if ood is not None else None
@@ -452,6 +454,8 @@ def evaluate_package(
         "num_samples": list(ts),
         "seed": seed,
         **report,
+        # the whole evaluation before plotting: loading, every forward pass, the metrics (this process)
+        "seconds": {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu},
     }
     result = Evaluation(report)
     if plots:

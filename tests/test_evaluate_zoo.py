@@ -76,6 +76,7 @@ def test_every_zoo_package_evaluates_and_writes_its_report(name: str, quick_repo
     report = result.report
     assert report["model"] == name and report["dataset"] == spec.dataset
     assert report["rows"] == {"validation": ROWS, "test": ROWS} and report["num_samples"] == list(TS)
+    assert report["seconds"]["wall"] > 0 and report["seconds"]["cpu"] > 0
     assert set(report["ood"]) == OOD_SETS[spec.dataset]
     if spec.task == "classification":
         _check_classification(report, spec.dataset)

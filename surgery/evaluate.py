@@ -21,7 +21,8 @@ Ghahramani 2016) for T in {8, 32, 100}:
   MC predictive standard deviation (AUROC, FPR at 95% TPR).
 
 ``max_rows`` caps every split and OOD set at its first rows, for a quick look (the splits are stratified, so
-the first rows of a split hold every class; the figures get noisier).
+the first rows of a split hold every class; the figures get noisier). The report records the wall and CPU
+seconds the evaluation took (``seconds``), plotting and writing excluded.
 
 The T passes run once at T=100 through `dropwise.surgery.engine.MCEngine`; since a sample's masks are keyed by
 its index t, the first T of them are exactly a T-sample run. `write_evaluation` stores ``evaluation.json`` and

@@ -3,6 +3,7 @@
     python -m bench.convert_time                                  # mlp_digits and cnn_mnist, 3 repetitions
     python -m bench.convert_time --networks mlp_digits --repeats 5
     python -m bench.convert_time --python OTHER/.venv/bin/python  # another checkout too, side by side
+    python -m bench.convert_time --imports-only                   # CPU of the imports a convert needs
 
 Each repetition converts a fresh copy of the same package in a real subprocess
 (``python -m dropwise.cli convert PACKAGE --json --no-progress``, one torch thread), so imports count as a
@@ -89,6 +90,36 @@ def convert_once(python: str, package: Path, workdir: Path) -> dict[str, Any]:
     return row
 
 
+IMPORT_STAGES = (
+    ("torch", "import torch"),
+    ("torch.export tracing (dynamo, aot_autograd)", "import torch.export._trace"),
+    ("torch.onnx exporter + onnxscript", "import torch.onnx._internal.exporter._core, onnxscript"),
+    ("onnxscript torchlib ops (registry source)", "import onnxscript.function_libs.torch_lib.ops"),
+    ("scikit-learn (dataset splits)", "import sklearn.model_selection, sklearn.datasets"),
+    ("onnxruntime", "import onnxruntime"),
+    ("dropwise CLI and convert", "import dropwise.cli, dropwise.surgery.convert, dropwise.models.data"),
+)
+_IMPORTS = """
+import json, time
+stages = json.loads(STAGES)
+out, last = [], time.process_time()
+for name, statement in stages:
+    exec(statement)
+    now = time.process_time()
+    out.append([name, round(now - last, 3)])
+    last = now
+print(json.dumps({"stages": out, "total": round(last, 3)}))
+"""
+
+
+def import_costs(python: str) -> dict[str, Any]:
+    """CPU seconds of the imports a convert needs, stage by stage in one fresh process (each stage adds to the
+    previous ones; ``total`` includes the interpreter's start)."""
+    code = _IMPORTS.replace("STAGES", repr(json.dumps(IMPORT_STAGES)))
+    proc = subprocess.run([python, "-c", code], env=_env(), capture_output=True, check=True)
+    return dict(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
+
+
 def _median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(statistics.median(present), 2) if len(present) == len(values) and present else None
@@ -117,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", action="append", default=[], help="another interpreter (checkout) to time")
     parser.add_argument("--repository", type=Path, help="existing repository with version 1 of each network")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--imports-only", action="store_true", help="only the import stages (no convert)")
     args = parser.parse_args(argv)
+    if args.imports_only:
+        runs = [import_costs(python) for python in [sys.executable, *args.python] for _ in range(args.repeats)]
+        print(json.dumps({"imports_cpu_seconds_per_run": runs}, indent=2))
+        return 0
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     candidates = [sys.executable, *args.python]
     with tempfile.TemporaryDirectory(prefix="dropwise-convert-time-") as tmp:
@@ -133,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
                     loads.append(os.getloadavg()[0])
                     rows[(candidate, network)].append(convert_once(candidate, repository / network / "1", workdir))
                     print(f"{candidate} {network}: {rows[(candidate, network)][-1].get('total')}", file=sys.stderr)
+    imports = [import_costs(sys.executable) for _ in range(args.repeats)]
     result = {
         "command": " ".join([Path(sys.executable).name, "-m", "bench.convert_time", *(argv or sys.argv[1:])]),
         "cpus": os.cpu_count(),
         "load_average_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2)},
+        "imports_cpu_seconds": {
+            name: _median([run["stages"][i][1] for run in imports]) for i, (name, _) in enumerate(IMPORT_STAGES)
+        }
+        | {"total with interpreter start": _median([run["total"] for run in imports])},
         "results": [
             {"python": candidate, "network": network, **summarise(rows[(candidate, network)])}
             for candidate in candidates

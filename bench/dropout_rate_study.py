@@ -257,16 +257,55 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def merge_reports(paths: Sequence[str]) -> dict[str, Any]:
+    """The rows of several ``--out`` files (e.g. one per training seed), re-summarised; prints table and verdict."""
+    rows: dict[str, list[Row]] = {}
+    report: dict[str, Any] = {"merged": list(paths), "networks": {}}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        report.setdefault("samples", part["samples"])
+        if part["samples"] != report["samples"]:
+            raise SystemExit(f"{path}: T = {part['samples']}, the others {report['samples']}")
+        for network, block in part["networks"].items():
+            rows.setdefault(network, []).extend(Row(**r) for r in block["rows"])
+    for network, network_rows in rows.items():
+        result = verdict(network_rows)
+        report["networks"][network] = {
+            "rows": [asdict(r) for r in network_rows],
+            "summary": summary(network_rows),
+            "verdict": result,
+        }
+        print(table(network_rows))
+        print(json.dumps(result, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--networks", default="mlp_digits", help="comma-separated: mlp_digits,cnn_mnist,resnet_mnist")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant (recipe seed + 100 k)")
+    parser.add_argument(
+        "--first-seed-index", type=int, default=0, help="start k here (split one study over several processes)"
+    )
     parser.add_argument("--samples", type=int, default=32, help="MC samples T")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MC masks")
     parser.add_argument("--out", default=None, help="write the rows and verdicts as JSON here")
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated indices of variants (0 = the reference); default all"
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON", help="combine the rows of earlier --out files instead"
+    )
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
+    if args.merge:
+        merged = merge_reports(args.merge)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(merged, f, indent=2)
+        return
+    if args.seeds < 1 or args.first_seed_index < 0:
+        parser.error("--seeds must be at least 1 and --first-seed-index at least 0")
     torch.set_num_threads(1)
     report: dict[str, Any] = {"samples": args.samples, "seed": args.seed, "seeds": args.seeds, "networks": {}}
     for network in [n.strip() for n in args.networks.split(",") if n.strip()]:
@@ -275,9 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         dataset = load_dataset(ZOO[network].dataset)
         base = ZOO[network].train.seed
         rows = []
-        for k in range(args.seeds):
+        for k in range(args.first_seed_index, args.first_seed_index + args.seeds):
             train_seed = base + k * SEED_STRIDE
-            for name, make in variants(network).items():
+            chosen = list(variants(network).items())
+            if args.variants is not None:
+                chosen = [chosen[int(i)] for i in args.variants.split(",")]
+            for name, make in chosen:
                 rows.append(run_variant(network, name, make, dataset, args.samples, args.seed, train_seed))
                 print(f"{network}: {name}, training seed {train_seed}: {rows[-1].seconds:.1f} s", flush=True)
         result = verdict(rows)

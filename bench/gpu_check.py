@@ -21,6 +21,10 @@ seed instead of loading packages, and it does not start the service. Sections:
 5. **operators and launches**: per network, kernel operators (a `TorchDispatchMode` count, as
    `bench/op_counts.py`), CUDA kernel launches (`torch.profiler`) and median wall time of one deterministic
    pass on 64 rows, of 1 request x T=32, 64 requests x T=32 and 64 x T=256 (the engine's GPU chunk policy);
+   then the same three calls through the compiled MC batch (``MCEngine(compile="default")`` and, on CUDA,
+   ``"reduce-overhead"``: CUDA graphs): CUDA launches (kernel launches of the runtime and driver APIs, so
+   Triton's count, and graph replays), profiler kernels, median time and the gap to the eager engine. A
+   compile failure is a failed check with its reason; the other checks still run (``--compiled``);
 6. **bench.mc**: `python -m bench.mc --device cuda` on its networks (a) and (b) (its (c) needs the zoo
    registry, which needs pydantic), T=32 and T=100, batch 256;
 7. **memory**: peak GPU memory allocated and reserved per section, and the device's free/total memory.
@@ -451,8 +455,13 @@ def section_streams(check: Check, device: Device) -> dict[str, Any]:
     return {"max_abs": gaps, "streams": len(ids), "errors": errors}
 
 
+#: host-side API calls that launch work on the GPU: runtime kernels, driver launches (Triton's), graph replays
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+
+
 def _launches(fn: Callable[[], object], device: Device) -> int | None:
-    """CUDA kernel launches of one call (torch.profiler); None without a GPU."""
+    """CUDA launches of one call (torch.profiler: kernel launches of the runtime and driver APIs, Triton's
+    included, and CUDA graph replays, each counting one); None without a GPU."""
     if not device.is_cuda:
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -460,13 +469,66 @@ def _launches(fn: Callable[[], object], device: Device) -> int | None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         device.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("cudaLaunchKernel"))
+    return sum(e.count for e in prof.key_averages() if e.key.startswith(LAUNCH_CALLS))
+
+
+def _compiled_rows(name: str, device: Device, repeats: int, big_t: int, mode: str) -> dict[str, Any]:
+    """The compiled MC batch (``MCEngine(compile=mode)``) of one network: launches, median time and the
+    largest gap to the eager engine, per call; a failure is returned as ``error`` (never raised)."""
+    from bench.op_counts import count_launches
+
+    net = NETWORKS[name]
+    try:
+        model, x8 = build(name, device.torch_device)
+        x = x8.repeat(8, *([1] * (x8.dim() - 1)))  # 64 rows
+        chunk_rows = gpu_chunk_rows(model, x[:8], device)
+        engine = MCEngine(model, x[:8], task=net.task, chunk_rows=chunk_rows, compile=mode)
+        eager = MCEngine(model, x[:8], task=net.task, chunk_rows=chunk_rows)
+        seeds = list(range(64))
+        with torch.inference_mode():
+            got = engine.run_batch(x, [1] * 64, [32] * 64, seeds)  # compiles (minutes at most)
+            want = eager.run_batch(x, [1] * 64, [32] * 64, seeds)
+        if engine.compile_error:
+            return {"mode": mode, "error": engine.compile_error}
+        gap = max(
+            float((u.float() - v.float()).abs().max())
+            for a, b in zip(got, want, strict=True)
+            for u, v in zip(a.as_dict().values(), b.as_dict().values(), strict=True)
+        )
+        calls: dict[str, Callable[[], object]] = {
+            "1 x T=32": lambda: engine(x[:1], samples=32, seed=1),
+            "64 x T=32": lambda: engine.run_batch(x, [1] * 64, [32] * 64, seeds),
+            f"64 x T={big_t}": lambda: engine.run_batch(x, [1] * 64, [big_t] * 64, seeds),
+        }
+        rows: dict[str, Any] = {"mode": mode, "max_abs_vs_eager": gap}
+        for label, fn in calls.items():
+            with torch.inference_mode():
+                counted = count_launches(fn)  # CPU profiler: generated kernels + library calls
+                seconds = median_seconds(fn, device, repeats)
+                launches = _launches(fn, device)
+            rows[label] = {
+                "profiler_kernels": counted.total,
+                "generated_kernels": counted.generated,
+                "graphs": counted.graphs,
+                "cuda_launches": launches,
+                "median_ms": round(seconds * 1000, 4),
+            }
+        return rows
+    except Exception as exc:  # a compile failure on the device must not stop the other checks
+        return {"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:1000], "trace": traceback.format_exc()[-2000:]}
 
 
 def section_operators(
-    check: Check, device: Device, repeats: int, big_t: int, networks: tuple[str, ...] = TIMED
+    check: Check,
+    device: Device,
+    repeats: int,
+    big_t: int,
+    networks: tuple[str, ...] = TIMED,
+    compiled: tuple[str, ...] = TIMED,
 ) -> dict[str, Any]:
-    """Kernel operators, launches and median time of det / 1 x T=32 / 64 x T=32 / 64 x T=big_t."""
+    """Kernel operators, launches and median time of det / 1 x T=32 / 64 x T=32 / 64 x T=big_t, eager; and
+    of the compiled MC batch (`compiled` networks: ``compile="default"``, and on CUDA also
+    ``"reduce-overhead"``, CUDA graphs), each compile guarded: its failure is a failed check, not a crash."""
     from bench.op_counts import count
 
     table: dict[str, Any] = {}
@@ -495,6 +557,21 @@ def section_operators(
                 "median_ms": round(seconds * 1000, 4),
             }
         rows["64 x T=32 / det ops"] = round(rows["64 x T=32"]["kernel_ops"] / rows["det (64 rows)"]["kernel_ops"], 2)
+        if name in compiled:
+            for mode in ("default", "reduce-overhead") if device.is_cuda else ("default",):
+                result = _compiled_rows(name, device, repeats, big_t, mode)
+                rows[f"compiled ({mode})"] = result
+                ok = "error" not in result and result["max_abs_vs_eager"] <= ATOL
+                if ok:
+                    per_batch = result["64 x T=32"]
+                    launches = per_batch["cuda_launches"] or per_batch["profiler_kernels"]
+                    result["64 x T=32 / det ops"] = round(launches / rows["det (64 rows)"]["kernel_ops"], 2)
+                check.record(
+                    f"compiled MC batch ({mode}): {name}",
+                    ok,
+                    error=result.get("error"),
+                    max_abs_vs_eager=result.get("max_abs_vs_eager"),
+                )
         table[name] = rows
     check.record("operator and launch counts measured", bool(table), networks=list(table))
     return {
@@ -575,9 +652,25 @@ def summary(report: dict[str, Any], check: Check) -> str:
         cells = [
             f"{label}: {r['kernel_ops']} / {r['cuda_launches']} / {r['median_ms']}"
             for label, r in rows.items()
-            if isinstance(r, dict)
+            if isinstance(r, dict) and not label.startswith("compiled")
         ]
         lines.append(f"  {name}: " + "; ".join(cells) + f"; 64xT=32/det ops {rows['64 x T=32 / det ops']}")
+        for label, r in rows.items():
+            if not label.startswith("compiled"):
+                continue
+            if "error" in r:
+                lines.append(f"    {label}: FAILED {r['error'][:300]}")
+                continue
+            cells = [
+                f"{call}: {c['profiler_kernels']} / {c['cuda_launches']} / {c['median_ms']}"
+                for call, c in r.items()
+                if isinstance(c, dict)
+            ]
+            lines.append(
+                f"    {label} (profiler kernels / CUDA launches / median ms): "
+                + "; ".join(cells)
+                + f"; 64xT=32/det {r.get('64 x T=32 / det ops')}; max abs vs eager {r['max_abs_vs_eager']:.1e}"
+            )
     lines.append("")
     for t, run in report["bench_mc"]["result"].items():
         lines.append(f"bench.mc {t}: {run.get('argv', '')}")
@@ -601,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-t", type=int, default=256, help="T of the large operator-count row.")
     parser.add_argument("--repeats", type=int, default=10, help="Timed repeats per figure (median).")
     parser.add_argument("--timed", default=",".join(TIMED), help="Networks of the operator / timing table.")
+    parser.add_argument(
+        "--compiled", default=",".join(TIMED), help="Networks of the compiled MC batch rows ('' for none)."
+    )
     parser.add_argument("--mc-batch", type=int, default=256, help="Batch of the bench.mc runs.")
     parser.add_argument("--mc-samples", default="32,100", help="T values of the bench.mc runs.")
     args = parser.parse_args(argv)
@@ -609,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = Device(simulated=args.simulate)
     explicit_precision()
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # compiled CPU kernels visible to the profiler counts
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     check = Check()
@@ -620,7 +719,14 @@ def main(argv: list[str] | None = None) -> int:
     with timed_section(report, "streams", device) as holder:
         holder["result"] = section_streams(check, device)
     with timed_section(report, "operators", device) as holder:
-        holder["result"] = section_operators(check, device, args.repeats, args.big_t, tuple(args.timed.split(",")))
+        holder["result"] = section_operators(
+            check,
+            device,
+            args.repeats,
+            args.big_t,
+            tuple(args.timed.split(",")),
+            tuple(n for n in args.compiled.split(",") if n),
+        )
     with timed_section(report, "bench_mc", device) as holder:
         sample_counts = tuple(int(t) for t in args.mc_samples.split(","))
         holder["result"] = section_bench_mc(check, device, args.mc_batch, max(3, args.repeats // 2), sample_counts)

@@ -15,6 +15,9 @@ Scenarios (issue 6, goal "serving"):
    the same network with its own batching (max batch 64). LitServe runs the usual vectorised MC dropout: the
    batch repeated T times through the network in train mode, then the same summaries.
 
+Before/after: ``--baseline-tree DIR`` adds rows served by another checkout of dropwise (its own ``.venv``),
+measured in the same alternating rounds.
+
 Pinning: with two or more CPUs the server under test (every process of it) runs on the first CPU and the
 load generator on the second (``os.sched_setaffinity``), for every server alike (``--no-pin`` to turn it
 off), so throughput measures one server core rather than the machine.
@@ -112,6 +115,12 @@ def _scenario_configs(scenario: str, args: argparse.Namespace, image: np.ndarray
             Config("dropwise native JSON, batching", "batch", native_request(MLP_NAME, vector, "mc")),
             Config("dropwise V2 binary, batching", "batch", v2_binary_request(MLP_NAME, vector)),
         ]
+        if args.baseline_tree is not None:
+            label = f"dropwise at {args.baseline_tree}"
+            configs += [
+                Config(f"{label}, native JSON", "tree", native_request(MLP_NAME, vector, "mc")),
+                Config(f"{label}, V2 binary", "tree", v2_binary_request(MLP_NAME, vector)),
+            ]
         if args.no_peers:
             print("  --no-peers: LitServe row skipped", file=sys.stderr)
         elif ls is None:
@@ -123,11 +132,15 @@ def _scenario_configs(scenario: str, args: argparse.Namespace, image: np.ndarray
     raise ValueError(f"unknown scenario {scenario!r}; choose from cnn-mc, cnn-det, mlp")
 
 
-def _start(key: str, repository: Path, port: int) -> contextlib.AbstractContextManager[subprocess.Popen]:
+def _start(
+    key: str, repository: Path, port: int, baseline_tree: Path | None = None
+) -> contextlib.AbstractContextManager[subprocess.Popen]:
     if key == "batch":
         return dropwise_server(repository, port, MAX_BATCH)
     if key == "nobatch":
         return dropwise_server(repository, port, 1)
+    if key == "tree":
+        return dropwise_server(repository, port, MAX_BATCH, tree=baseline_tree)
     return litserve_server(repository / MLP_NAME / "1", port)
 
 
@@ -140,7 +153,7 @@ def run_scenario(scenario: str, configs: Sequence[Config], repository: Path, arg
     for round_index in range(args.repeats):
         for key in keys if round_index % 2 == 0 else list(reversed(keys)):
             port = _free_port()
-            with _start(key, repository, port) as process:
+            with _start(key, repository, port, args.baseline_tree) as process:
                 for config in (c for c in configs if c.server_key == key):
                     print(f"  round {round_index + 1}: {config.label} ...", file=sys.stderr, flush=True)
                     result = run_load(port, config.request, args, pgid=process.pid)
@@ -161,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per scenario (order alternates)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on measured requests per run")
     parser.add_argument("--no-peers", action="store_true", help="dropwise rows only (no LitServe)")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="mlp scenario: also serve with this other checkout of dropwise (with its own .venv), e.g. before a change",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator")
     args = parser.parse_args(argv)
     args.pinned = pin(args.no_pin)

@@ -63,14 +63,16 @@ def pin(no_pin: bool) -> tuple[set[int], set[int]] | None:
 
 
 @contextmanager
-def _process(command: Sequence[str], ready_url: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def _process(
+    command: Sequence[str], ready_url: str, env: dict[str, str], cwd: Path = ROOT
+) -> Iterator[subprocess.Popen]:
     with tempfile.TemporaryFile() as log:
         # A session of its own: LitServe forks an API server and inference workers, and every one of them
         # must go when the run ends.
         cores = SERVER_CORES
         process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=log,
@@ -105,8 +107,14 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterator[subprocess.Popen]:
-    """``dropwise serve`` on loopback with the given max batch size (1 = no dynamic batching)."""
+def dropwise_server(
+    repository: Path, port: int, max_batch_size: int, tree: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """``dropwise serve`` on loopback with the given max batch size (1 = no dynamic batching).
+
+    ``tree``: serve with another checkout of dropwise instead (its own ``.venv``, run from its root), for a
+    before/after comparison in one run.
+    """
     env = {
         **os.environ,
         "DROPWISE_MAX_BATCH_SIZE": str(max_batch_size),
@@ -114,7 +122,7 @@ def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterato
         "DROPWISE_QUEUE_CAPACITY": str(4 * CLIENTS),
     }
     command = [
-        sys.executable,
+        str(tree / ".venv" / "bin" / "python") if tree is not None else sys.executable,
         "-c",
         "from dropwise.cli import main; main()",
         "serve",
@@ -127,7 +135,7 @@ def dropwise_server(repository: Path, port: int, max_batch_size: int) -> Iterato
         "--device",
         "cpu",
     ]
-    with _process(command, f"http://127.0.0.1:{port}/readyz", env) as process:
+    with _process(command, f"http://127.0.0.1:{port}/readyz", env, cwd=tree or ROOT) as process:
         yield process
 
 

@@ -8,7 +8,7 @@ timestamps of `dropwise.service.tracing` (arrival -> body -> parsed -> enqueued 
 -> compute_end -> resolved -> encoded -> sent), the share of each step in the slowest 1% of requests, and
 the batch sizes (requests sharing one ``batch`` timestamp), and the garbage collections while inference
 requests came in (the /readyz polls during loading are left out, as are the first and last second of the
-inference requests for the step table).
+inference requests for the step table: ``--trim``).
 """
 
 from __future__ import annotations
@@ -21,19 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-STEPS = (
-    "arrival",
-    "body",
-    "parsed",
-    "enqueued",
-    "batch",
-    "compute_start",
-    "compute_end",
-    "resolved",
-    "encoded",
-    "sent",
-)
+from dropwise.service.tracing import STEPS
 
 
 def _route(path: str) -> str:
@@ -66,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print the summary of one trace file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", type=Path)
+    parser.add_argument("--trim", type=float, default=1.0, help="seconds left out at each end (warm-up, stop)")
     args = parser.parse_args(argv)
     lines = [json.loads(text) for text in args.trace.read_text().splitlines() if text.strip()]
     collections = [line for line in lines if "gc" in line]
@@ -79,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     first = min(line["t0"] for line in lines)
     last = max(line["t0"] for line in lines)
     collections = [c for c in collections if first <= c["t0"] <= last]
-    lines = [line for line in lines if first + 1.0 <= line["t0"] <= last - 1.0]
+    lines = [line for line in lines if first + args.trim <= line["t0"] <= last - args.trim]
     by_route: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         by_route[_route(str(line.get("path", "")))].append(line)

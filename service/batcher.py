@@ -284,6 +284,8 @@ class ModelBatcher:
         start = time.perf_counter()
         outputs = runner(jobs)
         elapsed = time.perf_counter() - start
+        if len(outputs) != len(jobs):  # checked here, where `_run_batch` isolates a failing batch
+            raise RuntimeError(f"{self.name}: the runtime answered {len(outputs)} of {len(jobs)} requests")
         for job in jobs:
             if job.trace is not None:
                 job.trace["compute_start"] = start

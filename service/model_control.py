@@ -374,7 +374,11 @@ class ModelControl:
         try:
             config = serving_of(spec)
             runtime = await asyncio.to_thread(
-                self.repository.load_runtime, spec, self.settings.backend, self.settings.device
+                self.repository.load_runtime,
+                spec,
+                self.settings.backend,
+                self.settings.device,
+                mc_compile=self.settings.mc_compile,
             )
             warmed = await asyncio.to_thread(warm_up, runtime)
         except Exception as exc:  # a broken package must not take the others down

@@ -118,12 +118,15 @@ class ModelRepository:
             self._verified[path] = (signature, outcome)
         return outcome
 
-    def load_runtime(self, spec: PackageSpec, backend: str, device: str, **options: Any) -> Runtime:
-        """Build and load the runtime of one package version on `backend` and `device`."""
+    def load_runtime(
+        self, spec: PackageSpec, backend: str, device: str, *, mc_compile: str = "off", **options: Any
+    ) -> Runtime:
+        """Build and load the runtime of one package version on `backend` and `device` (``mc_compile``: the
+        torch backend's `Settings.mc_compile`)."""
         if backend == "torch":
             from dropwise.service.runtimes.torch_runtime import TorchRuntime
 
-            runtime: Runtime = TorchRuntime(spec, device=device, **options)
+            runtime: Runtime = TorchRuntime(spec, device=device, mc_compile=mc_compile, **options)
         elif backend == "onnxruntime":
             from dropwise.service.runtimes.onnx_runtime import OnnxRuntime
 

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         None,
         description="Bearer token the repository-control routes require; unset, those routes answer 403.",
     )
+    mc_compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off",
+        description=(
+            "torch backend: run each MC batch's tail, masks and summaries as one torch.compile'd function "
+            "(default) or that plus CUDA graphs on CUDA (reduce-overhead); compiled while a model loads."
+        ),
+    )
     ray_gpus_per_replica: float = Field(
         0.0, ge=0, le=64, description="GPUs Ray Serve reserves for each replica (dropwise serve --ray)."
     )

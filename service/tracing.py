@@ -28,6 +28,19 @@ from collections.abc import MutableMapping
 from typing import IO, Any
 
 TRACE_KEY = "dropwise.trace"
+#: the steps of an answered inference request, in order
+STEPS = (
+    "arrival",
+    "body",
+    "parsed",
+    "enqueued",
+    "batch",
+    "compute_start",
+    "compute_end",
+    "resolved",
+    "encoded",
+    "sent",
+)
 #: the file traced requests are appended to (None: tracing off)
 TRACE_FILE: str | None = os.environ.get("DROPWISE_TRACE_FILE") or None
 
@@ -97,4 +110,4 @@ def flush() -> None:
             _sink.flush()
 
 
-__all__ = ["TRACE_FILE", "TRACE_KEY", "Trace", "finish", "flush", "mark", "of", "start"]
+__all__ = ["STEPS", "TRACE_FILE", "TRACE_KEY", "Trace", "finish", "flush", "mark", "of", "start"]

@@ -21,6 +21,10 @@ passes. Only the layers from the first stochastic site on differ between passes,
    reproduces only for an identical batch; a module called twice in one pass draws a fresh mask each call;
 5. summarises the per-sample outputs ``[T, B, K]`` (``dropwise.surgery.summaries``, docs/DESIGN.md §3).
 
+With ``compile=True`` (or ``"reduce-overhead"``: CUDA graphs on CUDA) steps 3-5 of each group of requests
+run as one ``torch.compile``'d function (`dropwise.surgery.compiled_batch`): masks, tail and summaries fused
+into a few kernels, the same masks, results equal to the eager engine's up to float rounding.
+
 Sites that are not chosen behave as in eval mode (``sites="last"`` is TorchUncertainty's ``last_layer``:
 the longest shared trunk). BatchNorm always uses its running statistics and is never updated. The engine
 works on its own deep copy of the model: rebuild it after changing the weights.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,16 +42,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .compiled_batch import CompiledBatch, compile_mode, group_blocks
 from .export_split import FunctionalCallSite
 from .functional_sites import trace_calls
 from .keyed_sites import HashMaskSite, MaskContext, TrainModeSite
-from .mc_layout import plan
+from .mc_layout import Group, Plan, plan
 from .module_tools import set_training
 from .outputs import SAMPLE_LOGITS, SAMPLES, summary_names
 from .site_types import Site
 from .sites import find_sites, gating_modules
 from .split import SplitModel, split
 from .summaries import classification_summaries, regression_summaries
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MCEngine", "MCResult", "choose_sites", "default_chunk_rows", "mc_predict"]
 
@@ -327,7 +335,10 @@ class MCEngine:
             largest activation fills about ``chunk_bytes`` (1 MiB: cache-sized chunks measured faster than
             one big pass), at least 128 rows, never more than ``memory_budget`` (bytes) allows; on a GPU one
             pass bounded by memory.
-        compile: run the tail through ``torch.compile`` (fuses mask generation into the tail's kernels).
+        compile: ``False`` (eager), ``True`` / ``"default"`` or ``"reduce-overhead"``: run tail, masks and
+            summaries of each group of requests as one ``torch.compile``'d function
+            (`dropwise.surgery.compiled_batch`; ``"reduce-overhead"`` adds CUDA graphs on CUDA). The first
+            call of each new shape class compiles (seconds to a minute); later batch sizes and T reuse it.
         channels_last: give the tail its 4-D inputs in channels-last memory format (same values; on the
             CPU torch's NCHW max-pooling of odd-sized maps was measured 40x slower than channels-last).
             Default: on for CPU models.
@@ -344,7 +355,7 @@ class MCEngine:
         chunk_rows: int | None = None,
         memory_budget: int = 256 << 20,
         chunk_bytes: int = 1 << 20,
-        compile: bool = False,
+        compile: bool | str = False,
         exportable: bool = False,
         channels_last: bool | None = None,
     ) -> None:
@@ -373,8 +384,24 @@ class MCEngine:
         self._batched = _batched_outputs(self.trunk, example)
         self.chunk_rows = int(chunk_rows)
         self._mask_sites = [m.site for m in self.replaced if isinstance(m, HashMaskSite)]
-        self._tail_fn = torch.compile(self.tail, dynamic=True) if compile else self.tail
         self.channels_last = self._device().type == "cpu" if channels_last is None else bool(channels_last)
+        self.compile = compile_mode(compile)
+        if exportable and self.compile != "off":
+            raise ValueError("an exportable engine cannot be compiled: export traces the eager tail")
+        self._compiled: CompiledBatch | None = None
+        self.compile_error: str | None = None  #: why a requested compile fell back to the eager engine
+        if self.compile != "off":
+            self._compiled = CompiledBatch(
+                self._primary_tail,
+                self.context,
+                self.replaced,
+                self._mask_sites,
+                self._batched,
+                task,
+                channels_last=self.channels_last,
+                mode=self.compile,
+                device=self._device(),
+            )
         if any(isinstance(m, TrainModeSite) for m in self.replaced):
             # one small eager pass so the train-mode sites see their draws (`rows_independent`)
             self._probe(example)
@@ -425,6 +452,10 @@ class MCEngine:
         device = self._device()
         return torch.from_numpy(layout.index).to(device), torch.from_numpy(layout.keys).to(device)
 
+    def _primary_tail(self, *args: Tensor) -> Tensor:
+        """The tail's output that MC summarises (see `primary_output`)."""
+        return primary_output(self.tail(*args))
+
     def _device(self) -> torch.device:
         for tensor in self.model.parameters():
             return tensor.device
@@ -461,7 +492,7 @@ class MCEngine:
             if self.channels_last:
                 args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
             try:
-                outputs.append(primary_output(self._tail_fn(*args)))
+                outputs.append(self._primary_tail(*args))
             finally:
                 self.context.keys = None
                 self.context.site_bits = None
@@ -506,17 +537,26 @@ class MCEngine:
         self.tail.eval()
         live = self.trunk(*args)
         layout = plan(rows, samples, resolved, self._mask_sites)
-        device = self._device()
-        index = torch.from_numpy(layout.index).to(device)
-        keys = torch.from_numpy(layout.keys).to(device)
-        bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
-        out = self.tail_outputs(live, index, keys, bits, check=check)
-        summaries = [
-            self._summarise(
-                out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples
-            )
-            for g in layout.groups
-        ]
+        summaries = None
+        if self._compiled is not None:
+            try:
+                summaries = [self._compiled_group(live, layout, g, return_samples, check) for g in layout.groups]
+            except torch._dynamo.exc.TorchDynamoException as exc:  # a graph torch.compile cannot build
+                self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                log.warning("MC engine: torch.compile failed (%s); this engine runs eagerly", self.compile_error)
+                self._compiled = None
+        if summaries is None:
+            device = self._device()
+            index = torch.from_numpy(layout.index).to(device)
+            keys = torch.from_numpy(layout.keys).to(device)
+            bits = {site: torch.from_numpy(b).to(device) for site, b in layout.site_bits.items()}
+            out = self.tail_outputs(live, index, keys, bits, check=check)
+            summaries = [
+                self._summarise(
+                    out[g.start : g.start + g.samples * g.rows].reshape(g.samples, g.rows, -1), 0, return_samples
+                )
+                for g in layout.groups
+            ]
         if to_host:
             summaries = _to_host(summaries)
         results: list[MCResult | None] = [None] * len(rows)
@@ -524,6 +564,37 @@ class MCEngine:
             for r, offset in zip(group.requests, group.row_offsets, strict=True):
                 results[r] = _rows_of(summary, offset, rows[r], resolved[r])
         return [r for r in results if r is not None]
+
+    def _compiled_group(
+        self,
+        live: Sequence[Tensor],
+        layout: Plan,
+        group: Group,
+        return_samples: bool,
+        check: Callable[[], None] | None,
+    ) -> MCResult:
+        """One group's summaries through the compiled batch, in column chunks of at most ``chunk_rows``."""
+        assert self._compiled is not None
+        names = list(summary_names(self.task))
+        if return_samples:
+            names += [SAMPLES, SAMPLE_LOGITS] if self.task == "classification" else [SAMPLES]
+        pieces: list[list[Tensor]] = []
+        device = self._device()
+        for real, block in group_blocks(layout, group, self._mask_sites, self.chunk_rows):
+            if check is not None:
+                check()
+            out = self._compiled(live, torch.from_numpy(block).to(device), return_samples)
+            pieces.append(
+                [t[:, :real] if n in (SAMPLES, SAMPLE_LOGITS) else t[:real] for n, t in zip(names, out, strict=True)]
+            )
+        fields = {
+            n: pieces[0][i]
+            if len(pieces) == 1
+            else torch.cat([p[i] for p in pieces], dim=int(n in (SAMPLES, SAMPLE_LOGITS)))
+            for i, n in enumerate(names)
+        }
+        std = fields.pop("std")
+        return MCResult(self.task, group.samples, 0, std, **fields)
 
     def _summarise(self, per_sample: Tensor, seed: int, return_samples: bool) -> MCResult:
         if self.task == "classification":

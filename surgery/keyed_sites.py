@@ -119,6 +119,10 @@ class HashMaskSite(torch.nn.Module):
             return (1, x.shape[2])
         return (1,) * (x.dim() - 1)  # path gates
 
+    def reset_pass(self) -> None:
+        """Forget the last pass (its keys and call count): the compiled MC batch starts every pass from here."""
+        self._pass_keys, self._pass_calls = None, 0
+
     def _site_code(self, keys: Tensor) -> int:
         """The site number keying this call: ``site`` for a pass's first call, a distinct code for each later
         call of the same module in the same pass (ViT calls one ``nn.Dropout`` twice per layer: without it
@@ -167,7 +171,9 @@ def _uniform24(base: Tensor, n_positions: int) -> Tensor:
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         positions = mix32(torch.arange(n_positions, dtype=torch.int64, device=base.device) ^ _C4)
         words = mix32(base.unsqueeze(1) ^ positions.unsqueeze(0))
-        return (words >> 8).to(torch.float32) * (1.0 / (1 << 24))
+        # (w >> 8) * 2**-24 == (w & ~0xff) * 2**-32 exactly; inductor's C++ backend fails to vectorise the
+        # shift fused with the float conversion
+        return (words & 0xFFFFFF00).to(torch.float32) * (1.0 / (1 << 32))
     codes = _position_codes(n_positions, base.device, True)
     words = _to_int32_bits(base).unsqueeze(1) ^ codes.unsqueeze(0)
     _mix32_int32_(words)
@@ -369,6 +375,10 @@ class TrainModeSite(torch.nn.Module):
         self._pass_keys: Tensor | None = None
         self._pass_calls = 0
 
+    def reset_pass(self) -> None:
+        """Forget the last pass (its keys and call count): the compiled MC batch starts every pass from here."""
+        self._pass_keys, self._pass_calls = None, 0
+
     @property
     def rows_independent(self) -> bool:
         """See the class docstring."""
@@ -390,7 +400,8 @@ class TrainModeSite(torch.nn.Module):
             random = KeyedRandom(keys, site, self.functions)
             with random:
                 out = self.module(*args, **kwargs)
-            self.shared_draws += random.shared_draws
+            if not torch.compiler.is_compiling():  # counted by eager passes (the engine's probe); a count that
+                self.shared_draws += random.shared_draws  # changed per compiled call would recompile every call
             return out
         finally:
             module.training = False

@@ -192,14 +192,24 @@ def _uniform16_exportable(site_k: Tensor, n_positions: int) -> Tensor:
     return halves[:, :n_positions]
 
 
-def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, exportable: bool = False) -> Tensor:
+def keep_mask(
+    keys: Tensor,
+    site: int,
+    shape: Sequence[int],
+    p: float,
+    *,
+    exportable: bool = False,
+    site_bits: Tensor | None = None,
+) -> Tensor:
     """Boolean keep-mask ``[N, *shape]`` for site ``site`` of N sample-rows with keys ``[N]``.
 
     Position ``i`` (row-major over ``shape``) of row ``n`` is kept when the ``i``-th 16-bit hash value of
     ``site_key(keys[n], site)`` is ``>= threshold(p)``, i.e. with probability ``1 - quantised_p(p)``,
     independently across rows, samples, sites and positions (up to the hash's quality, tested in
     ``tests/test_engine.py``). ``exportable=True`` takes the int64 path that
-    exports to ONNX; both paths return identical masks.
+    exports to ONNX; both paths return identical masks. Under ``torch.compile`` the int64 path is traced
+    (inductor fuses hash, threshold and the consumer's product into one kernel), reading the precomputed
+    ``site_bits`` (site keys as int32 bit patterns) when given.
     """
     n_positions = 1
     for size in shape:
@@ -207,6 +217,11 @@ def keep_mask(keys: Tensor, site: int, shape: Sequence[int], p: float, *, export
     thr = threshold(p)
     if thr == 0 or thr == _LEVELS:  # p_eff = 0 keeps everything, p_eff = 1 drops everything: no hash needed
         return torch.full((keys.shape[0], *shape), thr == 0, dtype=torch.bool, device=keys.device)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # torch.compile: plain int64 arithmetic on the site keys, which inductor fuses into the consumer
+        # (the int16 view of the eager path would force the words into memory first)
+        site_k = site_keys(keys, site) if site_bits is None else site_bits.to(torch.int64) & _M32
+        return (_uniform16_exportable(site_k, n_positions) >= thr).reshape(-1, *shape)
     site_k = site_keys(keys, site)
     if torch.compiler.is_exporting():
         return torch.ops.dropwise.hash_keep(site_k, n_positions, thr).reshape(-1, *shape)
@@ -240,7 +255,7 @@ def keep_factor(
     special = torch.compiler.is_exporting() or torch.compiler.is_compiling()
     fast = not (exportable or special or thr in (0, _LEVELS))
     if not fast or dtype != torch.float32 or not _LITTLE_ENDIAN:
-        return keep_mask(keys, site, shape, p, exportable=exportable).to(dtype) * scale
+        return keep_mask(keys, site, shape, p, exportable=exportable, site_bits=site_bits).to(dtype) * scale
     site_k = _to_int32_bits(site_keys(keys, site)) if site_bits is None else site_bits
     n_words = (n_positions + 1) // 2
     codes = _position_codes(n_words, site_k.device, True)
@@ -277,7 +292,8 @@ def keep_product(
     the same bits. ``site_bits``: as in `keep_factor`.
     """
     thr = threshold(p)
-    if not exportable and 0 < thr < _LEVELS and x.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous():
+    eager = not (exportable or torch.compiler.is_compiling())  # compiled: inductor fuses the factors' product
+    if eager and 0 < thr < _LEVELS and x.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous():
         n_positions = x[0].numel()
         if site_bits is None:
             site_bits = _to_int32_bits(site_keys(keys, site))

@@ -107,6 +107,8 @@ def test_gpu_check_runs_simulated_without_the_service_dependencies(tmp_path: Pat
         "2",
         "--timed",
         ",".join(TIMED_HERE),
+        "--compiled",
+        "mlp_digits",  # one compile keeps the simulated run short; the real run compiles every timed network
     ]
     python = tmp_path / "python-without-the-service"
     python.write_text(f'#!/bin/sh\nexec {sys.executable} -c {shlex.quote(RUN_WITHOUT)} {",".join(ABSENT)} "$@"\n')
@@ -136,6 +138,12 @@ def test_gpu_check_runs_simulated_without_the_service_dependencies(tmp_path: Pat
         for label in ("det (64 rows)", "1 x T=32", "64 x T=32", "64 x T=8"):
             assert rows[label]["kernel_ops"] > 0 and rows[label]["median_ms"] > 0
             assert rows[label]["cuda_launches"] is None  # no CUDA profiler activity on the CPU
+    compiled = operators["mlp_digits"]["compiled (default)"]
+    assert "error" not in compiled and compiled["max_abs_vs_eager"] <= 1e-4
+    for label in ("1 x T=32", "64 x T=32", "64 x T=8"):
+        assert 0 < compiled[label]["profiler_kernels"] <= 3 * operators["mlp_digits"]["det (64 rows)"]["kernel_ops"]
+        # one compiled call per chunk of the device's chunk policy (simulated: the CPU's cache-sized chunks)
+        assert compiled[label]["graphs"] >= 1 and compiled[label]["cuda_launches"] is None
     assert "(b) MC / one deterministic forward" in report["bench_mc"]["result"]["T=2"]["output"]
     text = (out / "gpu_check.txt").read_text()
     assert "SIMULATED on the CPU" in text and "PASSED" in text

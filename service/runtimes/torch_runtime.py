@@ -84,8 +84,9 @@ class TorchRuntime:
 
     backend = "torch"
 
-    def __init__(self, spec: PackageSpec, device: str = "auto") -> None:
+    def __init__(self, spec: PackageSpec, device: str = "auto", mc_compile: str = "off") -> None:
         self.spec = spec
+        self.mc_compile = mc_compile  #: the MC engine's ``compile`` option (`Settings.mc_compile`)
         self._device = resolve_torch_device(device)
         self.device = self._device.type if self._device.index is None else str(self._device)
         self.provider = f"torch-{self.device}" + (
@@ -147,8 +148,10 @@ class TorchRuntime:
         from dropwise.surgery.engine import MCEngine
 
         try:
-            engine = MCEngine(self.mc_model, example, task=self.spec.task)
+            engine = MCEngine(self.mc_model, example, task=self.spec.task, compile=self.mc_compile)
             engine.run_batch(example, [1, 1], [2, 3], [0, 1])  # warm-up and smoke test of the split
+            if engine.compile != "off":  # compile the graph with per-sample outputs now, not on a request
+                engine.run_batch(example, [1, 1], [2, 3], [0, 1], return_samples=True)
         except Exception as exc:  # a model the engine cannot split or rewrite: the fallback serves it
             log.warning("%s: MC engine unavailable (%s); using the per-request fallback", self.spec.name, exc)
             self.mc_path = "fallback" if self._stochastic or self._dropouts else "none"

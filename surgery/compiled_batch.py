@@ -167,9 +167,11 @@ class CompiledBatch:
 
     def __call__(self, live: Sequence[Tensor], block: Tensor, return_samples: bool) -> tuple[Tensor, ...]:
         """Summaries of one plan block (see `group_blocks`); the padded column is still in the outputs."""
-        live = tuple(live)
+        # batched trunk outputs are only read through index_select: no guard on their rows, one graph for 1
+        # row and many. Marked on an alias (no kernel), never on the caller's own tensor (an empty trunk).
+        live = tuple(t.detach() if b else t for t, b in zip(live, self.batched, strict=True))
         for tensor, batched in zip(live, self.batched, strict=True):
-            if batched:  # only read through index_select: no guard on its rows, one graph for 1 row and many
+            if batched:
                 torch._dynamo.decorators.mark_unbacked(tensor, 0)
         self._reset()
         try:

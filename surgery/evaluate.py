@@ -21,7 +21,8 @@ Ghahramani 2016) for T in {8, 32, 100}:
   MC predictive standard deviation (AUROC, FPR at 95% TPR).
 
 ``max_rows`` caps every split and OOD set at its first rows, for a quick look (the splits are stratified, so
-the first rows of a split hold every class; the figures get noisier).
+the first rows of a split hold every class; the figures get noisier). The report records the wall and CPU
+seconds the evaluation took (``seconds``), plotting and writing excluded.
 
 The T passes run once at T=100 through `dropwise.surgery.engine.MCEngine`; since a sample's masks are keyed by
 its index t, the first T of them are exactly a T-sample run. `write_evaluation` stores ``evaluation.json`` and
@@ -440,8 +441,15 @@ def evaluate_package(
     model, mc_model, manifest = _load(package, allow_modules)
     evaluation_data = _data(manifest, data, max_rows)
     extra = load_npz(ood, need_y=False)[0] if ood is not None else None
-    if extra is not None and max_rows is not None:
-        extra = extra[:max_rows]
+    if extra is not None:
+        if extra.shape[1:] != evaluation_data.x_test.shape[1:] or len(extra) < 2:
+            raise EvaluationDataError(
+                f"{ood}: x has shape {list(extra.shape)}, the package's inputs are "
+                f"[N, {', '.join(map(str, evaluation_data.x_test.shape[1:]))}] (at least 2 rows)"
+            )
+        if extra.dtype.kind not in "biuf":
+            raise EvaluationDataError(f"{ood}: x must be numbers, got dtype {extra.dtype}")
+        extra = extra[:max_rows] if max_rows is not None else extra
     if manifest.task == "classification":
         report = _evaluate_classification(model, mc_model, evaluation_data, ts, seed, extra, progress)
     else:

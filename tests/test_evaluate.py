@@ -115,6 +115,15 @@ def test_bad_data_file_is_one_line_and_exit_2(repo: Path, tmp_path: Path) -> Non
         timeout=300,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "needs arrays 'x' and 'y'" in done.stderr
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((30, 10), dtype=np.float32))  # digits inputs have 64 features
+    done = subprocess.run(
+        [*CLI, "evaluate", str(repo / "mlp_digits"), "--ood", str(wrong), "--no-progress", "--no-write"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "[N, 64]" in done.stderr, done.stderr
 
 
 def test_metrics_against_known_answers() -> None:

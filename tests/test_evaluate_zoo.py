@@ -137,3 +137,15 @@ def test_regression_ood_sets_lie_outside_the_data_range() -> None:
     wide = sets["wide_gaussian"]
     assert wide.shape == (len(x_test), x_test.shape[1])
     assert ((wide < low) | (wide > high)).any(axis=1).mean() > 0.8  # most rows leave the range somewhere
+
+
+@pytest.mark.parametrize("name", ["embedding_digits_tokens", "mlp_diabetes"])
+def test_a_user_ood_file_is_one_more_set(name: str, quick_repository: Path, tmp_path: Path) -> None:
+    x = load_dataset(ZOO[name].dataset).test[0].numpy()
+    user = tmp_path / "user.npz"
+    np.savez(user, x=x[::-1].copy() if x.dtype.kind in "iu" else x * 5.0)
+    report = evaluate_package(
+        quick_repository / name / "1", ood=user, num_samples=TS, max_rows=ROWS, progress=False, plots=False
+    ).report
+    assert set(report["ood"]) == OOD_SETS[ZOO[name].dataset] | {"user"}
+    assert report["ood"]["user"]["rows"] == ROWS

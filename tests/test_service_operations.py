@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_service_fixtures import DROPWISE, ROOT, build_service_repository, free_port, running_server
 
 URL = "/v1/models/mlp_digits/predict"
@@ -57,18 +58,36 @@ def _start(repo: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen
         time.sleep(0.2)
 
 
+def _queue_depth(metrics_text: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "dropwise_queue_depth" and sample.labels.get("model") == "mlp_digits":
+                return sample.value
+    return 0.0
+
+
 def test_sigterm_finishes_in_flight_answers_queued_503_and_exits_0(repo: Path, tmp_path: Path) -> None:
+    """One request computes, three wait in the queue when SIGTERM arrives: no CPU timing is built in.
+
+    The MC sample count is scaled from one measured pass so that a pass lasts seconds on any machine, and
+    SIGTERM is sent once /metrics shows the three others queued behind the one computing (each 1024-row
+    request is a batch of its own).
+    """
     env = {
-        "DROPWISE_MAX_SAMPLES": "4096",
-        "DROPWISE_MAX_MC_SAMPLE_ROWS": "10000000",
-        "DROPWISE_SHUTDOWN_GRACE_S": "60",
+        "DROPWISE_MAX_SAMPLES": "100000",
+        "DROPWISE_MAX_MC_SAMPLE_ROWS": "100000000",
+        "DROPWISE_SHUTDOWN_GRACE_S": "120",
     }
     log = tmp_path / "server.log"
     proc, base = _start(repo, env, log)
-    heavy = {"inputs": _x(1024, 1), "mode": "mc", "samples": 1024, "seed": 1}  # seconds of compute each
 
     async def traffic() -> list[int | str]:
-        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+            probe = {"inputs": _x(1024, 1), "mode": "mc", "samples": 256, "seed": 1}
+            measured = (await client.post(URL, json=probe)).json()
+            pass_s = max(measured["timings"]["compute_ms"] / 1000.0, 1e-3)
+            samples = int(min(8192, max(256, 256 * 4.0 / pass_s)))  # a pass of about 4 s, capped
+            heavy = {**probe, "samples": samples}
 
             async def one(i: int) -> int | str:
                 try:
@@ -78,7 +97,9 @@ def test_sigterm_finishes_in_flight_answers_queued_503_and_exits_0(repo: Path, t
                     return type(exc).__name__
 
             jobs = [asyncio.ensure_future(one(i)) for i in range(4)]
-            await asyncio.sleep(1.5)  # the first request is computing, the others are queued
+            while _queue_depth((await client.get("/metrics")).text) < 3:
+                assert not any(j.done() for j in jobs), "a request finished before the others queued up"
+                await asyncio.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*jobs))
 

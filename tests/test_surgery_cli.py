@@ -53,10 +53,11 @@ def test_inspect_table_and_json(package: Path, capsys: pytest.CaptureFixture[str
     assert "3 site(s)" in out and "classic_dropout" in out and "scale" in out
     assert main(["inspect", "cnn_mnist", "--json"]) == 0  # zoo name without weights is fine for inspect
     data = json.loads(capsys.readouterr().out)
+    recipe = ZOO["cnn_mnist"].kwargs  # the sites inspect must report are the recipe's rates
     assert [(s["kind"], s["p"]) for s in data["sites"]] == [
-        ("drop_block", 0.1),
-        ("dropout2d", 0.1),
-        ("dropout", 0.5),
+        ("drop_block", recipe["p_block"]),
+        ("dropout2d", recipe["p_spatial"]),
+        ("dropout", recipe["p_head"]),
     ]
 
 

@@ -19,7 +19,7 @@ import pytest
 from dropwise.service.app import create_app
 from dropwise.service.settings import Settings
 from prometheus_client.parser import text_string_to_metric_families
-from test_service_fixtures import build_service_repository
+from test_service_fixtures import build_service_repository, queue_depth
 
 URL = "/v1/models/mlp_digits/predict"
 
@@ -129,14 +129,6 @@ def test_full_queue_answers_429_with_retry_after(repo: Path) -> None:
     assert all(a.json()["error"]["type"] == "QueueFull" for a in refused)
 
 
-def _queue_depth(metrics_text: str) -> float:
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "dropwise_queue_depth" and sample.labels.get("model") == "mlp_digits":
-                return sample.value
-    return 0.0
-
-
 def test_request_past_its_deadline_answers_504(repo: Path) -> None:
     """The late request's deadline is a quarter of one measured heavy pass, and it waits behind at least
     two of them, so it runs out whatever the machine's speed (no CPU timing is built in)."""
@@ -147,7 +139,7 @@ def test_request_past_its_deadline_answers_504(repo: Path) -> None:
         measured = [(await client.post(URL, json=heavy)).json() for _ in range(3)]
         pass_s = min(m["timings"]["compute_ms"] for m in measured) / 1000.0
         busy = [asyncio.ensure_future(client.post(URL, json=heavy)) for _ in range(6)]
-        while _queue_depth((await client.get("/metrics")).text) < 2:
+        while queue_depth((await client.get("/metrics")).text) < 2:
             assert not all(b.done() for b in busy), "the heavy requests never queued up"
             await asyncio.sleep(0.001)
         late = await client.post(URL, json={"inputs": _x(1, 4), "timeout_s": max(pass_s / 4, 0.001)})

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 SERVICE_MODELS = ("mlp_digits", "embedding_digits_tokens", "mlp_diabetes")
 _BUILT: dict[str, Path] = {}
@@ -103,6 +104,15 @@ def build_onnx_repository(request: pytest.FixtureRequest, root: Path) -> Path:
         _add_onnx(repo / name / str(list_versions(repo / name)[-1]), mc=name != "embedding_digits_tokens")
     _BUILT["onnx"] = repo
     return repo
+
+
+def queue_depth(metrics_text: str, model: str = "mlp_digits") -> float:
+    """The ``dropwise_queue_depth`` gauge of ``model`` in a ``/metrics`` answer (0 when absent)."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "dropwise_queue_depth" and sample.labels.get("model") == model:
+                return sample.value
+    return 0.0
 
 
 def free_port() -> int:

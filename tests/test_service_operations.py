@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from test_service_fixtures import DROPWISE, ROOT, build_service_repository, free_port, running_server
+from test_service_fixtures import DROPWISE, ROOT, build_service_repository, free_port, queue_depth, running_server
 
 URL = "/v1/models/mlp_digits/predict"
 
@@ -58,14 +57,6 @@ def _start(repo: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen
         time.sleep(0.2)
 
 
-def _queue_depth(metrics_text: str) -> float:
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "dropwise_queue_depth" and sample.labels.get("model") == "mlp_digits":
-                return sample.value
-    return 0.0
-
-
 def test_sigterm_finishes_in_flight_answers_queued_503_and_exits_0(repo: Path, tmp_path: Path) -> None:
     """One request computes, three wait in the queue when SIGTERM arrives: no CPU timing is built in.
 
@@ -97,7 +88,7 @@ def test_sigterm_finishes_in_flight_answers_queued_503_and_exits_0(repo: Path, t
                     return type(exc).__name__
 
             jobs = [asyncio.ensure_future(one(i)) for i in range(4)]
-            while _queue_depth((await client.get("/metrics")).text) < 3:
+            while queue_depth((await client.get("/metrics")).text) < 3:
                 assert not any(j.done() for j in jobs), "a request finished before the others queued up"
                 await asyncio.sleep(0.005)
             proc.send_signal(signal.SIGTERM)

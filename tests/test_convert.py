@@ -245,7 +245,7 @@ def test_cli_errors_are_one_line(
     args: list[str], message: str, repository_of: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if "--device" in args and _cuda_available():
-        pytest.skip("CUDA is usable here")
+        pytest.skip("this case checks the error for --device cuda without CUDA; CUDA is usable on this machine")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.safetensors").write_bytes(b"")
     code, err = _cli(["convert", *args, "--repository", str(repository_of), "--no-progress"])

@@ -127,7 +127,10 @@ def test_onnxruntime_on_cuda_provider(request: pytest.FixtureRequest, tmp_path_f
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu is not installed (CUDAExecutionProvider unavailable): install the gpu extra")
+        pytest.skip(
+            "this GPU machine has the CPU build of onnxruntime (the cpu extra): the ONNX Runtime CUDA check needs "
+            "onnxruntime-gpu (the gpu extra), the two cannot be installed together"
+        )
     onnx_repo = build_onnx_repository(request, tmp_path_factory.mktemp("svc"))
     gpu = _answers(onnx_repo, "onnxruntime", "cuda")
     cpu = _answers(onnx_repo, "onnxruntime", "cpu")
